@@ -1,0 +1,108 @@
+"""msgpack encoding of the room state and of events, for the stores and the wire.
+
+Decoding checks the shape and raises `CorruptState` rather than guessing: a store must never
+silently reset a circle because its blob could not be read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from rooms.events import Audience, AudienceKind, Event, Name
+from rooms.model import Circle, FloorMode, Floor, Invite, Language, Member, Role, RoomState
+
+FORMAT = 1  # bump when the layout below changes
+
+
+class CorruptState(Exception):
+    """A stored blob that is not a room state (or an event) of this format."""
+
+
+def _circle(c: Circle) -> list[Any]:
+    return [c.id, c.title, c.topic, c.language.value, c.capacity, c.turn_seconds,
+            c.floor_mode.value, c.lobby, c.grace_seconds]
+
+
+def _member(m: Member) -> list[Any]:
+    return [m.id, m.name, m.role.value, m.invite_id, m.listen_only, m.seat, m.muted,
+            m.connected, m.grace_deadline, m.session, m.resume_hash]
+
+
+def _unmember(v: list[Any]) -> Member:
+    return Member(id=v[0], name=v[1], role=Role(v[2]), invite_id=v[3], listen_only=v[4],
+                  seat=v[5], muted=v[6], connected=v[7], grace_deadline=v[8], session=v[9],
+                  resume_hash=v[10])
+
+
+def encode_state(s: RoomState) -> bytes:
+    f = s.floor
+    return msgpack.packb([
+        FORMAT, s.version, _circle(s.circle), s.mode.value, s.locked,
+        [_member(m) for m in s.members.values()],
+        [_member(m) for m in s.lobby.values()],
+        [f.holder, f.since, f.deadline, f.warned, f.over] if f else None,
+        s.queue,
+        [[i.id, i.role.value, i.personal] for i in s.invites.values()],
+        sorted(s.revoked),
+        s.invite_holders,
+        s.screen_shared_links,
+        s.airtime,
+        s.next_seat,
+        s.ended,
+    ], use_bin_type=True)
+
+
+def decode_state(blob: bytes) -> RoomState:
+    try:
+        v = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+        if not isinstance(v, list) or len(v) != 16 or v[0] != FORMAT:
+            raise CorruptState("not a room state of format %d" % FORMAT)
+        c = v[2]
+        circle = Circle(id=c[0], title=c[1], topic=c[2], language=Language(c[3]), capacity=c[4],
+                        turn_seconds=c[5], floor_mode=FloorMode(c[6]), lobby=c[7],
+                        grace_seconds=c[8])
+        members = [_unmember(m) for m in v[5]]
+        lobby = [_unmember(m) for m in v[6]]
+        f = v[7]
+        return RoomState(
+            circle=circle,
+            version=int(v[1]),
+            mode=FloorMode(v[3]),
+            locked=bool(v[4]),
+            members={m.id: m for m in members},
+            lobby={m.id: m for m in lobby},
+            floor=Floor(f[0], f[1], f[2], f[3], f[4]) if f else None,
+            queue=list(v[8]),
+            invites={i[0]: Invite(i[0], Role(i[1]), bool(i[2])) for i in v[9]},
+            revoked=set(v[10]),
+            invite_holders=dict(v[11]),
+            screen_shared_links=bool(v[12]),
+            airtime=dict(v[13]),
+            next_seat=int(v[14]),
+            ended=bool(v[15]),
+        )
+    except CorruptState:
+        raise
+    except Exception as exc:  # any shape error in a stored blob is corruption, typed
+        raise CorruptState(f"unreadable room state: {type(exc).__name__}") from None
+
+
+def state_version(blob: bytes) -> int:
+    """The version inside a blob, without decoding the rest."""
+    return decode_state(blob).version
+
+
+def encode_event(e: Event) -> bytes:
+    return msgpack.packb([e.version, e.name.value, e.data, e.audience.kind.value,
+                          e.audience.member_id], use_bin_type=True)
+
+
+def decode_event(blob: bytes) -> Event:
+    try:
+        v = msgpack.unpackb(blob, raw=False)
+        return Event(name=Name(v[1]), data=v[2], audience=Audience(AudienceKind(v[3]), v[4]),
+                     version=int(v[0]))
+    except Exception as exc:
+        raise CorruptState(f"unreadable event: {type(exc).__name__}") from None

@@ -1,0 +1,79 @@
+"""The store interface: where a circle's state blob and its recent events live.
+
+Two implementations pass one test suite: `rooms.memory_store.MemoryStore` (embedded default)
+and `rooms.redis_store.RedisStore` (several processes share circles). Stores deal in bytes
+(`rooms.codec`); they never interpret the rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """Base of every store failure."""
+
+
+class NoSuchCircle(StoreError):
+    pass
+
+
+class CircleExists(StoreError):
+    pass
+
+
+class VersionConflict(StoreError):
+    """Someone saved first: reload and retry."""
+
+
+class ReplayGap(StoreError):
+    """The events asked for are no longer kept: send a snapshot instead."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached; nothing changed."""
+
+
+# Called with (circle_id, version) after every save, and with (circle_id, -1) when the circle
+# is deleted; ephemeral events (private notes) arrive through `on_ephemeral` instead.
+WakeUp = Callable[[str, int], None]
+Ephemeral = Callable[[str, bytes], None]
+
+
+class Unsubscribe(Protocol):
+    def __call__(self) -> None: ...
+
+
+class Store(Protocol):
+    async def create(self, circle_id: str, blob: bytes) -> None:
+        """Store a new circle at the blob's version. Raises CircleExists."""
+
+    async def load(self, circle_id: str) -> bytes:
+        """The current state blob. Raises NoSuchCircle."""
+
+    async def save(self, circle_id: str, expected_version: int, blob: bytes,
+                   events: Sequence[bytes], new_version: int) -> None:
+        """Compare-and-set: write `blob` (at `new_version`) only if the stored version is
+        `expected_version`, append `events` (all of `new_version`) to the circle's capped event
+        log and wake subscribers, atomically. Raises VersionConflict or NoSuchCircle."""
+
+    async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
+        """Deliver an event live to subscribers without keeping it anywhere."""
+
+    async def events_since(self, circle_id: str, version: int) -> list[bytes]:
+        """Every kept event with a version > `version`, in order. Raises ReplayGap when some
+        of them are no longer kept."""
+
+    async def delete(self, circle_id: str) -> None:
+        """Delete every key of the circle and wake subscribers with version -1."""
+
+    async def circle_ids(self) -> list[str]: ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be reached."""
+
+    def subscribe(self, circle_id: str, on_wake: WakeUp, on_ephemeral: Ephemeral) -> Unsubscribe:
+        ...
+
+    async def close(self) -> None: ...
