@@ -1,0 +1,86 @@
+"""Per-connection frame rate limit (DESIGN §5 "Limits").
+
+Two token buckets, both pure (the caller passes ``now``, monotonic seconds):
+
+- the **limit** bucket: 20 frames/s sustained, burst 40. A frame it cannot pay for is
+  refused: the caller answers ``error rate_limited`` and drops the frame;
+- the **flood** bucket: three times the limit (60 frames/s, burst 120), charged for *every*
+  frame received, refused or not. When it runs dry the client is sending at more than 3×
+  the limit and the caller closes the socket with 4429.
+
+So a client that sends 121 frames at once gets 40 accepted, 80 refused and is closed on the
+121st; a client sending steadily at 50/s is refused about 30 frames a second and never
+closed; one sending at 70/s is closed after about 12 s (120 / (70 - 60)).
+Once a limiter has said ``CLOSE`` it keeps saying so.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Final
+
+RATE_PER_SECOND: Final = 20.0
+BURST: Final = 40
+FLOOD_FACTOR: Final = 3
+# Float refills such as 0.05 s × 20/s must buy exactly one token.
+_EPSILON: Final = 1e-9
+
+
+class Verdict(enum.Enum):
+    """What to do with one received frame."""
+
+    ACCEPT = "accept"
+    REFUSE = "refuse"
+    """Answer ``error rate_limited``; do not process the frame."""
+    CLOSE = "close"
+    """Close the connection with 4429."""
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """A token bucket that starts full at ``updated_at``."""
+
+    rate: float
+    capacity: float
+    updated_at: float
+    tokens: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.capacity < 1:
+            raise ValueError("a bucket needs a positive rate and room for one token")
+        self.tokens = self.capacity
+
+    def take(self, now: float) -> bool:
+        """Refill for the time since the last call, then spend one token if there is one."""
+        elapsed = now - self.updated_at
+        if elapsed > 0:  # a clock that goes backwards refills nothing
+            self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+            self.updated_at = now
+        if self.tokens >= 1 - _EPSILON:
+            self.tokens = max(0.0, self.tokens - 1)
+            return True
+        return False
+
+
+class RateLimiter:
+    """The limit of one connection; call :meth:`check` once per received frame."""
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        rate: float = RATE_PER_SECOND,
+        burst: int = BURST,
+        flood_factor: int = FLOOD_FACTOR,
+    ) -> None:
+        self._limit = TokenBucket(rate=rate, capacity=burst, updated_at=now)
+        self._flood = TokenBucket(rate=rate * flood_factor, capacity=burst * flood_factor, updated_at=now)
+        self._closed = False
+
+    def check(self, now: float) -> Verdict:
+        """Judge one frame received at ``now``."""
+        if self._closed or not self._flood.take(now):
+            self._closed = True
+            return Verdict.CLOSE
+        return Verdict.ACCEPT if self._limit.take(now) else Verdict.REFUSE
