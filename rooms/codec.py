@@ -38,7 +38,7 @@ def _unmember(v: list[Any]) -> Member:
 
 def encode_state(s: RoomState) -> bytes:
     f = s.floor
-    return msgpack.packb([
+    blob: bytes = msgpack.packb([
         FORMAT, s.version, _circle(s.circle), s.mode.value, s.locked,
         [_member(m) for m in s.members.values()],
         [_member(m) for m in s.lobby.values()],
@@ -52,13 +52,14 @@ def encode_state(s: RoomState) -> bytes:
         s.next_seat,
         s.ended,
     ], use_bin_type=True)
+    return blob
 
 
 def decode_state(blob: bytes) -> RoomState:
     try:
         v = msgpack.unpackb(blob, raw=False, strict_map_key=True)
         if not isinstance(v, list) or len(v) != 16 or v[0] != FORMAT:
-            raise CorruptState("not a room state of format %d" % FORMAT)
+            raise CorruptState(f"not a room state of format {FORMAT}")
         c = v[2]
         circle = Circle(id=c[0], title=c[1], topic=c[2], language=Language(c[3]), capacity=c[4],
                         turn_seconds=c[5], floor_mode=FloorMode(c[6]), lobby=c[7],
@@ -95,8 +96,9 @@ def state_version(blob: bytes) -> int:
 
 
 def encode_event(e: Event) -> bytes:
-    return msgpack.packb([e.version, e.name.value, e.data, e.audience.kind.value,
+    blob: bytes = msgpack.packb([e.version, e.name.value, e.data, e.audience.kind.value,
                           e.audience.member_id], use_bin_type=True)
+    return blob
 
 
 def decode_event(blob: bytes) -> Event:

@@ -90,5 +90,9 @@ class Event:
 
     @property
     def ephemeral(self) -> bool:
-        """Private notes are delivered live and never kept in any store or log."""
-        return self.name is Name.PRIVATE_NOTE
+        """Delivered live and never kept in any store or log: private notes (their text must
+        not outlive the moment) and requests to unmute (a nudge, not a state change)."""
+        return self.name in _EPHEMERAL
+
+
+_EPHEMERAL = frozenset({Name.PRIVATE_NOTE, Name.UNMUTE_REQUESTED})
