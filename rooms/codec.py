@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 
 from rooms.events import Audience, AudienceKind, Event, Name
-from rooms.model import Circle, FloorMode, Floor, Invite, Language, Member, Role, RoomState
+from rooms.model import Circle, Floor, FloorMode, Invite, Language, Member, Role, RoomState
 
 FORMAT = 1  # bump when the layout below changes
 
