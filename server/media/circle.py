@@ -1,0 +1,106 @@
+"""Who hears whom in one circle: the audible set, slot views, routes and speaking levels.
+
+No network and no aiortc here: the relay feeds this with members joining and leaving,
+with the audible list from the room state, and with tapped packets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .slot import SlotTrack
+
+Slots = list[str | None]
+
+SILENT_LEVEL = 127  # RFC 6464: level is -dBov, 0 loudest, 127 silence
+
+
+def place(previous: Sequence[str | None], wanted: Sequence[str]) -> Slots:
+    """Put `wanted` (at most len(previous) members) into slots, keeping anyone who stays
+    in the slot they already had, and filling freed slots in `wanted` order."""
+    keep = set(wanted)
+    slots: Slots = [m if m in keep else None for m in previous]
+    placed = {m for m in slots if m is not None}
+    free = (i for i, m in enumerate(slots) if m is None)
+    for member in wanted:
+        if member not in placed:
+            slots[next(free)] = member
+    return slots
+
+
+@dataclass
+class Listener:
+    tracks: list[SlotTrack]
+    view: Slots
+
+
+@dataclass
+class Circle:
+    circle_id: str
+    audible: tuple[str, ...] = ()
+    audible_set: frozenset[str] = frozenset()
+    # members whose microphone reaches the relay (admitted, not listening only)
+    speakers: set[str] = field(default_factory=set)
+    listeners: dict[str, Listener] = field(default_factory=dict)
+    # source member -> the slot tracks currently carrying it
+    routes: dict[str, list[SlotTrack]] = field(default_factory=dict)
+    # loudest level seen per member since the last report, and who was last reported
+    levels: dict[str, int] = field(default_factory=dict)
+    reported: dict[str, int] = field(default_factory=dict)
+
+    def set_audible(self, audible: Iterable[str]) -> None:
+        self.audible = tuple(dict.fromkeys(audible))  # ordered, without duplicates
+        self.audible_set = frozenset(self.audible)
+
+    def reassign(self) -> dict[str, Slots]:
+        """Recompute every listener's slots; return the views that changed."""
+        heard = [m for m in self.audible if m in self.speakers]
+        changed: dict[str, Slots] = {}
+        routes: dict[str, list[SlotTrack]] = {}
+        for member_id, listener in self.listeners.items():
+            wanted = [m for m in heard if m != member_id][: len(listener.tracks)]
+            view = place(listener.view, wanted)
+            for track, source in zip(listener.tracks, view, strict=True):
+                track.set_source(source)
+                if source is not None:
+                    routes.setdefault(source, []).append(track)
+            if view != listener.view:
+                listener.view = view
+                changed[member_id] = list(view)
+        self.routes = routes
+        return changed
+
+    def forward(self, source: str, timestamp: int, payload: bytes, level: int | None) -> int:
+        """Forward one packet of `source`; return how many slots got it, or -1 if gated."""
+        if source not in self.audible_set:
+            return -1
+        if level is not None:
+            self.levels[source] = min(level, self.levels.get(source, SILENT_LEVEL))
+        tracks = self.routes.get(source)
+        if not tracks:
+            return 0
+        for track in tracks:
+            track.push(timestamp, payload)
+        return len(tracks)
+
+    def take_levels(self) -> dict[str, int] | None:
+        """The loudest level per member since the last call (silence for members who sent
+        nothing since), or None when nothing changed since the last report."""
+        report = {m: SILENT_LEVEL for m in self.reported}
+        report.update(self.levels)
+        self.levels.clear()
+        if report == self.reported:
+            return None
+        self.reported = report
+        return dict(report)
+
+    def remove(self, member_id: str) -> dict[str, Slots]:
+        self.speakers.discard(member_id)
+        listener = self.listeners.pop(member_id, None)
+        if listener is not None:
+            for track in listener.tracks:
+                track.stop()
+        self.levels.pop(member_id, None)
+        self.reported.pop(member_id, None)
+        return self.reassign()

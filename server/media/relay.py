@@ -1,0 +1,326 @@
+"""The media relay: one RTCPeerConnection per member, encoded Opus forwarded into slots.
+
+It knows nothing of signaling or of the room rules: the caller says who may be heard
+(`MediaRelay.set_audible`, on every room version change) and the relay drops every other
+packet at the tap. Media is never decoded, written anywhere or logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription, sdp
+from aiortc.rtp import RtpPacket
+
+from . import metrics, tap
+from .circle import SILENT_LEVEL, Circle, Listener, Slots
+from .slot import SlotTrack
+
+logger = logging.getLogger(__name__)
+
+LEVEL_INTERVAL = 0.25  # seconds: speaking levels reach on_levels at most 4 times a second per circle
+OPUS = "audio/opus"
+
+SlotsCallback = Callable[[str, str, Slots], None]
+LevelsCallback = Callable[[str, dict[str, int]], None]
+
+
+class OfferProblem(enum.StrEnum):
+    MALFORMED = "malformed"  # not an SDP offer aiortc can take
+    UNSUPPORTED = "unsupported"  # m-lines other than audio (data channels), or no Opus
+    CLOSED = "closed"  # the member was closed while the offer was being answered
+
+
+class OfferError(ValueError):
+    """The offer was refused; nothing of it is left behind."""
+
+    def __init__(self, problem: OfferProblem) -> None:
+        super().__init__(problem.value)
+        self.problem = problem
+
+
+@dataclass(eq=False)
+class _Peer:
+    circle_id: str
+    member_id: str
+    pc: RTCPeerConnection
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class _OfferShape:
+    mic_mid: str | None
+    slot_mids: tuple[str, ...]
+
+
+def _offer_shape(offer_sdp: str, max_slots: int, listen_only: bool) -> _OfferShape:
+    """Which m-line is the microphone and which are slots (§7: mic first, then recvonly)."""
+    try:
+        description = sdp.SessionDescription.parse(offer_sdp)
+    except Exception as exc:  # aiortc's parser raises whatever it trips on
+        raise OfferError(OfferProblem.MALFORMED) from exc
+    media = description.media
+    if not media or any(m.kind not in ("audio", "video") for m in media):
+        raise OfferError(OfferProblem.UNSUPPORTED)
+    audio = [m for m in media if m.kind == "audio"]
+    mic_mid = None
+    if audio and audio[0].direction in ("sendrecv", "sendonly"):
+        mic_mid = audio[0].rtp.muxId
+        audio = audio[1:]
+    slots = [m.rtp.muxId for m in audio if m.direction in ("recvonly", "sendrecv")]
+    return _OfferShape(None if listen_only else mic_mid, tuple(slots[:max_slots]))
+
+
+class MediaRelay:
+    """Forwards members' Opus packets to each other's slots, gated per circle.
+
+    Callbacks run synchronously on the event loop and must not block:
+    ``on_slots(circle_id, member_id, slots)`` whenever a member's slot view changes after
+    `answer` returned (the view right after `answer` is `slots()`), and
+    ``on_levels(circle_id, {member_id: level})`` at most every 250 ms per circle with the
+    loudest ``ssrc-audio-level`` seen per heard member (RFC 6464: 0 loudest, 127 silence).
+    """
+
+    def __init__(
+        self,
+        *,
+        slots: int = 3,
+        ice_servers: list[dict[str, Any]] | None = None,
+        on_slots: SlotsCallback | None = None,
+        on_levels: LevelsCallback | None = None,
+    ) -> None:
+        tap.check_supported()
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self._max_slots = slots
+        self._ice_servers = [RTCIceServer(**server) for server in ice_servers or []]
+        self._on_slots = on_slots
+        self._on_levels = on_levels
+        self._circles: dict[str, Circle] = {}
+        self._peers: dict[tuple[str, str], _Peer] = {}
+        self._level_timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.packets_in = 0
+        self.packets_forwarded = 0
+        self.packets_dropped_gated = 0
+
+    # -- negotiation -------------------------------------------------------------------
+
+    async def answer(self, circle_id: str, member_id: str, offer_sdp: str, *, listen_only: bool) -> str:
+        """Answer a complete (non-trickle) offer; returns the complete answer SDP.
+
+        A member's earlier PeerConnection, if any, is closed first. Raises `OfferError`.
+        """
+        shape = _offer_shape(offer_sdp, self._max_slots, listen_only)
+        await self.close_member(circle_id, member_id)
+        # An empty list, not None: None would make aiortc contact Google's STUN server.
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self._ice_servers)))
+        peer = _Peer(circle_id, member_id, pc)
+        self._peers[(circle_id, member_id)] = peer
+        try:
+            tracks = await self._negotiate(peer, offer_sdp, shape)
+        except BaseException:
+            if self._peers.get((circle_id, member_id)) is peer:
+                del self._peers[(circle_id, member_id)]
+            peer.closed = True
+            await pc.close()
+            raise
+
+        circle = self._circles.setdefault(circle_id, Circle(circle_id))
+        if shape.mic_mid is not None:
+            circle.speakers.add(member_id)
+        circle.listeners[member_id] = Listener(tracks, [None] * len(tracks))
+        changed = circle.reassign()
+        changed.pop(member_id, None)  # its first view is read with slots()
+        self._notify_slots(circle_id, changed)
+
+        @pc.on("connectionstatechange")
+        def _on_state() -> None:
+            if pc.connectionState == "failed" and not peer.closed:
+                self._spawn(self._close_peer(peer))
+
+        return pc.localDescription.sdp
+
+    async def _negotiate(self, peer: _Peer, offer_sdp: str, shape: _OfferShape) -> list[SlotTrack]:
+        pc = peer.pc
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except Exception as exc:
+            raise OfferError(OfferProblem.MALFORMED) from exc
+        tracks: dict[str, SlotTrack] = {}
+        mic = None
+        for transceiver in pc.getTransceivers():
+            if transceiver.mid is not None and transceiver.mid == shape.mic_mid:
+                mic = transceiver  # stays recvonly
+            elif transceiver.mid in shape.slot_mids:
+                track = SlotTrack()
+                transceiver.sender.replaceTrack(track)
+                transceiver.direction = "sendonly"
+                tracks[transceiver.mid] = track
+            else:
+                transceiver.direction = "inactive"  # no media either way, ever
+        await pc.setLocalDescription(await pc.createAnswer())
+        if peer.closed:
+            raise OfferError(OfferProblem.CLOSED)
+
+        answer = sdp.SessionDescription.parse(pc.localDescription.sdp)
+        first_codec = {m.rtp.muxId: m.rtp.codecs[0] for m in answer.media if m.rtp.codecs}
+        for mid in tracks:
+            codec = first_codec.get(mid)
+            if codec is None or codec.mimeType.lower() != OPUS:
+                raise OfferError(OfferProblem.UNSUPPORTED)
+        if mic is not None:
+            codec = first_codec.get(shape.mic_mid or "")
+            if codec is None or codec.mimeType.lower() != OPUS:
+                raise OfferError(OfferProblem.UNSUPPORTED)
+            tap.install_tap(mic.receiver, self._sink(peer, codec.payloadType))
+        return [tracks[mid] for mid in shape.slot_mids if mid in tracks]
+
+    # -- the packet path ---------------------------------------------------------------
+
+    def _sink(self, peer: _Peer, opus_pt: int) -> tap.PacketSink:
+        member_id = peer.member_id
+        circle_id = peer.circle_id
+
+        def on_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
+            if peer.closed or packet.payload_type != opus_pt or not packet.payload:
+                return
+            circle = self._circles.get(circle_id)
+            if circle is None:
+                return
+            self.packets_in += 1
+            metrics.PACKETS_IN.inc()
+            level = packet.extensions.audio_level
+            sent = circle.forward(
+                member_id, packet.timestamp, packet.payload, None if level is None else level[1]
+            )
+            if sent < 0:
+                self.packets_dropped_gated += 1
+                metrics.PACKETS_DROPPED.inc()
+                return
+            if sent:
+                self.packets_forwarded += sent
+                metrics.PACKETS_FORWARDED.inc(sent)
+            if circle.levels and circle_id not in self._level_timers:
+                self._schedule_levels(circle_id)
+
+        return on_packet
+
+    def _schedule_levels(self, circle_id: str) -> None:
+        if self._on_levels is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._level_timers[circle_id] = loop.call_later(LEVEL_INTERVAL, self._flush_levels, circle_id)
+
+    def _flush_levels(self, circle_id: str) -> None:
+        self._level_timers.pop(circle_id, None)
+        circle = self._circles.get(circle_id)
+        if circle is None or self._on_levels is None:
+            return
+        report = circle.take_levels()
+        if report is not None:
+            try:
+                self._on_levels(circle_id, report)
+            except Exception:
+                logger.exception("on_levels callback failed")
+        # Keep reporting until everyone reported is silent, so indicators switch off.
+        if circle.levels or any(level < SILENT_LEVEL for level in circle.reported.values()):
+            self._schedule_levels(circle_id)
+
+    # -- room changes ------------------------------------------------------------------
+
+    def set_audible(self, circle_id: str, audible: Sequence[str]) -> None:
+        """Who may be heard now, highest priority first (floor holder, moderators, …).
+
+        Everything else from this circle is dropped from the next packet on; slots are
+        reassigned and ``on_slots`` told about every member whose view changed.
+        """
+        circle = self._circles.setdefault(circle_id, Circle(circle_id))
+        circle.set_audible(audible)
+        self._notify_slots(circle_id, circle.reassign())
+
+    def slots(self, circle_id: str, member_id: str) -> Slots | None:
+        """The member's current slot view (None if the member has no PeerConnection)."""
+        circle = self._circles.get(circle_id)
+        listener = circle.listeners.get(member_id) if circle else None
+        return list(listener.view) if listener else None
+
+    def _notify_slots(self, circle_id: str, changed: dict[str, Slots]) -> None:
+        if self._on_slots is None:
+            return
+        for member_id, view in changed.items():
+            try:
+                self._on_slots(circle_id, member_id, view)
+            except Exception:
+                logger.exception("on_slots callback failed")
+
+    # -- closing -----------------------------------------------------------------------
+
+    async def close_member(self, circle_id: str, member_id: str) -> None:
+        """Close the member's PeerConnection now; safe to call twice or for strangers."""
+        peer = self._peers.get((circle_id, member_id))
+        if peer is not None:
+            await self._close_peer(peer)
+
+    async def _close_peer(self, peer: _Peer) -> None:
+        if self._peers.get((peer.circle_id, peer.member_id)) is peer:
+            del self._peers[(peer.circle_id, peer.member_id)]
+        if peer.closed:
+            return
+        peer.closed = True
+        circle = self._circles.get(peer.circle_id)
+        if circle is not None:
+            self._notify_slots(peer.circle_id, circle.remove(peer.member_id))
+        await peer.pc.close()
+
+    async def close_circle(self, circle_id: str) -> None:
+        """Close every PeerConnection of the circle and forget it."""
+        peers = [p for p in self._peers.values() if p.circle_id == circle_id]
+        circle = self._circles.pop(circle_id, None)
+        timer = self._level_timers.pop(circle_id, None)
+        if timer is not None:
+            timer.cancel()
+        for peer in peers:
+            peer.closed = True
+            del self._peers[(peer.circle_id, peer.member_id)]
+        if circle is not None:
+            for listener in circle.listeners.values():
+                for track in listener.tracks:
+                    track.stop()
+        await asyncio.gather(*(p.pc.close() for p in peers))
+
+    async def close(self) -> None:
+        """Close everything (graceful shutdown)."""
+        for circle_id in list(self._circles.keys() | {c for c, _ in self._peers}):
+            await self.close_circle(circle_id)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Counts for tests and /metrics: nothing here names anyone."""
+        circles = self._circles.values()
+        return {
+            "circles": len(self._circles),
+            "peers": len(self._peers),
+            "speakers": sum(len(c.speakers) for c in circles),
+            "listeners": sum(len(c.listeners) for c in circles),
+            "routes": sum(len(tracks) for c in circles for tracks in c.routes.values()),
+            "level_timers": len(self._level_timers),
+            "tasks": len(self._tasks),
+            "packets_in": self.packets_in,
+            "packets_forwarded": self.packets_forwarded,
+            "packets_dropped_gated": self.packets_dropped_gated,
+        }

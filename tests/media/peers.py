@@ -1,0 +1,226 @@
+"""A test client for the media relay: a real aiortc peer shaped like the browser (§7).
+
+`ClientPeer` offers one sendrecv microphone m-line (unless listening only) and S recvonly
+slots, sends a tone, and counts what arrives in each slot by source.
+
+Every packet it sends is a real Opus packet (a tone encoded once with PyAV's libopus),
+re-framed as an Opus "code 3" packet whose *padding* carries a marker: the sender's name,
+a sequence number and nothing else. Opus decoders ignore padding, so the audio is still
+valid for a browser, and any listener can tell who sent a packet and when (the sender
+keeps the send time per sequence number) without decoding anything. The relay never
+looks at payloads, so this proves what it forwards.
+
+Used by tests/media, and meant for the signaling tests and the load test too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtp import RtpPacket
+
+from server.media.tap import install_tap
+
+CLOCK = 48000
+FRAME = 960
+TIME_BASE = fractions.Fraction(1, CLOCK)
+MAGIC = b"LK"
+SILENCE = "<silence>"  # source name for the relay's unmarked Opus frames
+
+
+def encode_tone(hz: float, frames: int = 50) -> list[bytes]:
+    """`frames` 20 ms Opus packets of a sine tone (mono, 48 kHz), each a code-0 packet."""
+    codec = av.CodecContext.create("libopus", "w")
+    codec.bit_rate = 32000
+    codec.sample_rate = CLOCK
+    codec.layout = "mono"
+    codec.format = "s16"
+    codec.time_base = TIME_BASE
+    codec.options = {"application": "voip"}
+    t = np.arange(frames * FRAME) / CLOCK
+    pcm = (np.sin(2 * np.pi * hz * t) * 6000).astype(np.int16)
+    packets: list[bytes] = []
+    for i in range(frames):
+        frame = av.AudioFrame.from_ndarray(pcm[None, i * FRAME : (i + 1) * FRAME], format="s16", layout="mono")
+        frame.sample_rate = CLOCK
+        frame.pts = i * FRAME
+        frame.time_base = TIME_BASE
+        packets += [bytes(p) for p in codec.encode(frame)]
+    packets += [bytes(p) for p in codec.encode(None)]
+    return [p for p in packets if p and p[0] & 3 == 0][:frames]
+
+
+def mark(packet: bytes, source: str, seq: int) -> bytes:
+    """Re-frame a code-0 Opus packet as code 3 (one CBR frame) with a marker as padding."""
+    name = source.encode()
+    marker = MAGIC + bytes([len(name)]) + name + struct.pack("!Q", seq)
+    assert packet[0] & 3 == 0 and len(marker) < 255
+    return bytes([packet[0] | 3, 0x41, len(marker)]) + packet[1:] + marker
+
+
+def unmark(payload: bytes) -> tuple[str, int] | None:
+    """(source, seq) from a packet made by `mark`, or None for any other Opus packet."""
+    if len(payload) < 3 or payload[0] & 3 != 3 or not payload[1] & 0x40 or payload[2] == 255:
+        return None
+    marker = payload[len(payload) - payload[2] :]
+    if not marker.startswith(MAGIC) or len(marker) < 3 + marker[2] + 8:
+        return None
+    size = marker[2]
+    return marker[3 : 3 + size].decode(), struct.unpack("!Q", marker[3 + size : 11 + size])[0]
+
+
+_waiters: list[asyncio.Future[None]] = []
+
+
+def _poke() -> None:
+    """Something was sent or received: let every `wait_until` recheck its condition."""
+    while _waiters:
+        waiter = _waiters.pop()
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait (at most `timeout` s) until `condition()` holds; it is rechecked whenever any
+    test peer sends or receives a packet, so it may look at relay counters too."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        while not condition():
+            waiter = loop.create_future()
+            _waiters.append(waiter)
+            await waiter
+
+
+class ToneTrack(MediaStreamTrack):
+    """A microphone: paced 20 ms marked Opus packets, as `av.Packet`s (sent as is)."""
+
+    kind = "audio"
+
+    def __init__(self, source: str, hz: float, *, level: int = 30) -> None:
+        super().__init__()
+        self.source = source
+        self.level = level  # RFC 6464 level to put in ssrc-audio-level (0 loudest)
+        self.sent_at: dict[int, float] = {}  # seq -> perf_counter when handed to the sender
+        self._packets = encode_tone(hz)
+        self._seq = 0
+        self._start: float | None = None
+
+    @property
+    def sent(self) -> int:
+        return self._seq
+
+    async def recv(self) -> av.Packet:  # type: ignore[override]
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        due = self._start + self._seq * FRAME / CLOCK
+        if due > loop.time():
+            await asyncio.sleep(due - loop.time())
+        seq = self._seq
+        self._seq += 1
+        packet = av.Packet(mark(self._packets[seq % len(self._packets)], self.source, seq))
+        packet.pts = seq * FRAME
+        packet.time_base = TIME_BASE
+        self.sent_at[seq] = time.perf_counter()
+        loop.call_soon(_poke)
+        return packet
+
+
+def _send_audio_level(sender: object, track: ToneTrack) -> None:
+    """Make aiortc's sender put `track.level` in ssrc-audio-level, as a browser does.
+
+    aiortc only sets the extension for frames it encodes itself; for pre-encoded packets
+    we set the (negative dBov) level on its encoded frame. Test-only reach into aiortc.
+    """
+    original = sender._next_encoded_frame  # type: ignore[attr-defined]
+
+    async def next_encoded_frame(codec: object) -> object:
+        frame = await original(codec)
+        if frame is not None:
+            frame.audio_level = -track.level
+        return frame
+
+    sender._next_encoded_frame = next_encoded_frame  # type: ignore[attr-defined]
+
+
+@dataclass
+class Arrival:
+    slot: int
+    source: str
+    seq: int | None
+    at: float  # perf_counter
+
+
+class ClientPeer:
+    """A member's browser, reduced to what the relay sees."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        slots: int = 3,
+        mic: bool = True,
+        hz: float = 440.0,
+        level: int = 30,
+        keep_arrivals: bool = False,
+    ) -> None:
+        self.name = name
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.track: ToneTrack | None = ToneTrack(name, hz, level=level) if mic else None
+        self.counts: list[Counter[str]] = [Counter() for _ in range(slots)]
+        self.arrivals: list[Arrival] | None = [] if keep_arrivals else None
+        self.on_arrival: Callable[[Arrival], None] | None = None
+        self._slot_count = slots
+
+    async def offer(self) -> str:
+        """The complete offer: microphone first (sendrecv), then one recvonly m-line per slot."""
+        if self.track is not None:
+            mic = self.pc.addTransceiver(self.track, direction="sendrecv")
+            _send_audio_level(mic.sender, self.track)
+        for index in range(self._slot_count):
+            transceiver = self.pc.addTransceiver("audio", direction="recvonly")
+            install_tap(transceiver.receiver, self._sink(index))
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def accept(self, answer_sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+
+    def _sink(self, slot: int) -> Callable[[RtpPacket, int], None]:
+        def on_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
+            marked = unmark(packet.payload)
+            source, seq = marked if marked else (SILENCE, None)
+            self.counts[slot][source] += 1
+            if self.arrivals is not None or self.on_arrival is not None:
+                arrival = Arrival(slot, source, seq, time.perf_counter())
+                if self.arrivals is not None:
+                    self.arrivals.append(arrival)
+                if self.on_arrival is not None:
+                    self.on_arrival(arrival)
+            _poke()
+
+        return on_packet
+
+    def received_from(self, source: str) -> int:
+        return sum(c[source] for c in self.counts)
+
+    def slot_of(self, source: str) -> list[int]:
+        """Slots in which packets of `source` arrived."""
+        return [i for i, c in enumerate(self.counts) if c[source]]
+
+    def reset_counts(self) -> None:
+        for counter in self.counts:
+            counter.clear()
+
+    async def close(self) -> None:
+        await self.pc.close()
