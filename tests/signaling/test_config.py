@@ -1,0 +1,277 @@
+"""Settings from LINGKAR_* variables: sensible defaults, and one clear line for any wrong value."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.config import (
+    ConfigError,
+    Helpline,
+    IceServer,
+    Localized,
+    Settings,
+    load_settings,
+    origin_allowed,
+)
+
+SECRET = "k" * 32
+
+
+def refused(env: dict[str, str], overrides: dict[str, object] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env, overrides)
+    message = str(info.value)
+    assert "\n" not in message and message
+    return message
+
+
+def test_defaults_with_an_empty_environment() -> None:
+    settings = load_settings({})
+    assert (settings.host, settings.port, settings.store) == ("127.0.0.1", 8000, "memory")
+    assert settings.public_url == "http://127.0.0.1:8000"
+    assert (settings.exit_url, settings.log_level, settings.slots, settings.grace_seconds) == (
+        "/bye",
+        "INFO",
+        3,
+        30,
+    )
+    assert settings.ice_servers == ()
+    assert not settings.uses_redis
+
+
+def test_secret_and_api_key_are_generated_when_unset() -> None:
+    first, second = load_settings({}), load_settings({})
+    assert first.secret_generated and first.api_key_generated
+    assert len(first.secret.encode()) >= 32 and first.api_key
+    assert first.secret != second.secret and first.api_key != second.api_key
+
+
+def test_given_secret_and_api_key_are_kept() -> None:
+    settings = load_settings({"LINGKAR_SECRET": SECRET, "LINGKAR_API_KEY": "organizer-key"})
+    assert (settings.secret, settings.api_key) == (SECRET, "organizer-key")
+    assert not settings.secret_generated and not settings.api_key_generated
+
+
+def test_every_variable_is_read() -> None:
+    settings = load_settings(
+        {
+            "LINGKAR_HOST": "0.0.0.0",
+            "LINGKAR_PORT": "9000",
+            "LINGKAR_STORE": "redis://redis:6379/2",
+            "LINGKAR_SECRET": SECRET,
+            "LINGKAR_API_KEY": "key",
+            "LINGKAR_PUBLIC_URL": "https://lingkar.example.org/",
+            "LINGKAR_ICE_SERVERS": json.dumps(
+                [
+                    {"urls": "stun:stun.example.org"},
+                    {"urls": ["turn:t.example.org"], "username": "u", "credential": "c"},
+                ]
+            ),
+            "LINGKAR_EXIT_URL": "https://www.bmkg.go.id/",
+            "LINGKAR_LOG_LEVEL": "debug",
+            "LINGKAR_SLOTS": "4",
+            "LINGKAR_GRACE_SECONDS": "45",
+        }
+    )
+    assert settings == Settings(
+        host="0.0.0.0",
+        port=9000,
+        store="redis://redis:6379/2",
+        secret=SECRET,
+        api_key="key",
+        public_url="https://lingkar.example.org",
+        ice_servers=(
+            IceServer(urls="stun:stun.example.org"),
+            IceServer(urls=["turn:t.example.org"], username="u", credential="c"),
+        ),
+        helplines=settings.helplines,
+        exit_url="https://www.bmkg.go.id/",
+        log_level="DEBUG",
+        slots=4,
+        grace_seconds=45,
+    )
+    assert settings.uses_redis
+
+
+def test_overrides_win_over_the_environment_and_none_means_not_given() -> None:
+    settings = load_settings(
+        {"LINGKAR_PORT": "9000", "LINGKAR_HOST": "0.0.0.0"}, {"port": 9100, "host": None}
+    )
+    assert (settings.host, settings.port, settings.public_url) == ("0.0.0.0", 9100, "http://0.0.0.0:9100")
+
+
+def test_unknown_override_is_refused() -> None:
+    assert "colour" in refused({}, {"colour": "red"})
+
+
+def test_ipv6_host_gets_brackets_in_the_default_public_url() -> None:
+    assert load_settings({"LINGKAR_HOST": "::1"}).public_url == "http://[::1]:8000"
+
+
+@pytest.mark.parametrize("port", ["", "abc", "0", "65536", "-1", "80.5"])
+def test_bad_port_is_refused(port: str) -> None:
+    assert "LINGKAR_PORT" in refused({"LINGKAR_PORT": port})
+
+
+@pytest.mark.parametrize("host", ["", "bad host", "http://x", "a/b"])
+def test_bad_host_is_refused(host: str) -> None:
+    assert "LINGKAR_HOST" in refused({"LINGKAR_HOST": host})
+
+
+@pytest.mark.parametrize(
+    "store",
+    ["", "redis", "postgres://h/0", "redis://", "redis://h:notaport/0", "redis://h:6379/db", "memory:"],
+)
+def test_bad_store_is_refused(store: str) -> None:
+    assert "LINGKAR_STORE" in refused({"LINGKAR_STORE": store, "LINGKAR_SECRET": SECRET})
+
+
+def test_store_url_with_password_is_not_echoed() -> None:
+    message = refused({"LINGKAR_STORE": "redis://:hunter2@h:6379/x", "LINGKAR_SECRET": SECRET})
+    assert "hunter2" not in message
+
+
+def test_redis_store_requires_a_secret() -> None:
+    assert "LINGKAR_SECRET" in refused({"LINGKAR_STORE": "redis://localhost:6379/0"})
+
+
+@pytest.mark.parametrize("secret", ["", "short", "x" * 31])
+def test_short_or_empty_secret_is_refused_and_not_echoed(secret: str) -> None:
+    message = refused({"LINGKAR_SECRET": secret})
+    assert "LINGKAR_SECRET" in message
+    assert not secret or secret not in message
+
+
+@pytest.mark.parametrize("key", ["", " padded ", "tab\tkey"])
+def test_bad_api_key_is_refused(key: str) -> None:
+    assert "LINGKAR_API_KEY" in refused({"LINGKAR_API_KEY": key})
+
+
+@pytest.mark.parametrize(
+    "url", ["lingkar.example.org", "ftp://x", "https://", "http://h:99999", "https://h/?q=1", "https://h/#f"]
+)
+def test_bad_public_url_is_refused(url: str) -> None:
+    assert "LINGKAR_PUBLIC_URL" in refused({"LINGKAR_PUBLIC_URL": url})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not json",
+        "{",
+        '{"urls": "stun:x"}',
+        "[1]",
+        '[{"url": "stun:x"}]',
+        '[{"urls": "http://x"}]',
+        '[{"urls": []}]',
+        '[{"urls": "turn:x"}]',
+        '[{"urls": "stun:x", "extra": 1}]',
+    ],
+)
+def test_bad_ice_servers_are_refused(value: str) -> None:
+    assert "LINGKAR_ICE_SERVERS" in refused({"LINGKAR_ICE_SERVERS": value})
+
+
+def test_builtin_helplines_are_indonesian_and_bilingual() -> None:
+    helplines = load_settings({}).helplines
+    contacts = {helpline.contact for helpline in helplines}
+    assert "119 ext 8" in contacts  # SEJIWA, Kementerian Kesehatan
+    assert all(helpline.description.id and helpline.description.en for helpline in helplines)
+
+
+def test_helplines_file_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "help.json"
+    path.write_text(json.dumps([{"name": "Line", "contact": "123", "description": {"id": "a", "en": "b"}}]))
+    helplines = load_settings({"LINGKAR_HELPLINES": str(path)}).helplines
+    assert helplines == (Helpline(name="Line", contact="123", description=Localized(id="a", en="b")),)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        "[]",
+        '{"name": "x"}',
+        '[{"name": "x", "contact": "1"}]',
+        '[{"name": "x", "contact": "1", "description": {"id": "a"}}]',
+        '[{"name": "x", "contact": "1", "description": {"id": "a", "en": "b"}, "extra": 1}]',
+    ],
+)
+def test_bad_helplines_file_is_refused(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "help.json"
+    path.write_text(content)
+    assert "LINGKAR_HELPLINES" in refused({"LINGKAR_HELPLINES": str(path)})
+
+
+def test_missing_helplines_file_is_refused(tmp_path: Path) -> None:
+    assert "LINGKAR_HELPLINES" in refused({"LINGKAR_HELPLINES": str(tmp_path / "absent.json")})
+
+
+@pytest.mark.parametrize(
+    "url", ["", "bye", "//evil.example", "javascript:alert(1)", "data:text/html,x", "/a b"]
+)
+def test_bad_exit_url_is_refused(url: str) -> None:
+    assert "LINGKAR_EXIT_URL" in refused({"LINGKAR_EXIT_URL": url})
+
+
+@pytest.mark.parametrize("level", ["", "VERBOSE", "trace", "5"])
+def test_unknown_log_level_is_refused(level: str) -> None:
+    assert "LINGKAR_LOG_LEVEL" in refused({"LINGKAR_LOG_LEVEL": level})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("LINGKAR_SLOTS", "0"), ("LINGKAR_SLOTS", "x"), ("LINGKAR_GRACE_SECONDS", "-1")]
+)
+def test_bad_slots_or_grace_are_refused(name: str, value: str) -> None:
+    assert name in refused({name: value})
+
+
+def test_long_bad_values_are_shortened_in_the_message() -> None:
+    assert len(refused({"LINGKAR_LOG_LEVEL": "x" * 10_000})) < 300
+
+
+# ---------------------------------------------------------------- Origin check
+
+
+def with_public_url(url: str) -> Settings:
+    return load_settings({"LINGKAR_PUBLIC_URL": url})
+
+
+def test_no_origin_is_allowed() -> None:
+    assert origin_allowed(with_public_url("https://lingkar.example.org"), None)
+
+
+@pytest.mark.parametrize("origin", ["https://lingkar.example.org", "https://LINGKAR.example.org:443"])
+def test_matching_origin_is_allowed(origin: str) -> None:
+    assert origin_allowed(with_public_url("https://lingkar.example.org/base"), origin)
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://lingkar.example.org",
+        "https://lingkar.example.org:8443",
+        "https://evil.example.org",
+        "https://lingkar.example.org.evil.example",
+        "null",
+        "",
+        "garbage",
+        "https://h:notaport",
+    ],
+)
+def test_other_origins_are_refused(origin: str) -> None:
+    assert not origin_allowed(with_public_url("https://lingkar.example.org"), origin)
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:8000", "http://127.0.0.1:8000", "http://[::1]:8000"])
+def test_loopback_names_are_interchangeable_on_a_loopback_host(origin: str) -> None:
+    assert origin_allowed(load_settings({}), origin)
+    assert origin_allowed(with_public_url("http://localhost:8000"), origin)
+
+
+def test_loopback_origin_is_refused_for_a_public_host() -> None:
+    assert not origin_allowed(with_public_url("http://lingkar.example.org:8000"), "http://localhost:8000")
+    assert not origin_allowed(load_settings({}), "http://localhost:8001")
