@@ -1,0 +1,200 @@
+// The WebSocket session (DESIGN §5): binary msgpack frames, refs, reconnect with resume,
+// redirect, and a `sync` when a version gap shows we missed events.
+import { encode } from '/vendor/@msgpack/msgpack/dist.esm/encode.mjs';
+import { decode } from '/vendor/@msgpack/msgpack/dist.esm/decode.mjs';
+
+export const CLOSE = Object.freeze({
+  NORMAL: 1000, TOO_BIG: 1009, TRY_LATER: 1013,
+  ENDED: 4000, LEFT: 4001, REDIRECT: 4300, BAD_FRAME: 4400, BAD_TOKEN: 4401,
+  FORBIDDEN: 4403, NO_CIRCLE: 4404, HELLO_TIMEOUT: 4408, FULL: 4409, RATE: 4429,
+});
+
+// Closes after which trying again cannot help: the session is over.
+const FINAL = new Set([CLOSE.ENDED, CLOSE.LEFT, CLOSE.FORBIDDEN, CLOSE.NO_CIRCLE, CLOSE.FULL]);
+const ACK_TIMEOUT_MS = 10000;
+const MAX_BACKOFF_MS = 10000;
+
+export function wsUrl(path = '/ws') {
+  return `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}${path}`;
+}
+
+/**
+ * Session callbacks:
+ *   onJoined(kind, frame)   kind: 'welcome' | 'lobby' | 'admitted' | 'snapshot'
+ *   onEvent(name, data, version)
+ *   onFrame(frame)          anything else the app wants (answer, media, error without ref)
+ *   onStatus(status, info)  'connecting' | 'open' | 'reconnecting' | 'closed'
+ *   getVersion()            the version of the state the app holds (or null)
+ */
+export class Session {
+  constructor({ hello, url = wsUrl(), callbacks, storage = null }) {
+    this.hello = { ...hello };        // {token, name, listen_only}
+    this.url = url;
+    this.cb = callbacks;
+    this.storage = storage;           // {save(resume), load(), clear()}
+    this.resume = storage?.load() ?? null;
+    this.ws = null;
+    this.ref = 0;
+    this.pending = new Map();
+    this.attempt = 0;
+    this.timer = null;
+    this.closedByUs = false;
+    this.syncing = false;
+    this.lastWasEvent = false;        // several events of one command share a version
+    this.onOnline = () => { if (this.timer) { clearTimeout(this.timer); this.timer = null; this.open(); } };
+    addEventListener('online', this.onOnline);
+  }
+
+  get resuming() { return this.resume !== null; }
+
+  open() {
+    this.cb.onStatus(this.attempt ? 'reconnecting' : 'connecting');
+    const ws = new WebSocket(this.url);
+    ws.binaryType = 'arraybuffer';
+    this.ws = ws;
+    this.usedResume = this.resume !== null;
+    ws.onopen = () => {
+      const hello = { type: 'hello', ...this.hello };
+      if (this.resume) hello.resume = this.resume;
+      this.rawSend(hello);
+    };
+    ws.onmessage = (msg) => this.receive(msg.data);
+    ws.onclose = (ev) => this.closed(ws, ev.code);
+  }
+
+  rawSend(frame) {
+    if (this.ws?.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(encode(frame, { ignoreUndefined: true }).slice());
+    return true;
+  }
+
+  /** Send a command; resolves with the ack, rejects with {code, message}. */
+  send(type, fields = {}) {
+    const ref = ++this.ref;
+    return new Promise((resolve, reject) => {
+      if (!this.rawSend({ type, ...fields, ref })) {
+        reject({ code: 'offline', message: 'not connected' });
+        return;
+      }
+      const timeout = setTimeout(() => {
+        this.pending.delete(ref);
+        reject({ code: 'timeout', message: 'no answer' });
+      }, ACK_TIMEOUT_MS);
+      this.pending.set(ref, { resolve, reject, timeout });
+    });
+  }
+
+  receive(data) {
+    if (!(data instanceof ArrayBuffer)) return;
+    let frame;
+    try { frame = decode(new Uint8Array(data)); } catch { return; }
+    if (!frame || typeof frame !== 'object' || typeof frame.type !== 'string') return;
+    // Any answer that echoes one of our refs settles that command (ack, error, answer, snapshot).
+    const waiting = typeof frame.ref === 'number' ? this.pending.get(frame.ref) : undefined;
+    if (waiting) {
+      this.pending.delete(frame.ref);
+      clearTimeout(waiting.timeout);
+      if (frame.type === 'error') waiting.reject(frame);
+      else waiting.resolve(frame);
+      if (frame.type === 'ack' || frame.type === 'error') return;
+    }
+    switch (frame.type) {
+      case 'welcome':
+      case 'lobby':
+        this.attempt = 0;
+        this.keepResume(frame.resume);
+        this.syncing = false;
+        this.lastWasEvent = false;
+        this.cb.onJoined(frame.type, frame);
+        this.cb.onStatus('open');
+        return;
+      case 'admitted':
+      case 'snapshot':
+        this.syncing = false;
+        this.lastWasEvent = false;
+        this.cb.onJoined(frame.type, frame);
+        return;
+      case 'event':
+        this.event(frame);
+        return;
+      case 'redirect':
+        if (typeof frame.url === 'string') this.redirectTo = frame.url.replace(/^http/, 'ws');
+        return;
+      case 'ack':
+        return;
+      default:
+        this.cb.onFrame(frame);   // answer, media, error without a ref
+    }
+  }
+
+  event(frame) {
+    if (this.syncing) return;                       // the snapshot will bring us up to date
+    const have = this.cb.getVersion();
+    const v = frame.version;
+    if (have != null && typeof v === 'number') {
+      if (v < have || (v === have && !this.lastWasEvent)) return;   // already in our state
+      if (v > have + 1) { this.requestSync(); return; }
+    }
+    this.lastWasEvent = true;
+    this.cb.onEvent(frame.name, frame.data ?? {}, v);
+  }
+
+  requestSync() {
+    if (this.syncing) return;
+    this.syncing = true;
+    this.send('sync').catch(() => { this.syncing = false; });
+  }
+
+  keepResume(secret) {
+    if (typeof secret !== 'string' && !(secret instanceof Uint8Array)) return;
+    this.resume = secret;
+    this.storage?.save(secret);
+  }
+
+  closed(ws, code) {
+    if (ws !== this.ws) return;
+    this.ws = null;
+    for (const { reject, timeout } of this.pending.values()) {
+      clearTimeout(timeout);
+      reject({ code: 'offline', message: 'connection closed' });
+    }
+    this.pending.clear();
+    if (this.closedByUs) return;
+    if (code === CLOSE.REDIRECT && this.redirectTo) {
+      this.url = this.redirectTo;
+      this.redirectTo = null;
+      this.open();
+      return;
+    }
+    if (FINAL.has(code) || code === CLOSE.BAD_TOKEN) {
+      this.finish(code);
+      return;
+    }
+    // Dropped network, 1013 store unavailable, rate limits: try again, resuming our seat.
+    this.cb.onStatus('reconnecting', { code });
+    const delay = Math.min(MAX_BACKOFF_MS, 500 * 2 ** this.attempt) * (0.75 + Math.random() / 2);
+    this.attempt += 1;
+    this.timer = setTimeout(() => { this.timer = null; this.open(); }, delay);
+  }
+
+  finish(code) {
+    const lostSeat = code === CLOSE.BAD_TOKEN && this.usedResume;
+    this.resume = null;
+    this.storage?.clear();
+    removeEventListener('online', this.onOnline);
+    this.cb.onStatus('closed', { code, lostSeat });
+  }
+
+  /** Close from our side (leave, leave_quietly); no reconnect. */
+  close(code = CLOSE.NORMAL) {
+    this.closedByUs = true;
+    clearTimeout(this.timer);
+    removeEventListener('online', this.onOnline);
+    try { this.ws?.close(code); } catch { /* already closing */ }
+  }
+
+  /** Best effort, no ack awaited: used on the way out. */
+  fire(type, fields = {}) { return this.rawSend({ type, ...fields }); }
+
+  get bufferedAmount() { return this.ws?.bufferedAmount ?? 0; }
+}
