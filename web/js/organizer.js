@@ -1,0 +1,203 @@
+// /organizer (F14): the key (this tab only), new circles and their links, live counts.
+import { initI18n, bindLanguageSwitch, t } from './i18n.js';
+
+const $ = (sel) => document.querySelector(sel);
+const KEY = 'lk.org_key';
+const REFRESH_MS = 5000;
+let refreshTimer = null;
+let circles = [];
+
+const apiKey = () => { try { return sessionStorage.getItem(KEY); } catch { return null; } };
+
+function setError(key) { $('#org-error').textContent = key ? t(key) : ''; $('#org-error').dataset.key = key ?? ''; }
+function setStatus(key) { $('#org-status').textContent = key ? t(key) : ''; $('#org-status').dataset.key = key ?? ''; }
+
+async function api(method, path, body) {
+  const res = await fetch(path, {
+    method,
+    headers: { Authorization: `Bearer ${apiKey()}`, ...(body ? { 'Content-Type': 'application/json' } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+    cache: 'no-store',
+    credentials: 'omit',
+  });
+  if (res.status === 401) { forgetKey(); setError('org.error_key'); throw new Error('unauthorized'); }
+  if (!res.ok) {
+    let detail = {};
+    try { detail = await res.json(); } catch { /* not JSON */ }
+    const err = new Error(detail.message || res.statusText);
+    err.status = res.status;
+    throw err;
+  }
+  return res.status === 204 ? null : res.json();
+}
+
+// Counts may come flat or under `counts`; tolerate both.
+const pick = (c, ...names) => {
+  for (const n of names) {
+    if (c[n] !== undefined) return c[n];
+    if (c.counts?.[n] !== undefined) return c.counts[n];
+  }
+  return undefined;
+};
+
+function elapsed(c) {
+  let s = pick(c, 'running_seconds', 'time_running', 'elapsed', 'uptime_seconds');
+  const started = pick(c, 'started_at', 'created_at');
+  if (s === undefined && typeof started === 'number') s = (Date.now() - (started < 1e12 ? started * 1000 : started)) / 1000;
+  if (typeof s !== 'number') return '–';
+  const m = Math.floor(s / 60);
+  return m >= 60 ? `${Math.floor(m / 60)}j ${m % 60}m` : `${m}m`;
+}
+
+function cell(text) { const td = document.createElement('td'); td.textContent = text ?? '–'; return td; }
+
+function actionButton(action, labelKey, extra = {}) {
+  const b = document.createElement('button');
+  b.type = 'button';
+  b.dataset.action = action;
+  Object.assign(b.dataset, extra);
+  b.textContent = t(labelKey);
+  return b;
+}
+
+function renderCircles() {
+  const body = $('#circles');
+  body.replaceChildren(...circles.map((c) => {
+    const tr = document.createElement('tr');
+    tr.dataset.circleId = String(c.id);
+    const present = pick(c, 'moderator_present');
+    const mode = pick(c, 'floor_mode');
+    tr.append(
+      cell(c.title ?? c.id),
+      cell(pick(c, 'members', 'member_count')),
+      cell(pick(c, 'listeners', 'listener_count')),
+      cell(pick(c, 'lobby', 'lobby_waiting', 'waiting')),
+      cell(present === undefined ? '–' : t(present ? 'org.present_yes' : 'org.present_no')),
+      cell(mode ? t(`mode.${mode}`) : '–'),
+      cell(elapsed(c)),
+    );
+    if (present === false) tr.dataset.moderatorMissing = 'true';
+    const actions = document.createElement('td');
+    const details = document.createElement('details');
+    const summary = document.createElement('summary');
+    summary.textContent = t('org.new_link');
+    details.append(summary,
+      actionButton('invite', 'org.link_moderator', { role: 'moderator' }),
+      actionButton('invite', 'org.link_member', { role: 'member' }),
+      actionButton('invite', 'org.link_guest', { role: 'guest' }));
+    actions.append(details, actionButton('end-circle', 'org.end'));
+    tr.append(actions);
+    return tr;
+  }));
+  $('#circles-empty').hidden = circles.length > 0;
+}
+
+async function refresh() {
+  try {
+    const data = await api('GET', '/api/circles');
+    circles = Array.isArray(data) ? data : (data?.circles ?? []);
+    renderCircles();
+  } catch (err) {
+    if (err.message !== 'unauthorized') setError('org.error_load');
+  }
+}
+
+function start() {
+  $('#org-key').hidden = true;
+  $('#org-main').hidden = false;
+  refresh();
+  clearInterval(refreshTimer);
+  refreshTimer = setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
+}
+
+function forgetKey() {
+  try { sessionStorage.removeItem(KEY); } catch { /* private mode */ }
+  clearInterval(refreshTimer);
+  $('#org-main').hidden = true;
+  $('#org-key').hidden = false;
+}
+
+function showLinks(links) {
+  for (const role of ['moderator', 'member', 'guest']) {
+    const box = document.querySelector(`#new-links [data-link=${role}]`);
+    box.hidden = !links?.[role];
+    box.querySelector('input').value = links?.[role] ?? '';
+  }
+  $('#new-links').hidden = false;
+}
+
+async function copyFrom(input) {
+  try { await navigator.clipboard.writeText(input.value); } catch {
+    input.select();
+    document.execCommand?.('copy');
+  }
+  setStatus('org.copied');
+}
+
+function bind() {
+  $('#org-key').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const value = ev.target.elements.key.value.trim();
+    if (!value) return;
+    try { sessionStorage.setItem(KEY, value); } catch { /* private mode: kept in memory only */ }
+    ev.target.reset();
+    setError('');
+    start();
+  });
+  $('#forget-key').addEventListener('click', forgetKey);
+  $('#new-circle').addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const f = ev.target.elements;
+    const body = {
+      title: f.title.value.trim(),
+      language: f.language.value,
+      capacity: Number(f.capacity.value),
+      turn_seconds: Number(f.turn_seconds.value),
+      floor_mode: f.floor_mode.value,
+      lobby: f.lobby.checked,
+    };
+    if (f.topic.value.trim()) body.topic = f.topic.value.trim();
+    if (!body.title) { setError('org.error_title'); return; }
+    try {
+      setError('');
+      const created = await api('POST', '/api/circles', body);
+      showLinks(created.links);
+      setStatus('org.created');
+      ev.target.reset();
+      refresh();
+    } catch (err) {
+      if (err.message !== 'unauthorized') setError(err.status === 422 || err.status === 400 ? 'org.error_invalid' : 'org.error_create');
+    }
+  });
+  $('#new-links').addEventListener('click', (ev) => {
+    const b = ev.target.closest('[data-copy]');
+    if (b) copyFrom(b.closest('.row').querySelector('input'));
+  });
+  $('#circles').addEventListener('click', async (ev) => {
+    const b = ev.target.closest('[data-action]');
+    if (!b) return;
+    const id = b.closest('[data-circle-id]').dataset.circleId;
+    try {
+      if (b.dataset.action === 'end-circle') {
+        if (!window.confirm(t('org.confirm_end'))) return;
+        await api('DELETE', `/api/circles/${encodeURIComponent(id)}`);
+        setStatus('org.ended');
+        refresh();
+      } else if (b.dataset.action === 'invite') {
+        const { link } = await api('POST', `/api/circles/${encodeURIComponent(id)}/invites`, { role: b.dataset.role });
+        showLinks({ [b.dataset.role]: link });
+      }
+    } catch (err) {
+      if (err.message !== 'unauthorized') setError('org.error_action');
+    }
+  });
+  document.addEventListener('lk:language', () => {
+    renderCircles();
+    for (const el of [$('#org-error'), $('#org-status')]) if (el.dataset.key) el.textContent = t(el.dataset.key);
+  });
+}
+
+await initI18n('id');
+bindLanguageSwitch($('#lang-switch'));
+bind();
+if (apiKey()) start();
