@@ -35,9 +35,14 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached; nothing changed."""
 
 
-# Called with (circle_id, version) after every save, and with (circle_id, -1) when the circle
-# is deleted; ephemeral events (private notes) arrive through `on_ephemeral` instead.
-WakeUp = Callable[[str, int], None]
+# Called with (circle_id, version, events) after every save, where `events` are the encoded
+# events of that version (possibly none), and with (circle_id, -1, None) when the circle is
+# deleted. When the store cannot tell which events a wake-up stands for (once a subscription is
+# active, and again after every reconnect) it calls (circle_id, current version or -1, None)
+# and the subscriber fetches what it missed with `events_since`. Carrying the events saves a
+# round trip per wake-up and lets subscribers see the final events of a circle that is deleted
+# right after them. Ephemeral events (private notes) arrive through `on_ephemeral` instead.
+WakeUp = Callable[[str, int, Sequence[bytes] | None], None]
 Ephemeral = Callable[[str, bytes], None]
 
 
@@ -63,7 +68,7 @@ class Store(Protocol):
 
     async def events_since(self, circle_id: str, version: int) -> list[bytes]:
         """Every kept event with a version > `version`, in order. Raises ReplayGap when some
-        of them are no longer kept."""
+        of them are no longer kept, NoSuchCircle when the circle is gone."""
 
     async def delete(self, circle_id: str) -> None:
         """Delete every key of the circle and wake subscribers with version -1."""
@@ -74,6 +79,7 @@ class Store(Protocol):
         """Raise StoreUnavailable when the store cannot be reached."""
 
     def subscribe(self, circle_id: str, on_wake: WakeUp, on_ephemeral: Ephemeral) -> Unsubscribe:
-        ...
+        """Call back on every save, deletion and ephemeral event of the circle (see `WakeUp`),
+        from the event loop's thread, in the order they happened."""
 
     async def close(self) -> None: ...

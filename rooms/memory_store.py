@@ -1,0 +1,163 @@
+"""The embedded store: circles in a dict in this process, events to local subscribers.
+
+It keeps the same promises as `rooms.redis_store.RedisStore` (one test suite runs on both):
+compare-and-set saves, a capped log of the last `max_versions` saved versions per circle, and
+circles that nobody saved for `idle_seconds` disappear (checked lazily, on access).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from rooms.codec import state_version
+from rooms.store import (
+    CircleExists,
+    Ephemeral,
+    NoSuchCircle,
+    ReplayGap,
+    Unsubscribe,
+    VersionConflict,
+    WakeUp,
+)
+
+log = logging.getLogger(__name__)
+
+IDLE_SECONDS = 12 * 3600
+MAX_VERSIONS = 1000
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(eq=False)
+class _Room:
+    version: int
+    blob: bytes
+    touched: int  # ms of the last create or save
+    log: deque[tuple[int, tuple[bytes, ...]]]  # (version, its events), one entry per save
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    on_wake: WakeUp
+    on_ephemeral: Ephemeral
+
+
+def kept_events(log: Sequence[tuple[int, Sequence[bytes]]], current: int, version: int
+                ) -> list[bytes]:
+    """Events after `version` from a log holding one entry per saved version, contiguous up to
+    `current`. Raises ReplayGap when versions after `version` are no longer in the log."""
+    if version >= current:
+        return []
+    lowest_kept = log[0][0] if log else current + 1
+    if version + 1 < lowest_kept:
+        raise ReplayGap(f"events after version {version} are no longer kept")
+    return [e for v, events in log if v > version for e in events]
+
+
+class MemoryStore:
+    def __init__(self, *, idle_seconds: float = IDLE_SECONDS, max_versions: int = MAX_VERSIONS,
+                 clock: Callable[[], int] = _wall_ms) -> None:
+        self._rooms: dict[str, _Room] = {}
+        self._subscribers: dict[str, list[_Subscriber]] = {}
+        self._idle_ms = int(idle_seconds * 1000)
+        self._max_versions = max_versions
+        self._clock = clock
+
+    def _room(self, circle_id: str) -> _Room:
+        room = self._rooms.get(circle_id)
+        if room is not None and self._clock() - room.touched >= self._idle_ms:
+            del self._rooms[circle_id]
+            room = None
+        if room is None:
+            raise NoSuchCircle(circle_id)
+        return room
+
+    async def create(self, circle_id: str, blob: bytes) -> None:
+        version = state_version(blob)
+        try:
+            self._room(circle_id)
+        except NoSuchCircle:
+            self._rooms[circle_id] = _Room(version, blob, self._clock(),
+                                           deque(maxlen=self._max_versions))
+            return
+        raise CircleExists(circle_id)
+
+    async def load(self, circle_id: str) -> bytes:
+        return self._room(circle_id).blob
+
+    async def save(self, circle_id: str, expected_version: int, blob: bytes,
+                   events: Sequence[bytes], new_version: int) -> None:
+        room = self._room(circle_id)
+        async with room.lock:
+            if self._rooms.get(circle_id) is not room:  # deleted while we waited
+                raise NoSuchCircle(circle_id)
+            if room.version != expected_version:
+                raise VersionConflict(f"{circle_id}: at {room.version}, not {expected_version}")
+            kept = tuple(events)
+            room.version, room.blob, room.touched = new_version, blob, self._clock()
+            room.log.append((new_version, kept))
+        self._wake(circle_id, new_version, kept)
+
+    async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
+        for sub in list(self._subscribers.get(circle_id, ())):
+            self._call(sub.on_ephemeral, circle_id, event)
+
+    async def events_since(self, circle_id: str, version: int) -> list[bytes]:
+        room = self._room(circle_id)
+        return kept_events(room.log, room.version, version)
+
+    async def delete(self, circle_id: str) -> None:
+        if self._rooms.pop(circle_id, None) is not None:
+            self._wake(circle_id, -1, None)
+
+    async def circle_ids(self) -> list[str]:
+        now = self._clock()
+        for cid in [c for c, r in self._rooms.items() if now - r.touched >= self._idle_ms]:
+            del self._rooms[cid]
+        return list(self._rooms)
+
+    async def ping(self) -> None:
+        return None
+
+    def subscribe(self, circle_id: str, on_wake: WakeUp, on_ephemeral: Ephemeral) -> Unsubscribe:
+        sub = _Subscriber(on_wake, on_ephemeral)
+        self._subscribers.setdefault(circle_id, []).append(sub)
+        room = self._rooms.get(circle_id)
+        # Active at once; the promised catch-up call comes on the next loop turn, like Redis's.
+        asyncio.get_running_loop().call_soon(
+            self._call_wake, sub, circle_id, room.version if room else -1)
+
+        def unsubscribe() -> None:
+            subs = self._subscribers.get(circle_id, [])
+            if sub in subs:
+                subs.remove(sub)
+            if not subs:
+                self._subscribers.pop(circle_id, None)
+
+        return unsubscribe
+
+    async def close(self) -> None:
+        self._subscribers.clear()
+
+    def _wake(self, circle_id: str, version: int, events: Sequence[bytes] | None) -> None:
+        for sub in list(self._subscribers.get(circle_id, ())):
+            self._call(sub.on_wake, circle_id, version, events)
+
+    def _call_wake(self, sub: _Subscriber, circle_id: str, version: int) -> None:
+        if sub in self._subscribers.get(circle_id, ()):
+            self._call(sub.on_wake, circle_id, version, None)
+
+    @staticmethod
+    def _call(callback: Callable[..., None], *args: object) -> None:
+        try:
+            callback(*args)
+        except Exception:  # one broken subscriber must not break a save or the others
+            log.exception("store subscriber failed")

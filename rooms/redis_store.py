@@ -1,0 +1,383 @@
+"""The shared store: circles in Redis, so several server processes serve the same circles.
+
+Every key of a circle carries the hash tag `{circle}`, so one circle lives in one hash slot and
+its Lua scripts run atomically on Redis Cluster too. Each save and creation (re)sets the idle
+TTL on every key of the circle; an ended circle's keys are deleted (we know their names, so
+no SCAN). Any Redis or socket failure surfaces as `StoreUnavailable`; nothing else from redis-py
+escapes. A key of the wrong type is `CorruptState`, like an unreadable blob.
+
+Listing (`circle_ids`) uses one global set, `lk:circles`: it is written outside the scripts
+(it lives in another slot), added to after a creation succeeds and removed from after a
+deletion, and pruned on read of ids whose state key is gone (expired). Listing is only for
+the organizer's dashboard, so a set read in one round trip beats a SCAN of the whole keyspace
+(which on a cluster would have to visit every node); a circle created by a process that died
+before its SADD is missing from the list until it ends, which the dashboard can live with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+
+from rooms.codec import CorruptState, state_version
+from rooms.memory_store import IDLE_SECONDS, MAX_VERSIONS
+from rooms.store import (
+    CircleExists,
+    Ephemeral,
+    NoSuchCircle,
+    ReplayGap,
+    StoreUnavailable,
+    Unsubscribe,
+    VersionConflict,
+    WakeUp,
+)
+
+log = logging.getLogger(__name__)
+
+# ---- Redis keys (one block; `{}` is the circle id, inside a hash tag) ---------------------
+STATE_KEY = "lk:{{{}}}:state"  # hash: v = version (decimal), blob = msgpack RoomState
+EVENTS_KEY = "lk:{{{}}}:events"  # stream, one entry per saved version: id "<version>-0",
+#                                  fields v = version, then "0", "1", … = that version's events
+WAKE_CHANNEL = "lk:{{{}}}:wake"  # pub/sub: b"w" + msgpack [version, [events]] after a save,
+#                                  b"w" + msgpack [-1, None] on deletion, b"e" + event (ephemeral)
+CIRCLES_KEY = "lk:circles"  # set of circle ids, for listing only (see the module docstring)
+# -------------------------------------------------------------------------------------------
+
+WAKE, EPHEMERAL = b"w"[0], b"e"[0]
+HEARTBEAT_SECONDS = 5.0  # the subscriber connection pings when quiet this long
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'blob', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: state, events. ARGV: expected, new, blob, ttl ms, maxlen, channel, wake, events...
+_SAVE = """
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return 'missing' end
+if v ~= ARGV[1] then
+  -- a save retried after a lost reply finds its own write: it succeeded
+  if v == ARGV[2] and redis.call('HGET', KEYS[1], 'blob') == ARGV[3] then return 'ok' end
+  return 'conflict'
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'blob', ARGV[3])
+local entry = {'v', ARGV[2]}
+for i = 8, #ARGV do
+  entry[#entry + 1] = tostring(i - 8)
+  entry[#entry + 1] = ARGV[i]
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-0', unpack(entry))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 'ok'
+"""
+
+_DELETE = """
+local n = redis.call('DEL', KEYS[1], KEYS[2])
+if n > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return n
+"""
+
+
+def _keys(circle_id: str) -> list[str]:
+    if not _ID.fullmatch(circle_id):
+        raise ValueError(f"not a circle id: {circle_id!r}")
+    return [STATE_KEY.format(circle_id), EVENTS_KEY.format(circle_id)]
+
+
+def _circle_of(channel: bytes) -> str:
+    return channel.decode()[4:-6]  # lk:{ … }:wake
+
+
+@contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """Turn Redis and socket failures into the store's own errors."""
+    try:
+        yield
+    except ResponseError as exc:
+        if str(exc).startswith("WRONGTYPE"):
+            raise CorruptState(f"{what}: a key of the wrong type") from None
+        raise StoreUnavailable(f"{what}: {type(exc).__name__}") from None
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise StoreUnavailable(f"{what}: {type(exc).__name__}") from None
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    on_wake: WakeUp
+    on_ephemeral: Ephemeral
+
+
+class RedisStore:
+    """`url` as redis-py takes it (`redis://host:port/db`). Commands share a blocking pool of
+    `pool_size` connections (a burst waits up to `pool_timeout` s for one instead of failing);
+    subscriptions use one more connection of their own."""
+
+    def __init__(self, url: str, *, pool_size: int = 32, pool_timeout: float = 5.0,
+                 socket_timeout: float = 5.0, idle_seconds: float = IDLE_SECONDS,
+                 max_versions: int = MAX_VERSIONS) -> None:
+        self._ttl_ms = int(idle_seconds * 1000)
+        self._max_versions = max_versions
+        # One quick retry on a broken connection (a pooled socket after a Redis restart);
+        # never on a timeout, whose command may have run. Saves are idempotent anyway.
+        options: dict[str, Any] = dict(socket_timeout=socket_timeout,
+                                       socket_connect_timeout=socket_timeout)
+        self._pool = BlockingConnectionPool.from_url(
+            url, max_connections=pool_size, timeout=pool_timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), **options)
+        self._redis = Redis(connection_pool=self._pool)
+        self._sub_redis = Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+        self._create_script = self._redis.register_script(_CREATE)
+        self._save_script = self._redis.register_script(_SAVE)
+        self._delete_script = self._redis.register_script(_DELETE)
+        self._subs: dict[str, list[_Subscriber]] = {}
+        self._pubsub: PubSub | None = None
+        self._confirmed: set[str] = set()  # circles whose SUBSCRIBE the current connection confirmed
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # ---- state and events --------------------------------------------------------------
+
+    async def create(self, circle_id: str, blob: bytes) -> None:
+        version = state_version(blob)
+        with _mapped("create"):
+            created = await self._create_script(keys=_keys(circle_id),
+                                                args=[version, blob, self._ttl_ms])
+            if not created:
+                raise CircleExists(circle_id)
+            await self._redis.sadd(CIRCLES_KEY, circle_id)
+
+    async def load(self, circle_id: str) -> bytes:
+        with _mapped("load"):
+            blob = await self._redis.hget(_keys(circle_id)[0], "blob")
+        if blob is None:
+            raise NoSuchCircle(circle_id)
+        if not isinstance(blob, bytes):
+            raise CorruptState("state blob is not bytes")
+        return blob
+
+    async def save(self, circle_id: str, expected_version: int, blob: bytes,
+                   events: Sequence[bytes], new_version: int) -> None:
+        wake = bytes([WAKE]) + msgpack.packb([new_version, list(events)], use_bin_type=True)
+        args = [expected_version, new_version, blob, self._ttl_ms, self._max_versions,
+                WAKE_CHANNEL.format(circle_id), wake, *events]
+        with _mapped("save"):
+            outcome = await self._save_script(keys=_keys(circle_id), args=args)
+        if outcome == b"missing":
+            raise NoSuchCircle(circle_id)
+        if outcome == b"conflict":
+            raise VersionConflict(f"{circle_id}: not at version {expected_version}")
+
+    async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
+        _keys(circle_id)
+        with _mapped("publish"):
+            await self._redis.publish(WAKE_CHANNEL.format(circle_id), bytes([EPHEMERAL]) + event)
+
+    async def events_since(self, circle_id: str, version: int) -> list[bytes]:
+        state_key, events_key = _keys(circle_id)
+        with _mapped("events_since"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hget(state_key, "v")
+                pipe.xrange(events_key, "-", "+", count=1)
+                pipe.xrange(events_key, str(max(version + 1, 0)), "+")
+                current_raw, oldest, entries = await pipe.execute()
+        if current_raw is None:
+            raise NoSuchCircle(circle_id)
+        try:
+            current = int(current_raw)
+            if version >= current:
+                return []
+            lowest_kept = int(oldest[0][1][b"v"]) if oldest else current + 1
+            if version + 1 < lowest_kept:
+                raise ReplayGap(f"events after version {version} are no longer kept")
+            out: list[bytes] = []
+            for _id, fields in entries:
+                out.extend(fields[str(i).encode()] for i in range(len(fields) - 1))
+            return out
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise CorruptState("unreadable event stream") from None
+
+    async def delete(self, circle_id: str) -> None:
+        gone = bytes([WAKE]) + msgpack.packb([-1, None])
+        with _mapped("delete"):
+            await self._delete_script(keys=_keys(circle_id),
+                                      args=[WAKE_CHANNEL.format(circle_id), gone])
+            await self._redis.srem(CIRCLES_KEY, circle_id)
+
+    async def circle_ids(self) -> list[str]:
+        with _mapped("circle_ids"):
+            raw = await self._redis.smembers(CIRCLES_KEY)
+            members = sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
+            ids = [m for m in members if _ID.fullmatch(m)]
+            if not ids:
+                return []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for cid in ids:
+                    pipe.exists(STATE_KEY.format(cid))
+                alive = await pipe.execute()
+            gone = [cid for cid, n in zip(ids, alive, strict=True) if not n]
+            if gone:  # expired: forget them (the state key exists from creation on)
+                await self._redis.srem(CIRCLES_KEY, *gone)
+        return [cid for cid, n in zip(ids, alive, strict=True) if n]
+
+    async def ping(self) -> None:
+        with _mapped("ping"):
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [*self._tasks, *([self._reader] if self._reader else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._subs.clear()
+        for client in (self._sub_redis, self._redis):
+            try:
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
+        await self._pool.aclose()
+
+    # ---- subscriptions: one pub/sub connection, one reader task ------------------------
+
+    def subscribe(self, circle_id: str, on_wake: WakeUp, on_ephemeral: Ephemeral) -> Unsubscribe:
+        _keys(circle_id)
+        sub = _Subscriber(on_wake, on_ephemeral)
+        subs = self._subs.setdefault(circle_id, [])
+        subs.append(sub)
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+        elif circle_id in self._confirmed:
+            self._spawn(self._catch_up(circle_id, [sub]))
+        elif len(subs) == 1 and self._pubsub is not None:
+            self._spawn(self._pubsub_call(self._pubsub.subscribe, WAKE_CHANNEL.format(circle_id)))
+        # otherwise the (re)connecting reader subscribes it and catches up
+
+        def unsubscribe() -> None:
+            current = self._subs.get(circle_id, [])
+            if sub in current:
+                current.remove(sub)
+            if current or circle_id not in self._subs:
+                return
+            del self._subs[circle_id]
+            self._confirmed.discard(circle_id)
+            if self._pubsub is not None and not self._closed:
+                self._spawn(self._pubsub_call(self._pubsub.unsubscribe,
+                                              WAKE_CHANNEL.format(circle_id)))
+
+        return unsubscribe
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pubsub_call(self, method: Callable[..., Awaitable[Any]], channel: str) -> None:
+        try:
+            await method(channel)
+        except (RedisError, OSError):
+            pass  # the reader sees the broken connection too, reconnects and resubscribes
+
+    async def _catch_up(self, circle_id: str, subs: list[_Subscriber]) -> None:
+        """Tell subscribers the current version, so they fetch what they may have missed."""
+        try:
+            with _mapped("catch_up"):
+                raw = await self._redis.hget(STATE_KEY.format(circle_id), "v")
+        except (StoreUnavailable, CorruptState):
+            return  # the next reconnect catches up again
+        version = int(raw) if raw is not None else -1
+        for sub in subs:
+            if sub in self._subs.get(circle_id, ()):
+                _call(sub.on_wake, circle_id, version, None)
+
+    async def _read_forever(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            pubsub = self._sub_redis.pubsub()
+            try:
+                self._confirmed.clear()
+                sent = set(self._subs)
+                if sent:
+                    await pubsub.subscribe(*(WAKE_CHANNEL.format(c) for c in sent))
+                else:
+                    await pubsub.connect()  # type: ignore[no-untyped-call]
+                self._pubsub = pubsub
+                late = set(self._subs) - sent  # subscribed while we were connecting
+                if late:
+                    await pubsub.subscribe(*(WAKE_CHANNEL.format(c) for c in late))
+                while True:
+                    message = await pubsub.get_message(timeout=HEARTBEAT_SECONDS)
+                    if message is None:
+                        await pubsub.ping()  # a dead peer shows up as an error here
+                        continue
+                    delay = 0.05
+                    self._dispatch(message)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("redis subscriber connection lost (%s); reconnecting",
+                            type(exc).__name__)
+            finally:
+                self._pubsub = None
+                self._confirmed.clear()
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except (RedisError, OSError):
+                    pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind, channel, data = message["type"], message["channel"], message["data"]
+        if not isinstance(channel, bytes):
+            return
+        circle_id = _circle_of(channel)
+        subs = list(self._subs.get(circle_id, ()))
+        if kind == "subscribe":
+            if subs:
+                self._confirmed.add(circle_id)
+                self._spawn(self._catch_up(circle_id, subs))
+        elif kind == "unsubscribe":
+            self._confirmed.discard(circle_id)
+            if subs and self._pubsub is not None:  # subscribed again meanwhile
+                self._spawn(self._pubsub_call(self._pubsub.subscribe, channel.decode()))
+        elif kind == "message" and isinstance(data, bytes) and data:
+            if data[0] == EPHEMERAL:
+                for sub in subs:
+                    _call(sub.on_ephemeral, circle_id, data[1:])
+            elif data[0] == WAKE:
+                try:
+                    version, events = msgpack.unpackb(data[1:], raw=False)
+                    version = int(version)
+                except (ValueError, TypeError, msgpack.UnpackException):
+                    log.warning("unreadable wake-up on %s", channel)
+                    return
+                for sub in subs:
+                    _call(sub.on_wake, circle_id, version, events)
+
+
+def _call(callback: Callable[..., None], *args: object) -> None:
+    try:
+        callback(*args)
+    except Exception:  # one broken subscriber must not stop the reader or the others
+        log.exception("store subscriber failed")

@@ -1,0 +1,204 @@
+"""Event subscriptions: each subscriber sees a circle's events once each, in version order.
+
+One `CircleHub` per circle and process holds the one store subscription of that circle and
+feeds every local `Subscription`. A wake-up from the store usually carries its events; when it
+does not (right after subscribing, after a Redis reconnect) or when a version is missing, the
+hub fetches them with `events_since`. A subscriber too far behind gets `Resync(state)` (send a
+snapshot), and everyone gets `Closed()` when the circle is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from rooms.codec import CorruptState, decode_event
+from rooms.events import Event
+from rooms.model import RoomState
+from rooms.store import NoSuchCircle, ReplayGap, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 1.0  # after a failed fetch, try again this soon even without a wake-up
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Events were lost to the subscriber: here is the whole state instead."""
+
+    state: RoomState
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The circle is gone. Nothing follows."""
+
+
+Item = Event | Resync | Closed
+
+
+class Subscription:
+    """Events of one circle after `from_version`: `await get()`, or `async for`. Ephemeral
+    events (private notes) come as they arrive, carrying the version current then."""
+
+    def __init__(self, hub: CircleHub, from_version: int) -> None:
+        self.last = from_version  # every durable event up to here was delivered
+        self._hub = hub
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._done = False
+
+    async def get(self) -> Item:
+        return await self._queue.get()
+
+    def get_nowait(self) -> Item | None:
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._hub.remove(self)
+
+    def push(self, item: Item) -> None:
+        if not self._done:
+            self._queue.put_nowait(item)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Item:
+        if self._done and self._queue.empty():
+            raise StopAsyncIteration
+        item = await self.get()
+        if isinstance(item, Closed):
+            self._done = True
+        return item
+
+
+class CircleHub:
+    """The one store subscription of a circle in this process, and its local subscribers.
+
+    `on_version(v)` is told about every version seen (-1: deleted), so the manager can re-arm
+    the circle's timer; `load` gives the state for a `Resync`."""
+
+    def __init__(self, store: Store, circle_id: str, *, load: Callable[[], Awaitable[RoomState]],
+                 on_version: Callable[[int], None], on_gone: Callable[[], None]) -> None:
+        self.circle_id = circle_id
+        self._store = store
+        self._load = load
+        self._on_version = on_version
+        self._on_gone = on_gone
+        self._subs: list[Subscription] = []
+        self._carried: dict[int, list[Event]] = {}  # version -> events, from wake-ups
+        self._latest = -1
+        self._stale = False  # a wake-up without events: fetch instead of trusting `_carried`
+        self._deleted = False
+        self._dirty = asyncio.Event()
+        self._pump = asyncio.get_running_loop().create_task(self._run())
+        self._unsubscribe = store.subscribe(circle_id, self._on_wake, self._on_ephemeral)
+
+    def add(self, from_version: int) -> Subscription:
+        sub = Subscription(self, from_version)
+        self._subs.append(sub)
+        self._stale = True
+        self._dirty.set()
+        return sub
+
+    def remove(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+
+    async def close(self) -> None:
+        self._unsubscribe()
+        self._pump.cancel()
+        await asyncio.gather(self._pump, return_exceptions=True)
+        for sub in list(self._subs):
+            sub.close()
+
+    # ---- from the store ----------------------------------------------------------------
+
+    def _on_wake(self, circle_id: str, version: int, events: Sequence[bytes] | None) -> None:
+        if version < 0:
+            self._deleted = True
+        else:
+            self._latest = max(self._latest, version)
+            if events is None:
+                self._stale = True
+            elif self._subs:
+                try:
+                    self._carried[version] = [decode_event(e) for e in events]
+                except CorruptState:
+                    self._stale = True  # fetch instead
+        self._on_version(version)
+        self._dirty.set()
+
+    def _on_ephemeral(self, circle_id: str, blob: bytes) -> None:
+        try:
+            event = decode_event(blob)
+        except CorruptState:
+            log.warning("unreadable ephemeral event on circle")
+            return
+        for sub in list(self._subs):
+            sub.push(event)
+
+    # ---- delivery ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._deliver()
+            except StoreError as exc:  # unavailable or corrupt: try again soon
+                log.warning("event delivery failed: %s", type(exc).__name__)
+                loop.call_later(RETRY_SECONDS, self._dirty.set)
+            except Exception:
+                log.exception("event delivery failed")
+                loop.call_later(RETRY_SECONDS, self._dirty.set)
+            if self._deleted and not self._dirty.is_set():
+                for sub in list(self._subs):
+                    sub.push(Closed())
+                    sub.close()
+                self._unsubscribe()
+                self._on_gone()
+                return
+
+    def _from_carried(self, last: int) -> list[Event] | None:
+        """Events after `last` if wake-ups carried every version since, else None."""
+        if any(v not in self._carried for v in range(last + 1, self._latest + 1)):
+            return None
+        return [e for v in range(last + 1, self._latest + 1) for e in self._carried[v]]
+
+    async def _deliver(self) -> None:
+        stale, self._stale = self._stale, False
+        for last in sorted({s.last for s in self._subs}):
+            group = [s for s in self._subs if s.last == last]
+            known = self._latest  # every version up to here is saved, so a fetch sees it
+            events = self._from_carried(last)
+            if events is None or (stale and not self._deleted):
+                try:
+                    blobs = await self._store.events_since(self.circle_id, last)
+                except ReplayGap:
+                    state = await self._load()
+                    for s in group:
+                        s.push(Resync(state))
+                        s.last = max(s.last, state.version)
+                    continue
+                except NoSuchCircle:
+                    self._deleted = True
+                    return
+                events = [decode_event(b) for b in blobs]
+            top = max([last, known, *(e.version for e in events)])
+            for s in group:
+                for e in events:
+                    if e.version > s.last:
+                        s.push(e)
+                s.last = max(s.last, top)
+        floor = min((s.last for s in self._subs), default=self._latest)
+        for v in [v for v in self._carried if v <= floor]:
+            del self._carried[v]
