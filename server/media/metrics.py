@@ -3,9 +3,7 @@
 from prometheus_client import Counter
 
 PACKETS_IN = Counter("lingkar_media_packets_in_total", "RTP packets received from microphones")
-PACKETS_FORWARDED = Counter(
-    "lingkar_media_packets_forwarded_total", "RTP packets handed to listeners' slots"
-)
+PACKETS_FORWARDED = Counter("lingkar_media_packets_forwarded_total", "RTP packets handed to listeners' slots")
 PACKETS_DROPPED = Counter(
     "lingkar_media_packets_dropped_total", "RTP packets dropped because the sender may not be heard"
 )

@@ -65,7 +65,9 @@ def _offer_shape(offer_sdp: str, max_slots: int, listen_only: bool) -> _OfferSha
     except Exception as exc:  # aiortc's parser raises whatever it trips on
         raise OfferError(OfferProblem.MALFORMED) from exc
     media = description.media
-    if not media or any(m.kind not in ("audio", "video") for m in media):
+    if not media:
+        raise OfferError(OfferProblem.MALFORMED)
+    if any(m.kind not in ("audio", "video") for m in media):
         raise OfferError(OfferProblem.UNSUPPORTED)
     audio = [m for m in media if m.kind == "audio"]
     mic_mid = None
@@ -141,7 +143,8 @@ class MediaRelay:
 
         @pc.on("connectionstatechange")
         def _on_state() -> None:
-            if pc.connectionState == "failed" and not peer.closed:
+            # failed: the client vanished; closed: it closed the connection (DTLS close_notify)
+            if pc.connectionState in ("failed", "closed") and not peer.closed:
                 self._spawn(self._close_peer(peer))
 
         return pc.localDescription.sdp

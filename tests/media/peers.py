@@ -51,7 +51,9 @@ def encode_tone(hz: float, frames: int = 50) -> list[bytes]:
     pcm = (np.sin(2 * np.pi * hz * t) * 6000).astype(np.int16)
     packets: list[bytes] = []
     for i in range(frames):
-        frame = av.AudioFrame.from_ndarray(pcm[None, i * FRAME : (i + 1) * FRAME], format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            pcm[None, i * FRAME : (i + 1) * FRAME], format="s16", layout="mono"
+        )
         frame.sample_rate = CLOCK
         frame.pts = i * FRAME
         frame.time_base = TIME_BASE
@@ -90,11 +92,11 @@ def _poke() -> None:
             waiter.set_result(None)
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait (at most `timeout` s) until `condition()` holds; it is rechecked whenever any
+async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    """Wait (at most `limit` s) until `condition()` holds; it is rechecked whenever any
     test peer sends or receives a packet, so it may look at relay counters too."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit):
         while not condition():
             waiter = loop.create_future()
             _waiters.append(waiter)
@@ -159,6 +161,8 @@ class Arrival:
     source: str
     seq: int | None
     at: float  # perf_counter
+    ssrc: int
+    timestamp: int  # RTP timestamp as the relay sent it
 
 
 class ClientPeer:
@@ -181,6 +185,7 @@ class ClientPeer:
         self.arrivals: list[Arrival] | None = [] if keep_arrivals else None
         self.on_arrival: Callable[[Arrival], None] | None = None
         self._slot_count = slots
+        self.pc.on("connectionstatechange", _poke)
 
     async def offer(self) -> str:
         """The complete offer: microphone first (sendrecv), then one recvonly m-line per slot."""
@@ -202,7 +207,7 @@ class ClientPeer:
             source, seq = marked if marked else (SILENCE, None)
             self.counts[slot][source] += 1
             if self.arrivals is not None or self.on_arrival is not None:
-                arrival = Arrival(slot, source, seq, time.perf_counter())
+                arrival = Arrival(slot, source, seq, time.perf_counter(), packet.ssrc, packet.timestamp)
                 if self.arrivals is not None:
                     self.arrivals.append(arrival)
                 if self.on_arrival is not None:
@@ -210,6 +215,15 @@ class ClientPeer:
             _poke()
 
         return on_packet
+
+    async def force_mic(self) -> None:
+        """Behave like a modified browser: send the microphone even though the answer made
+        that m-line inactive (listen-only). Waits for the connection first."""
+        await wait_until(lambda: self.pc.connectionState == "connected")
+        mic = self.pc.getTransceivers()[0]
+        assert self.track is not None and mic.sender.track is self.track
+        parameters = self.pc._RTCPeerConnection__localRtp(mic)  # type: ignore[attr-defined]
+        await mic.sender.send(parameters)
 
     def received_from(self, source: str) -> int:
         return sum(c[source] for c in self.counts)

@@ -1,0 +1,65 @@
+"""Slot placement and outgoing timestamps, without any network."""
+
+from __future__ import annotations
+
+from server.media.circle import Circle, Listener, place
+from server.media.slot import FRAME_SAMPLES, OPUS_SILENCE, SILENCE_FRAMES, SlotTrack
+
+
+def test_members_still_heard_keep_their_slot_and_newcomers_fill_free_ones() -> None:
+    assert place([None, None, None], ["a", "b"]) == ["a", "b", None]
+    assert place(["a", "b", None], ["c", "b"]) == ["c", "b", None]
+    assert place(["a", "b", "c"], ["d"]) == ["d", None, None]
+    assert place(["a"], []) == [None]
+
+
+def test_each_listener_gets_the_highest_priority_others_up_to_its_slots() -> None:
+    circle = Circle("c")
+    for member, slots in (("mod", 3), ("m1", 3), ("m2", 1), ("m3", 2)):
+        circle.speakers.add(member)
+        circle.listeners[member] = _listener(slots)
+    circle.set_audible(["m1", "mod", "m2", "m1"])
+
+    changed = circle.reassign()
+
+    assert changed == {
+        "mod": ["m1", "m2", None],
+        "m1": ["mod", "m2", None],
+        "m2": ["m1"],
+        "m3": ["m1", "mod"],
+    }
+    assert circle.reassign() == {}  # nothing changed, nobody told
+    assert {source: len(tracks) for source, tracks in circle.routes.items()} == {"m1": 3, "mod": 2, "m2": 2}
+
+
+def test_gated_packet_is_dropped_and_reaches_no_slot() -> None:
+    circle = Circle("c")
+    circle.speakers |= {"a", "b"}
+    circle.listeners["b"] = _listener(1)
+    circle.set_audible(["b"])
+    circle.reassign()
+
+    assert circle.forward("a", 0, b"x", 10) == -1
+    assert circle.listeners["b"].tracks[0].queued() == 0
+    assert circle.levels == {}
+
+
+def test_source_switch_keeps_timestamps_continuous_and_ends_with_silence() -> None:
+    track = SlotTrack()
+    track.set_source("a")
+    for i in range(3):
+        track.push(1_000_000 + i * FRAME_SAMPLES, b"a%d" % i)
+    track.set_source("b")
+    track.push(4_294_967_000, b"b0")  # b's own clock is anywhere, near the 32-bit wrap here
+    track.push((4_294_967_000 + FRAME_SAMPLES) % (1 << 32), b"b1")  # and wraps
+
+    packets = [track._queue.popleft() for _ in range(track.queued())]
+    payloads = [bytes(p) for p in packets]
+    pts = [p.pts for p in packets]
+    assert payloads == [b"a0", b"a1", b"a2"] + [OPUS_SILENCE] * SILENCE_FRAMES + [b"b0", b"b1"]
+    assert pts[:6] == [i * FRAME_SAMPLES for i in range(6)]
+    assert pts[6] > pts[5] and pts[7] - pts[6] == FRAME_SAMPLES
+
+
+def _listener(slots: int) -> Listener:
+    return Listener([SlotTrack() for _ in range(slots)], [None] * slots)
