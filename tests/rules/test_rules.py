@@ -257,7 +257,7 @@ def test_after_a_removal_shared_link_joins_go_through_lobby(room: Room) -> None:
 
 
 def test_personal_invite_joined_twice_keeps_one_seat(room: Room) -> None:
-    mod = room.join("Mod", Role.MODERATOR)
+    room.join("Mod", Role.MODERATOR)
     room.do(c.CreateInvite("inv-p", Role.MEMBER, personal=True))
     first = room.join("Melati", invite="inv-p")
     room.do(c.RaiseHand(first))
@@ -338,7 +338,7 @@ def test_resume_after_grace_is_refused(room: Room) -> None:
 
 
 def test_disconnect_of_an_older_session_is_ignored(room: Room) -> None:
-    mod = room.join("Mod", Role.MODERATOR)
+    room.join("Mod", Role.MODERATOR)
     room.do(c.CreateInvite("inv-p", Role.MEMBER, personal=True))
     a = room.join("Melati", invite="inv-p")
     room.join("Melati", invite="inv-p")
