@@ -99,6 +99,8 @@ class MemoryStore:
         async with room.lock:
             if self._rooms.get(circle_id) is not room:  # deleted while we waited
                 raise NoSuchCircle(circle_id)
+            if room.version == new_version and room.blob == blob:
+                return  # the same save again (a retry): it already happened
             if room.version != expected_version:
                 raise VersionConflict(f"{circle_id}: at {room.version}, not {expected_version}")
             kept = tuple(events)

@@ -61,7 +61,9 @@ class Store(Protocol):
                    events: Sequence[bytes], new_version: int) -> None:
         """Compare-and-set: write `blob` (at `new_version`) only if the stored version is
         `expected_version`, append `events` (all of `new_version`) to the circle's capped event
-        log and wake subscribers, atomically. Raises VersionConflict or NoSuchCircle."""
+        log and wake subscribers, atomically. Raises VersionConflict or NoSuchCircle. Saving
+        the very blob that is already stored at `new_version` succeeds and does nothing, so a
+        save retried after a lost reply is harmless."""
 
     async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
         """Deliver an event live to subscribers without keeping it anywhere."""

@@ -1,0 +1,62 @@
+"""One suite, two stores: every test taking `make_store` runs on MemoryStore and RedisStore."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from rooms.clock import FakeClock
+from rooms.memory_store import MemoryStore
+from rooms.redis_store import RedisStore
+from rooms.store import Store
+from tests.redis_server import RedisServer
+
+MakeStore = Callable[..., Store]
+_ids = itertools.count(1)
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request: pytest.FixtureRequest, fake_clock: FakeClock
+                     ) -> AsyncIterator[MakeStore]:
+    """A factory of stores sharing one backend (one dict, or one Redis), so several
+    "processes" can be simulated; options like `max_versions` pass through."""
+    made: list[Store] = []
+    if request.param == "memory":
+        shared: dict[str, Any] = {}
+
+        def make(**options: Any) -> Store:
+            if "store" not in shared:  # one MemoryStore stands for one shared backend
+                shared["store"] = MemoryStore(clock=fake_clock.now, **options)
+                made.append(shared["store"])
+            return shared["store"]  # type: ignore[no-any-return]
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        with server.client() as c:
+            c.flushall()
+
+        def make(**options: Any) -> Store:
+            store = RedisStore(server.url, **options)
+            made.append(store)
+            return store
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+@pytest.fixture
+def store_kind(make_store: MakeStore, request: pytest.FixtureRequest) -> str:
+    return str(request.node.callspec.params["make_store"])
+
+
+@pytest.fixture
+def circle_id() -> str:
+    return f"c{next(_ids)}"

@@ -1,0 +1,271 @@
+"""The store contract, on both stores (see conftest: `make_store` is parametrized)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from rooms.clock import FakeClock
+from rooms.codec import CorruptState, decode_event, decode_state, encode_event, encode_state
+from rooms.events import EVERYONE, MODERATORS, Event, Name
+from rooms.model import Circle, RoomState
+from rooms.redis_store import RedisStore
+from rooms.store import (
+    CircleExists,
+    NoSuchCircle,
+    ReplayGap,
+    Store,
+    VersionConflict,
+)
+from tests.redis_server import RedisServer
+from tests.rooms.conftest import MakeStore
+
+
+def blob(circle_id: str, version: int) -> bytes:
+    state = RoomState.new(Circle(id=circle_id, title="t"))
+    state.version = version
+    return encode_state(state)
+
+
+def event(version: int, n: int = 0) -> bytes:
+    return encode_event(Event(Name.HAND_RAISED, {"n": n}, EVERYONE, version))
+
+
+async def save_versions(store: Store, circle_id: str, upto: int, start: int = 0) -> None:
+    for v in range(start + 1, upto + 1):
+        await store.save(circle_id, v - 1, blob(circle_id, v), [event(v, 0), event(v, 1)], v)
+
+
+class Wakes:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[str, int, list[bytes] | None]] = asyncio.Queue()
+        self.ephemeral: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def on_wake(self, circle_id: str, version: int, events: Sequence[bytes] | None) -> None:
+        self.queue.put_nowait((circle_id, version, None if events is None else list(events)))
+
+    def on_ephemeral(self, circle_id: str, event: bytes) -> None:
+        self.ephemeral.put_nowait(event)
+
+    async def next_carrying(self) -> tuple[int, list[bytes]]:
+        """The next wake-up that carries events (skipping catch-up calls)."""
+        while True:
+            _, version, events = await asyncio.wait_for(self.queue.get(), 10)
+            if events is not None or version < 0:
+                return version, events or []
+
+
+async def test_created_circle_loads_back(make_store: MakeStore, circle_id: str) -> None:
+    store = make_store()
+    await store.create(circle_id, blob(circle_id, 0))
+    assert decode_state(await store.load(circle_id)).circle.id == circle_id
+
+
+async def test_create_twice_is_refused_and_keeps_the_first(make_store: MakeStore,
+                                                           circle_id: str) -> None:
+    store = make_store()
+    await store.create(circle_id, blob(circle_id, 0))
+    await save_versions(store, circle_id, 2)
+    with pytest.raises(CircleExists):
+        await store.create(circle_id, blob(circle_id, 0))
+    assert decode_state(await store.load(circle_id)).version == 2
+
+
+async def test_missing_circle_raises_no_such_circle(make_store: MakeStore) -> None:
+    store = make_store()
+    with pytest.raises(NoSuchCircle):
+        await store.load("nope")
+    with pytest.raises(NoSuchCircle):
+        await store.save("nope", 0, blob("nope", 1), [], 1)
+    with pytest.raises(NoSuchCircle):
+        await store.events_since("nope", 0)
+
+
+async def test_save_compares_the_version_and_refuses_a_stale_writer(make_store: MakeStore,
+                                                                     circle_id: str) -> None:
+    store = make_store()
+    await store.create(circle_id, blob(circle_id, 0))
+    await store.save(circle_id, 0, blob(circle_id, 1), [event(1)], 1)
+    other = RoomState.new(Circle(id=circle_id, title="another writer"))
+    other.version = 1
+    with pytest.raises(VersionConflict):
+        await store.save(circle_id, 0, encode_state(other), [event(1, 9)], 1)
+    with pytest.raises(VersionConflict):
+        await store.save(circle_id, 5, blob(circle_id, 6), [], 6)
+    assert decode_state(await store.load(circle_id)).version == 1
+    assert [decode_event(e).data for e in await store.events_since(circle_id, 0)] == [{"n": 0}]
+
+
+async def test_a_save_retried_after_it_landed_succeeds_once(make_store: MakeStore,
+                                                            circle_id: str) -> None:
+    store = make_store()
+    await store.create(circle_id, blob(circle_id, 0))
+    await store.save(circle_id, 0, blob(circle_id, 1), [event(1)], 1)
+    await store.save(circle_id, 0, blob(circle_id, 1), [event(1)], 1)
+    assert len(await store.events_since(circle_id, 0)) == 1
+
+
+async def test_corrupt_blob_is_a_typed_error_and_is_not_reset(make_store: MakeStore,
+                                                              circle_id: str) -> None:
+    store = make_store()
+    await store.create(circle_id, blob(circle_id, 0))
+    await store.save(circle_id, 0, b"\xc1garbage", [], 1)
+    stored = await store.load(circle_id)
+    with pytest.raises(CorruptState):
+        decode_state(stored)
+    assert await store.load(circle_id) == b"\xc1garbage"
+    with pytest.raises(CorruptState):
+        await store.create("other", b"not msgpack \xc1")
+
+
+async def test_a_redis_key_of_the_wrong_type_is_corrupt_state(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    try:
+        with redis_server.client() as c:
+            c.set("lk:{wrongtype}:state", b"x")
+        with pytest.raises(CorruptState):
+            await store.load("wrongtype")
+    finally:
+        await store.close()
+
+
+async def test_events_since_replays_in_order_after_a_version(make_store: MakeStore,
+                                                             circle_id: str) -> None:
+    store = make_store()
+    await store.create(circle_id, blob(circle_id, 0))
+    await save_versions(store, circle_id, 3)
+    await store.save(circle_id, 3, blob(circle_id, 4), [], 4)  # a version without events
+    await store.save(circle_id, 4, blob(circle_id, 5), [event(5)], 5)
+    got = [decode_event(e) for e in await store.events_since(circle_id, 0)]
+    assert [(e.version, e.data["n"]) for e in got] == [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0),
+                                                         (3, 1), (5, 0)]
+    assert [decode_event(e).version for e in await store.events_since(circle_id, 2)] == [3, 3, 5]
+    assert await store.events_since(circle_id, 5) == []
+    assert await store.events_since(circle_id, 9) == []
+
+
+async def test_events_no_longer_kept_raise_replay_gap(make_store: MakeStore,
+                                                      circle_id: str) -> None:
+    store = make_store(max_versions=5)
+    await store.create(circle_id, blob(circle_id, 0))
+    await save_versions(store, circle_id, 300)
+    with pytest.raises(ReplayGap):
+        await store.events_since(circle_id, 0)
+    recent = [decode_event(e).version for e in await store.events_since(circle_id, 295)]
+    assert recent == [296, 296, 297, 297, 298, 298, 299, 299, 300, 300]
+
+
+async def test_delete_removes_the_circle_and_wakes_subscribers(make_store: MakeStore,
+                                                               circle_id: str) -> None:
+    store = make_store()
+    await store.create(circle_id, blob(circle_id, 0))
+    await save_versions(store, circle_id, 2)
+    wakes = Wakes()
+    store.subscribe(circle_id, wakes.on_wake, wakes.on_ephemeral)
+    assert (await asyncio.wait_for(wakes.queue.get(), 10))[1:] == (2, None)  # catch-up
+    await store.delete(circle_id)
+    assert await wakes.next_carrying() == (-1, [])
+    with pytest.raises(NoSuchCircle):
+        await store.load(circle_id)
+    assert circle_id not in await store.circle_ids()
+
+
+async def test_delete_leaves_no_key_of_the_circle_in_redis(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    try:
+        await store.create("gone", blob("gone", 0))
+        await save_versions(store, "gone", 3)
+        with redis_server.client() as c:
+            assert c.keys("lk:{gone}:*")
+            await store.delete("gone")
+            assert c.keys("lk:{gone}:*") == []
+            assert not c.sismember("lk:circles", "gone")
+    finally:
+        await store.close()
+
+
+async def test_every_key_of_a_saved_circle_has_the_idle_ttl(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, idle_seconds=3600)
+    try:
+        await store.create("idle", blob("idle", 0))
+        await save_versions(store, "idle", 1)
+        with redis_server.client() as c:
+            keys = c.keys("lk:{idle}:*")
+            assert sorted(keys) == [b"lk:{idle}:events", b"lk:{idle}:state"]
+            for key in keys:
+                assert 0 < c.pttl(key) <= 3600_000
+    finally:
+        await store.close()
+
+
+async def test_memory_circles_expire_when_idle(fake_clock: FakeClock) -> None:
+    from rooms.memory_store import MemoryStore
+
+    store = MemoryStore(idle_seconds=60, clock=fake_clock.now)
+    await store.create("a", blob("a", 0))
+    await store.create("b", blob("b", 0))
+    await fake_clock.advance(50_000)
+    await save_versions(store, "b", 1)  # a save keeps "b" alive
+    await fake_clock.advance(20_000)
+    assert await store.circle_ids() == ["b"]
+    with pytest.raises(NoSuchCircle):
+        await store.load("a")
+    await store.create("a", blob("a", 0))  # the id is free again
+
+
+async def test_circle_ids_lists_live_circles(make_store: MakeStore) -> None:
+    store = make_store()
+    for cid in ("x1", "x2", "x3"):
+        await store.create(cid, blob(cid, 0))
+    await store.delete("x2")
+    assert sorted(await store.circle_ids()) == ["x1", "x3"]
+
+
+async def test_subscribers_get_every_save_in_order_with_its_events(make_store: MakeStore,
+                                                                    circle_id: str) -> None:
+    store = make_store()
+    await store.create(circle_id, blob(circle_id, 0))
+    wakes = Wakes()
+    unsubscribe = store.subscribe(circle_id, wakes.on_wake, wakes.on_ephemeral)
+    assert (await asyncio.wait_for(wakes.queue.get(), 10))[1:] == (0, None)  # active now
+    await save_versions(store, circle_id, 20)
+    for v in range(1, 21):
+        assert await wakes.next_carrying() == (v, [event(v, 0), event(v, 1)])
+    unsubscribe()
+    await save_versions(store, circle_id, 21, start=20)
+    await store.ping()  # a round trip: the wake-up of the save would have arrived by now
+    await asyncio.sleep(0)
+    assert wakes.queue.empty()
+
+
+async def test_ephemeral_events_are_delivered_and_never_kept(make_store: MakeStore,
+                                                             circle_id: str) -> None:
+    store = make_store()
+    await store.create(circle_id, blob(circle_id, 0))
+    wakes = Wakes()
+    store.subscribe(circle_id, wakes.on_wake, wakes.on_ephemeral)
+    await asyncio.wait_for(wakes.queue.get(), 10)
+    note = encode_event(Event(Name.PRIVATE_NOTE, {"text": "help"}, MODERATORS, 0))
+    await store.publish_ephemeral(circle_id, note)
+    assert await asyncio.wait_for(wakes.ephemeral.get(), 10) == note
+    await save_versions(store, circle_id, 1)
+    kept = [decode_event(e).name for e in await store.events_since(circle_id, 0)]
+    assert Name.PRIVATE_NOTE not in kept and kept
+
+
+async def test_two_stores_on_one_backend_see_each_others_saves(make_store: MakeStore,
+                                                               circle_id: str) -> None:
+    a, b = make_store(), make_store()
+    await a.create(circle_id, blob(circle_id, 0))
+    wakes = Wakes()
+    b.subscribe(circle_id, wakes.on_wake, wakes.on_ephemeral)
+    await asyncio.wait_for(wakes.queue.get(), 10)
+    await save_versions(a, circle_id, 1)
+    assert (await wakes.next_carrying())[0] == 1
+    assert decode_state(await b.load(circle_id)).version == 1
+
+
+async def test_ping_answers_when_reachable(make_store: MakeStore) -> None:
+    await make_store().ping()
