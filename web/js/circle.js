@@ -8,7 +8,6 @@ import { runJoin } from './ui-join.js';
 import {
   renderRoster, renderFloor, renderControls, renderPrompt, renderTimer, announce, showError,
 } from './ui-room.js';
-import { moderatorUi } from './ui-mod.js';
 import { loadConfig, renderHelplines } from './config.js';
 
 const $ = (sel) => document.querySelector(sel);
@@ -24,7 +23,20 @@ let prompt = null;           // 'floor' | 'asked' | null
 let audible = new Set();
 let joined = null;           // {name, listenOnly, stream}
 let lastScreen = 'join';
-let mod;
+// Members never load the moderator's module; it comes in when the role is moderator.
+const NO_MOD = {
+  makeActions: null, updateActions: null, addNotice() {},
+  render() { $('#mod-panel').hidden = true; },
+};
+let mod = NO_MOD;
+let modLoading = null;
+
+function ensureModeratorUi() {
+  if (!isModerator(state) || modLoading) return;
+  modLoading = import('./ui-mod.js').then(({ moderatorUi }) => {
+      render();
+  });
+}
 
 // ---- storage (this tab only; cleared on any leave) ----
 const store = {
@@ -138,6 +150,7 @@ const callbacks = {
     }
     const snap = kind === 'snapshot' ? (frame.state ?? frame) : frame.state;
     loadSnapshot(state, snap ?? {}, kind === 'welcome' ? { member_id: frame.member_id, role: frame.role } : {});
+    ensureModeratorUi();
     if (kind !== 'snapshot') {
       suggestLanguage(state.circle?.language);
       showScreen('room');
@@ -277,7 +290,6 @@ async function main() {
   installQuietLeave($('#leave-quietly'), () => ({
     session, media, exitUrl: config.exit_url, needSupport: $('#leave-need-support').checked,
   }));
-  mod = moderatorUi({ getState: () => state, send });
   bindRoomControls();
 
   const token = readToken();

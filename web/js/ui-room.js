@@ -34,13 +34,12 @@ export function formatClock(seconds) {
 function setFlag(el, name, on) { el.dataset[name] = on ? 'true' : 'false'; }
 
 /** One roster entry per admitted member; entries are kept (not rebuilt) so focus survives. */
-function rosterEntry(list, m, makeActions) {
+function rosterEntry(list, m) {
   let li = list.querySelector(`:scope > li[data-member-id="${CSS.escape(key(m.id))}"]`);
   if (!li) {
     li = document.createElement('li');
     li.dataset.memberId = key(m.id);
     li.innerHTML = '<span class="avatar" aria-hidden="true"></span><span class="who"><span class="name"></span> <span class="tags"></span></span>';
-    if (makeActions) makeActions(li, m);
     list.append(li);
   }
   return li;
@@ -68,7 +67,8 @@ export function renderRoster(state, { makeActions, updateActions, audible }) {
   for (const li of list.querySelectorAll(':scope > li')) if (!keep.has(li.dataset.memberId)) li.remove();
   const n = members.length;
   members.forEach((m, i) => {
-    const li = rosterEntry(list, m, mod ? makeActions : null);
+    const li = rosterEntry(list, m);
+    if (mod && makeActions && !li.querySelector('.actions')) makeActions(li, m);
     if (list.children[i] !== li) list.insertBefore(li, list.children[i] ?? null);
     li.dataset.role = m.role;
     setFlag(li, 'speaking', state.floor.holder != null && key(state.floor.holder) === key(m.id));
