@@ -22,7 +22,7 @@ class CorruptState(Exception):
 
 def _circle(c: Circle) -> list[Any]:
     return [c.id, c.title, c.topic, c.language.value, c.capacity, c.turn_seconds,
-            c.floor_mode.value, c.lobby, c.grace_seconds]
+            c.floor_mode.value, c.lobby, c.grace_seconds, c.created_at]
 
 
 def _member(m: Member) -> list[Any]:
@@ -63,7 +63,7 @@ def decode_state(blob: bytes) -> RoomState:
         c = v[2]
         circle = Circle(id=c[0], title=c[1], topic=c[2], language=Language(c[3]), capacity=c[4],
                         turn_seconds=c[5], floor_mode=FloorMode(c[6]), lobby=c[7],
-                        grace_seconds=c[8])
+                        grace_seconds=c[8], created_at=c[9])
         members = [_unmember(m) for m in v[5]]
         lobby = [_unmember(m) for m in v[6]]
         f = v[7]

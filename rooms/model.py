@@ -42,6 +42,8 @@ class Circle:
     floor_mode: FloorMode = FloorMode.HANDS
     lobby: bool = True
     grace_seconds: int = 30
+    created_at: int = 0  # epoch ms
+
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ ENV_NAMES: Final = {
     "log_level": "LINGKAR_LOG_LEVEL",
     "slots": "LINGKAR_SLOTS",
     "grace_seconds": "LINGKAR_GRACE_SECONDS",
+    "max_per_address": "LINGKAR_MAX_CONNECTIONS_PER_ADDRESS",
 }
 
 
@@ -94,6 +95,8 @@ class Settings:
     log_level: str = "INFO"
     slots: int = 3
     grace_seconds: int = 30
+    max_per_address: int = 256
+    """Open WebSockets allowed from one address (0: no cap)."""
 
     @property
     def uses_redis(self) -> bool:
@@ -131,6 +134,7 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, object] | None
         log_level=_log_level(values.get("log_level", "INFO")),
         slots=_int(values, "slots", 3, 1, 8),
         grace_seconds=_int(values, "grace_seconds", 30, 0, 600),
+        max_per_address=_int(values, "max_per_address", 256, 0, 1_000_000),
     )
 
 

@@ -268,7 +268,14 @@ class Media(_Frame, frozen=True, tag="media"):
     slots: list[str | None]
 
 
-ServerFrame = Welcome | Lobby | Admitted | Redirect | Ack | Error | Event | Snapshot | Answer | Media
+class Levels(_Frame, frozen=True, tag="levels"):
+    """Speaking indicators (not a room event, no version): RFC 6464 levels, 0 loudest, 127
+    silence, for the members heard now; sent at most a few times a second."""
+
+    levels: dict[str, int]
+
+
+ServerFrame = Welcome | Lobby | Admitted | Redirect | Ack | Error | Event | Snapshot | Answer | Media | Levels
 
 # ---------------------------------------------------------------- codec
 

@@ -1,0 +1,262 @@
+"""The organizer REST API (DESIGN §10): create circles, list them with counts only, invite,
+end. Bearer key checked in constant time; links carry their tokens in the URL fragment."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from rooms import commands as c
+from rooms.errors import RoomError
+from rooms.manager import Busy, RoomManager
+from rooms.model import Circle, FloorMode, Invite, Language, Role, RoomState
+from rooms.store import CircleExists, NoSuchCircle, StoreError
+from server.config import Settings
+from signaling import tokens
+
+LINK_TTL_SECONDS = 7 * 24 * 3600
+MAX_BODY = 16 * 1024
+
+
+class NewCircle(msgspec.Struct, forbid_unknown_fields=True):
+    title: Annotated[str, msgspec.Meta(min_length=1, max_length=80)]
+    topic: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    language: Literal["id", "en"] = "id"
+    capacity: Annotated[int, msgspec.Meta(ge=2, le=50)] = 15
+    turn_seconds: Annotated[int, msgspec.Meta(ge=30, le=1800)] = 180
+    floor_mode: Literal["hands", "round", "open"] = "hands"
+    lobby: bool = True
+
+
+class NewInvite(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["moderator", "member", "guest"]
+    personal: bool = True
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+class OrganizerApi:
+    def __init__(self, settings: Settings, manager: RoomManager) -> None:
+        self.settings = settings
+        self.manager = manager
+        self._key = settings.api_key.encode()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/openapi.json", self.openapi, methods=["GET"]),
+            Route("/api/circles", self._guard(self.create), methods=["POST"]),
+            Route("/api/circles", self._guard(self.list), methods=["GET"]),
+            Route("/api/circles/{id}", self._guard(self.get), methods=["GET"]),
+            Route("/api/circles/{id}", self._guard(self.end), methods=["DELETE"]),
+            Route("/api/circles/{id}/invites", self._guard(self.invite), methods=["POST"]),
+        ]
+
+    def _guard(self, handler: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            auth = request.headers.get("authorization", "")
+            scheme, _, key = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self._key):
+                return _error(401, "unauthorized", "a valid organizer key is needed")
+            try:
+                response: Response = await handler(request)
+                return response
+            except NoSuchCircle:
+                return _error(404, "not_found", "no such circle")
+            except (StoreError, Busy):
+                return _error(503, "unavailable", "the store cannot be reached; try again")
+
+        return endpoint
+
+    async def _body(self, request: Request, schema: type[Any]) -> Any:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise _Refused(_error(413, "too_large", "request body too large"))
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise _Refused(_error(415, "unsupported_media_type", "send application/json"))
+        try:
+            return msgspec.json.decode(raw, type=schema)
+        except msgspec.ValidationError as err:
+            raise _Refused(_error(422, "invalid", str(err))) from None
+        except msgspec.DecodeError:
+            raise _Refused(_error(400, "bad_json", "the body is not valid JSON")) from None
+
+    def _circle_id(self, request: Request) -> str:
+        cid = request.path_params["id"]
+        if not 1 <= len(cid) <= 64:
+            raise NoSuchCircle(cid)
+        return str(cid)
+
+    def link(self, circle_id: str, invite: Invite) -> str:
+        token = tokens.issue(self.settings.secret, circle_id, invite.role.value, invite.id,
+                             LINK_TTL_SECONDS)
+        return f"{self.settings.public_url}/c/{circle_id}#t={token}"
+
+    def summary(self, state: RoomState) -> dict[str, Any]:
+        """Counts only (F14): never a member's name."""
+        circle = state.circle
+        members = state.members.values()
+        return {
+            "id": circle.id, "title": circle.title, "topic": circle.topic,
+            "language": circle.language.value, "capacity": circle.capacity,
+            "turn_seconds": circle.turn_seconds, "floor_mode": state.mode.value,
+            "lobby": circle.lobby, "locked": state.locked,
+            "counts": {
+                "members": sum(1 for m in members if not m.listen_only),
+                "listeners": sum(1 for m in members if m.listen_only),
+                "lobby": len(state.lobby),
+                "moderators": sum(1 for m in members if m.role is Role.MODERATOR),
+            },
+            "moderator_present": state.moderator_present,
+            "running_seconds": max(0, (int(time.time() * 1000) - circle.created_at) // 1000),
+        }
+
+    async def create(self, request: Request) -> Response:
+        try:
+            body: NewCircle = await self._body(request, NewCircle)
+        except _Refused as r:
+            return r.response
+        circle = Circle(id=secrets.token_urlsafe(9), title=body.title.strip() or "Lingkar",
+                        topic=body.topic, language=Language(body.language),
+                        capacity=body.capacity, turn_seconds=body.turn_seconds,
+                        floor_mode=FloorMode(body.floor_mode), lobby=body.lobby,
+                        grace_seconds=self.settings.grace_seconds,
+                        created_at=int(time.time() * 1000))
+        invites = [Invite(secrets.token_urlsafe(9), role) for role in
+                   (Role.MODERATOR, Role.MEMBER, Role.GUEST)]
+        try:
+            state = await self.manager.create(circle, invites)
+        except CircleExists:
+            return _error(409, "conflict", "try again")
+        links = {inv.role.value: self.link(circle.id, inv) for inv in invites}
+        return JSONResponse({**self.summary(state), "links": links}, status_code=201)
+
+    async def list(self, request: Request) -> Response:
+        states = await self.manager.circles()
+        return JSONResponse({"circles": [self.summary(s) for s in states if not s.ended]})
+
+    async def get(self, request: Request) -> Response:
+        state = await self.manager.load(self._circle_id(request))
+        return JSONResponse(self.summary(state))
+
+    async def end(self, request: Request) -> Response:
+        try:
+            await self.manager.execute(self._circle_id(request), c.EndByOrganizer())
+        except RoomError:
+            pass  # already ended
+        return Response(status_code=204)
+
+    async def invite(self, request: Request) -> Response:
+        circle_id = self._circle_id(request)
+        try:
+            body: NewInvite = await self._body(request, NewInvite)
+        except _Refused as r:
+            return r.response
+        invite = Invite(secrets.token_urlsafe(9), Role(body.role), body.personal)
+        try:
+            await self.manager.execute(circle_id, c.CreateInvite(invite.id, invite.role, invite.personal))
+        except RoomError:
+            return _error(404, "not_found", "no such circle")
+        return JSONResponse({"link": self.link(circle_id, invite), "role": invite.role.value,
+                             "personal": invite.personal}, status_code=201)
+
+    async def openapi(self, request: Request) -> Response:
+        return Response(json.dumps(openapi_document()), media_type="application/json")
+
+
+class _Refused(Exception):
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
+
+
+def openapi_document() -> dict[str, Any]:
+    error = {"$ref": "#/components/schemas/Error"}
+
+    def errors(*codes: int) -> dict[str, Any]:
+        return {str(code): {"description": "error", "content": {"application/json": {"schema": error}}}
+                for code in codes}
+
+    summary = {"$ref": "#/components/schemas/CircleSummary"}
+    circle_id = {"name": "id", "in": "path", "required": True,
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
+    _, components = msgspec.json.schema_components([NewCircle, NewInvite],
+                                                          ref_template="#/components/schemas/{name}")
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Lingkar organizer API", "version": "1"},
+        "components": {
+            "securitySchemes": {"organizerKey": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                **components,
+                "Error": {"type": "object", "required": ["error", "message"],
+                          "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
+                "Counts": {"type": "object", "properties": {
+                    k: {"type": "integer"} for k in ("members", "listeners", "lobby", "moderators")}},
+                "CircleSummary": {
+                    "type": "object",
+                    "required": ["id", "title", "floor_mode", "counts", "moderator_present"],
+                    "properties": {
+                        "id": {"type": "string"}, "title": {"type": "string"},
+                        "topic": {"type": "string"}, "language": {"type": "string"},
+                        "capacity": {"type": "integer"}, "turn_seconds": {"type": "integer"},
+                        "floor_mode": {"type": "string"}, "lobby": {"type": "boolean"},
+                        "locked": {"type": "boolean"},
+                        "counts": {"$ref": "#/components/schemas/Counts"},
+                        "moderator_present": {"type": "boolean"},
+                        "running_seconds": {"type": "integer"},
+                        "links": {"type": "object", "additionalProperties": {"type": "string"}},
+                    },
+                },
+            },
+        },
+        "security": [{"organizerKey": []}],
+        "paths": {
+            "/api/circles": {
+                "post": {
+                    "operationId": "createCircle",
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/NewCircle"}}}},
+                    "responses": {"201": {"description": "created, with links",
+                                          "content": {"application/json": {"schema": summary}}},
+                                  **errors(400, 401, 413, 415, 422, 503)},
+                },
+                "get": {
+                    "operationId": "listCircles",
+                    "responses": {"200": {"description": "live circles, counts only", "content": {
+                        "application/json": {"schema": {"type": "object", "properties": {
+                            "circles": {"type": "array", "items": summary}}}}}},
+                        **errors(401, 503)},
+                },
+            },
+            "/api/circles/{id}": {
+                "parameters": [circle_id],
+                "get": {"operationId": "getCircle",
+                        "responses": {"200": {"description": "one circle", "content": {
+                            "application/json": {"schema": summary}}}, **errors(401, 404, 503)}},
+                "delete": {"operationId": "endCircle",
+                           "responses": {"204": {"description": "ended"}, **errors(401, 404, 503)}},
+            },
+            "/api/circles/{id}/invites": {
+                "parameters": [circle_id],
+                "post": {
+                    "operationId": "createInvite",
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/NewInvite"}}}},
+                    "responses": {"201": {"description": "a link", "content": {"application/json": {
+                        "schema": {"type": "object", "properties": {
+                            "link": {"type": "string"}, "role": {"type": "string"},
+                            "personal": {"type": "boolean"}}}}}},
+                        **errors(400, 401, 404, 413, 415, 422, 503)},
+                },
+            },
+        },
+    }

@@ -1,0 +1,116 @@
+"""The Starlette application: pages, organizer API, `/ws`, operations, and the media relay."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from rooms.clock import Clock
+from rooms.manager import RoomManager
+from rooms.memory_store import MemoryStore
+from rooms.redis_store import RedisStore
+from rooms.store import Store, StoreError
+from server.api import OrganizerApi
+from server.config import Settings
+from server.local import LocalCircles
+from server.media.relay import MediaRelay
+from server.pages import page_routes
+from server.ws import WebSocketEndpoint
+from signaling.close import CloseCode
+from signaling.session import DEFAULT_LIMITS, Limits
+
+log = logging.getLogger("lingkar.app")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+@dataclass
+class Parts:
+    """What a running app holds; tests reach in here for bookkeeping assertions."""
+
+    settings: Settings
+    store: Store
+    manager: RoomManager
+    relay: MediaRelay
+    local: LocalCircles
+    ws: WebSocketEndpoint
+
+
+def make_store(settings: Settings) -> Store:
+    if settings.uses_redis:
+        return RedisStore(settings.store)
+    return MemoryStore()
+
+
+def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | None = None,
+              limits: Limits = DEFAULT_LIMITS) -> Starlette:
+    store = store or make_store(settings)
+    manager = RoomManager(store, clock=clock)
+    ice = [msgspec.to_builtins(s) for s in settings.ice_servers]
+    ice = [{k: v for k, v in s.items() if v is not None} for s in ice]
+    local: LocalCircles
+    relay = MediaRelay(slots=settings.slots, ice_servers=ice,
+                       on_slots=lambda c, m, s: local.on_slots(c, m, s),
+                       on_levels=lambda c, lv: local.on_levels(c, lv))
+    local = LocalCircles(manager, relay)
+    ws = WebSocketEndpoint(settings, local, manager, limits, settings.max_per_address)
+    parts = Parts(settings, store, manager, relay, local, ws)
+    api = OrganizerApi(settings, manager)
+
+    def client_config() -> dict[str, Any]:
+        return {"ice_servers": ice, "helplines": [msgspec.to_builtins(h) for h in settings.helplines],
+                "exit_url": settings.exit_url, "slots": settings.slots}
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await manager.ping()
+        except StoreError:
+            return JSONResponse({"status": "store unreachable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await drain(parts)
+        await relay.close()
+        await manager.close()
+        await store.close()
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            *api.routes(),
+            WebSocketRoute("/ws", ws),
+            *page_routes(WEB_DIR, client_config),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.parts = parts
+    return app
+
+
+async def drain(parts: Parts) -> None:
+    """Graceful shutdown: refuse new sockets, close open ones with 1001. Members keep their
+    seats for the grace period, so with Redis a restarted process resumes them."""
+    parts.ws.draining = True
+    for session in parts.local.sessions():
+        session.close(CloseCode.GOING_AWAY, "server restarting")

@@ -1,0 +1,78 @@
+"""`lingkar serve` and `lingkar loadtest`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any
+
+from server.config import ConfigError, Settings, load_settings
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the server")
+    p.add_argument("--host")
+    p.add_argument("--port")
+    p.add_argument("--store", help="memory, or redis://host:port/db")
+
+
+def _organizer_link(settings: Settings) -> str:
+    return f"{settings.public_url}/organizer"
+
+
+class _Server:
+    """uvicorn with a drain step before it stops: sockets get 1001 first (F18)."""
+
+    @staticmethod
+    def run(settings: Settings) -> None:
+        import uvicorn
+
+        from server import logs
+        from server.app import build_app, drain
+
+        log_config = logs.setup(settings.log_level)
+        app = build_app(settings)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=log_config,
+                                access_log=False, ws="websockets-sansio", ws_max_size=64 * 1024,
+                                ws_per_message_deflate=False, lifespan="on",
+                                timeout_graceful_shutdown=5, server_header=False)
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                asyncio.get_event_loop().create_task(drain(app.state.parts))
+                super().handle_exit(sig, frame)
+
+        server = Server(config)
+        print(f"Lingkar is running at {settings.public_url}/", flush=True)
+        print(f"Organizer page: {_organizer_link(settings)}", flush=True)
+        if settings.api_key_generated:
+            print(f"Organizer key (generated for this run): {settings.api_key}", flush=True)
+        print(f"Organizer link: {settings.public_url}/organizer#key={settings.api_key}", flush=True)
+        server.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lingkar", description="Lingkar: moderated peer-support circles")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    lt = sub.add_parser("loadtest", help="drive many circles and measure latency", add_help=False)
+    lt.add_argument("rest", nargs=argparse.REMAINDER)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "loadtest":
+        from loadtest.main import main as loadtest_main
+
+        return loadtest_main([*args.rest, *rest])
+    try:
+        settings = load_settings(os.environ, {"host": args.host, "port": args.port, "store": args.store})
+    except ConfigError as err:
+        print(f"lingkar: {err}", file=sys.stderr)
+        return 2
+    _Server.run(settings)
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

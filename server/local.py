@@ -1,0 +1,124 @@
+"""The circles this process serves: their sessions, and the media relay's view of them.
+
+For every circle with a connection here, one watcher follows the room's events and tells the
+relay who may be heard (`audible`) and whose media to close. Media frames (`media {slots}`,
+`levels`) reach the member's session through this registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from rooms.events import Name
+from rooms.manager import RoomManager
+from rooms.rules import audible
+from rooms.store import StoreError
+from rooms.subscription import Closed, Resync
+from server import metrics
+from server.media.relay import MediaRelay
+from signaling import frames as f
+from signaling.session import Session
+
+log = logging.getLogger("lingkar.local")
+
+
+@dataclass
+class _Circle:
+    sessions: dict[str, Session] = field(default_factory=dict)
+    watcher: asyncio.Task[None] | None = None
+
+
+class LocalCircles:
+    """Implements the session `Observer`; owns the relay watchers."""
+
+    def __init__(self, manager: RoomManager, relay: MediaRelay) -> None:
+        self.manager = manager
+        self.relay = relay
+        self._circles: dict[str, _Circle] = {}
+        self.connections = 0
+
+    # Observer ---------------------------------------------------------------------------
+
+    def joined(self, session: Session) -> None:
+        circle = self._circles.get(session.circle_id)
+        if circle is None:
+            circle = self._circles[session.circle_id] = _Circle()
+            circle.watcher = asyncio.create_task(self._watch(session.circle_id))
+            metrics.CIRCLES.set(len(self._circles))
+        circle.sessions[session.member_id] = session
+
+    def gone(self, session: Session) -> None:
+        circle = self._circles.get(session.circle_id)
+        if circle is None or circle.sessions.get(session.member_id) is not session:
+            return
+        del circle.sessions[session.member_id]
+        if not circle.sessions:
+            del self._circles[session.circle_id]
+            if circle.watcher is not None:
+                circle.watcher.cancel()
+            metrics.CIRCLES.set(len(self._circles))
+
+    def frame_in(self) -> None:
+        metrics.FRAMES_IN.inc()
+
+    def frame_out(self) -> None:
+        metrics.FRAMES_OUT.inc()
+
+    def error(self, code: str) -> None:
+        metrics.ERRORS.labels(code).inc()
+
+    def closed(self, code: int) -> None:
+        metrics.CLOSES.labels(str(code)).inc()
+
+    def command_took(self, name: str, seconds: float) -> None:
+        metrics.COMMAND_SECONDS.labels(name).observe(seconds)
+
+    # Media ------------------------------------------------------------------------------
+
+    def on_slots(self, circle_id: str, member_id: str, slots: list[str | None]) -> None:
+        session = self._session(circle_id, member_id)
+        if session is not None:
+            session.send(f.Media(slots=slots))
+
+    def on_levels(self, circle_id: str, levels: dict[str, int]) -> None:
+        circle = self._circles.get(circle_id)
+        if circle is None:
+            return
+        frame = f.Levels(levels=levels)
+        for session in circle.sessions.values():
+            if session.admitted:
+                session.send(frame)
+
+    def _session(self, circle_id: str, member_id: str) -> Session | None:
+        circle = self._circles.get(circle_id)
+        return circle.sessions.get(member_id) if circle else None
+
+    def sessions(self) -> list[Session]:
+        return [s for circle in self._circles.values() for s in circle.sessions.values()]
+
+    async def _watch(self, circle_id: str) -> None:
+        """Keep the relay's gate equal to the rules' audible set (invariant 2)."""
+        try:
+            state = await self.manager.load(circle_id)
+        except StoreError:
+            return
+        self.relay.set_audible(circle_id, audible(state))
+        sub = self.manager.subscribe(circle_id, state.version)
+        try:
+            async for item in sub:
+                if isinstance(item, Closed):
+                    await self.relay.close_circle(circle_id)
+                    return
+                if isinstance(item, Resync):
+                    self.relay.set_audible(circle_id, audible(item.state))
+                    continue
+                if item.name is Name.AUDIBLE:
+                    self.relay.set_audible(circle_id, item.data["members"])
+                elif item.name in (Name.LEFT, Name.REMOVED, Name.DECLINED):
+                    await self.relay.close_member(circle_id, item.data["member_id"])
+                elif item.name is Name.ENDED:
+                    await self.relay.close_circle(circle_id)
+        finally:
+            sub.close()

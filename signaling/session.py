@@ -1,0 +1,432 @@
+"""One WebSocket connection: `hello`, then commands in and events out, until it closes.
+
+The session owns who this connection is (member, role, circle, seat session number) and the
+last room version it has delivered. Everything it sends goes through one bounded queue and
+one writer task, so fan-out never waits for a slow client: a client whose queue fills up is
+dropped (it may resume within the grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from rooms import commands as c
+from rooms.errors import Code, RoomError
+from rooms.events import Event, Name
+from rooms.manager import Busy, RoomManager
+from rooms.model import Role, RoomState
+from rooms.rules import joined_member_id, lobby_circle, snapshot
+from rooms.store import NoSuchCircle, StoreError
+from rooms.subscription import Closed, Resync, Subscription
+from signaling import frames as f
+from signaling import tokens
+from signaling.close import CloseCode
+from signaling.ratelimit import RateLimiter, Verdict
+from signaling.translate import error_code, event_frame, join_close_code, to_command, visible_to
+
+log = logging.getLogger("lingkar.session")
+
+
+class Transport(Protocol):
+    """The socket, reduced to what a session needs."""
+
+    async def receive(self) -> bytes | str | None:
+        """The next message; None once the client has gone."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def close(self, code: int, reason: str = "") -> None: ...
+
+
+class Media(Protocol):
+    async def answer(self, circle_id: str, member_id: str, offer_sdp: str, *,
+                     listen_only: bool) -> str: ...
+
+    def slots(self, circle_id: str, member_id: str) -> list[str | None] | None: ...
+
+    async def close_member(self, circle_id: str, member_id: str) -> None: ...
+
+
+class Observer(Protocol):
+    """What the server wants to know about sessions (registry, metrics)."""
+
+    def joined(self, session: Session) -> None: ...
+
+    def gone(self, session: Session) -> None: ...
+
+    def frame_in(self) -> None: ...
+
+    def frame_out(self) -> None: ...
+
+    def error(self, code: str) -> None: ...
+
+    def closed(self, code: int) -> None: ...
+
+    def command_took(self, name: str, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    hello_seconds: float = 10.0
+    rate: float = 20.0
+    burst: int = 40
+    send_queue: int = 512
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+_CLOSE = object()
+
+
+class Session:
+    def __init__(self, transport: Transport, manager: RoomManager, *, secret: str, media: Media,
+                 observer: Observer, limits: Limits = DEFAULT_LIMITS,
+                 now_ms: Callable[[], int] = _now_ms) -> None:
+        self.transport = transport
+        self.manager = manager
+        self.secret = secret
+        self.media = media
+        self.observer = observer
+        self.limits = limits
+        self.now_ms = now_ms
+        self.circle_id = ""
+        self.member_id = ""
+        self.role = Role.MEMBER
+        self.listen_only = False
+        self.admitted = False
+        self.seat_session = 0
+        self.last_version = 0
+        self.gone = False  # left, removed, declined, ended or replaced: no Disconnect
+        self._closing = False
+        self._out: asyncio.Queue[object] = asyncio.Queue(limits.send_queue)
+        self._sub: Subscription | None = None
+
+    # --- outbound -----------------------------------------------------------------------
+
+    def send(self, frame: f.ServerFrame) -> None:
+        if self._closing:
+            return
+        try:
+            self._out.put_nowait(f.encode_server_frame(frame))
+        except asyncio.QueueFull:
+            log.info("slow client dropped", extra={"code": 1008})
+            self._closing = True
+            self.transport_abort()
+
+    def transport_abort(self) -> None:
+        self._drain()
+        self._out.put_nowait((1008, "not reading"))
+
+    def _drain(self) -> None:
+        while not self._out.empty():
+            self._out.get_nowait()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close after what is queued has been sent."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            self._out.put_nowait((code, reason))
+        except asyncio.QueueFull:
+            self._drain()
+            self._out.put_nowait((code, reason))
+
+    def error(self, ref: int | None, code: f.ErrorCode, message: str) -> None:
+        self.observer.error(code.value)
+        self.send(f.Error(ref=ref, code=code, message=message))
+
+    async def _writer(self) -> None:
+        while True:
+            item = await self._out.get()
+            if isinstance(item, bytes):
+                await self.transport.send(item)
+                self.observer.frame_out()
+                continue
+            assert isinstance(item, tuple)
+            code: int = item[0]
+            reason: str = item[1]
+            self.observer.closed(code)
+            await self.transport.close(code, reason)
+            return
+
+    async def _close_now(self, code: int, reason: str = "") -> None:
+        """Before the writer runs (the hello phase)."""
+        self.observer.closed(code)
+        await self.transport.close(code, reason)
+
+    # --- the connection's life ----------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            first = await asyncio.wait_for(self.transport.receive(), self.limits.hello_seconds)
+        except TimeoutError:
+            await self._close_now(CloseCode.HELLO_TIMEOUT, "no hello")
+            return
+        if first is None:
+            return
+        self.observer.frame_in()
+        if not await self._hello(first):
+            return
+        self.observer.joined(self)
+        writer = asyncio.create_task(self._writer())
+        pump = asyncio.create_task(self._pump())
+        reader = asyncio.create_task(self._reader())
+        try:
+            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, reader):
+                task.cancel()
+            if not writer.done():
+                self.close(CloseCode.GOING_AWAY)
+                try:
+                    await asyncio.wait_for(writer, 2)
+                except (TimeoutError, Exception):
+                    writer.cancel()
+            await asyncio.gather(pump, reader, writer, return_exceptions=True)
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self._sub is not None:
+            self._sub.close()
+        self.observer.gone(self)
+        try:
+            await self.media.close_member(self.circle_id, self.member_id)
+        except Exception:
+            log.exception("closing media failed")
+        if not self.gone:  # keep the seat for the grace period (F12)
+            try:
+                await self.manager.execute(self.circle_id, c.Disconnect(self.member_id, self.seat_session))
+            except (RoomError, StoreError, Busy):
+                pass
+            except Exception:
+                log.exception("disconnect failed")
+
+    async def _hello(self, data: bytes | str) -> bool:
+        if not isinstance(data, bytes):
+            await self._close_now(CloseCode.BAD_FIRST_FRAME, "binary msgpack hello expected")
+            return False
+        try:
+            hello = f.decode_client_frame(data)
+        except f.FrameError:
+            hello = None
+        if not isinstance(hello, f.Hello):
+            await self._close_now(CloseCode.BAD_FIRST_FRAME, "hello expected")
+            return False
+        circle_id = tokens.unverified_circle(hello.token)
+        try:
+            if circle_id is None:
+                raise tokens.TokenError(tokens.TokenProblem.INVALID)
+            claims = tokens.verify(self.secret, hello.token, circle_id)
+        except tokens.TokenError as err:
+            log.info("token refused", extra={"problem": err.problem.value})
+            await self._close_now(CloseCode.BAD_TOKEN, "bad token")
+            return False
+        self.circle_id = circle_id
+        new_secret = secrets.token_urlsafe(32)
+        try:
+            if hello.resume is not None:
+                state = await self._resume(hello.resume, claims.invite_id, new_secret)
+            else:
+                cmd = c.Join(member_id=secrets.token_hex(8), invite_id=claims.invite_id,
+                             role=Role(claims.role), name=hello.name,
+                             listen_only=hello.listen_only, resume_hash=_hash(new_secret))
+                state, _ = await self.manager.execute(circle_id, cmd)
+                self.member_id = joined_member_id(state, cmd)
+        except RoomError as err:
+            log.info("join refused", extra={"code": err.code.value})
+            await self._close_now(join_close_code(err.code), err.code.value)
+            return False
+        except NoSuchCircle:
+            await self._close_now(CloseCode.NO_SUCH_CIRCLE, "no such circle")
+            return False
+        except (StoreError, Busy):
+            await self._close_now(CloseCode.TRY_AGAIN_LATER, "try again later")
+            return False
+        me = state.find(self.member_id)
+        assert me is not None
+        self.role = me.role
+        self.listen_only = me.listen_only
+        self.seat_session = me.session
+        self.admitted = self.member_id in state.members
+        self.last_version = state.version
+        self._sub = self.manager.subscribe(circle_id, state.version)
+        now = self.now_ms()
+        if self.admitted:
+            self.send(f.Welcome(member_id=self.member_id, role=me.role.value, resume=new_secret,
+                                now=now, state=snapshot(state, self.member_id, now)))
+        else:
+            lc = lobby_circle(state)
+            self.send(f.Lobby(member_id=self.member_id, resume=new_secret, now=now,
+                              circle=f.LobbyCircle(title=lc["title"], language=lc["language"])))
+        return True
+
+    async def _resume(self, secret: str, invite_id: str, new_secret: str) -> RoomState:
+        state = await self.manager.load(self.circle_id)
+        given = _hash(secret)
+        found = [m for m in (*state.members.values(), *state.lobby.values())
+                 if hmac.compare_digest(m.resume_hash, given)]
+        if len(found) != 1 or found[0].invite_id != invite_id:
+            raise RoomError(Code.BAD_RESUME, "unknown resume secret")
+        self.member_id = found[0].id
+        state, _ = await self.manager.execute(
+            self.circle_id, c.Resume(self.member_id, given, _hash(new_secret)))
+        return state
+
+    # --- events out ---------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        assert self._sub is not None
+        async for item in self._sub:
+            if isinstance(item, Closed):
+                self.gone = True
+                self.close(CloseCode.ENDED, "ended")
+                return
+            if isinstance(item, Resync):
+                self._send_snapshot(item.state)
+                continue
+            await self._deliver(item)
+
+    async def _deliver(self, event: Event) -> None:
+        if not event.ephemeral:
+            if event.version <= self.last_version:
+                return
+            self.last_version = event.version
+        if event.for_server:
+            await self._act_on(event)
+        elif visible_to(event, self.member_id, self.role is Role.MODERATOR, self.admitted):
+            self.send(event_frame(event))
+
+    async def _act_on(self, event: Event) -> None:
+        name, who = event.name, event.data.get("member_id")
+        if name is Name.ENDED:
+            self.gone = True
+            self.close(CloseCode.ENDED, "ended")
+        elif who != self.member_id:
+            return
+        elif name is Name.ADMITTED:
+            state = await self.manager.load(self.circle_id)
+            self.admitted = True
+            self.last_version = state.version
+            self.send(f.Admitted(state=snapshot(state, self.member_id, self.now_ms())))
+        elif name in (Name.DECLINED, Name.REMOVED):
+            self.gone = True
+            self.close(CloseCode.REFUSED, name.value)
+        elif name is Name.LEFT:
+            self.gone = True
+            self.close(CloseCode.LEFT, "left")
+        elif name is Name.REPLACED and event.data["session"] > self.seat_session:
+            self.gone = True
+            self.close(CloseCode.LEFT, "replaced by a newer connection")
+
+    def _send_snapshot(self, state: RoomState, ref: int | None = None) -> None:
+        self.last_version = max(self.last_version, state.version)
+        if self.admitted:
+            self.send(f.Snapshot(version=state.version,
+                                 state=snapshot(state, self.member_id, self.now_ms())))
+
+    # --- commands in --------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        limiter = RateLimiter(time.monotonic(), rate=self.limits.rate, burst=self.limits.burst)
+        while not self._closing:
+            data = await self.transport.receive()
+            if data is None:
+                return
+            self.observer.frame_in()
+            verdict = limiter.check(time.monotonic())
+            if verdict is Verdict.CLOSE:
+                self.close(CloseCode.FLOOD, "too many frames")
+                return
+            if verdict is Verdict.REFUSE:
+                self.error(None, f.ErrorCode.RATE_LIMITED, "slow down")
+                continue
+            if not isinstance(data, bytes):
+                self.error(None, f.ErrorCode.BAD_FRAME, "frames are binary msgpack")
+                continue
+            try:
+                frame = f.decode_client_frame(data)
+            except f.FrameError as err:
+                self.error(err.ref, err.code, err.message)
+                continue
+            await self._handle(frame)
+
+    async def _handle(self, frame: f.ClientFrame) -> None:
+        if isinstance(frame, f.Hello):
+            self.error(None, f.ErrorCode.BAD_FRAME, "already joined")
+            return
+        ref = frame.ref
+        if isinstance(frame, f.Sync):
+            await self._guard(ref, self._sync(ref))
+            return
+        if isinstance(frame, f.Offer):
+            await self._guard(ref, self._offer(frame))
+            return
+        if isinstance(frame, f.LeaveQuietly):
+            await self.media.close_member(self.circle_id, self.member_id)  # in the same step (F8)
+        command = to_command(frame, self.member_id)
+        assert command is not None
+        started = time.perf_counter()
+        ok = await self._guard(ref, self._execute(ref, command))
+        self.observer.command_took(type(command).__name__, time.perf_counter() - started)
+        if ok and isinstance(command, (c.Leave, c.LeaveQuietly)):
+            self.gone = True
+            self.close(CloseCode.LEFT, "left")
+
+    async def _execute(self, ref: int | None, command: c.Command) -> None:
+        state, _ = await self.manager.execute(self.circle_id, command)
+        self.send(f.Ack(ref=ref, version=state.version))
+
+    async def _sync(self, ref: int | None) -> None:
+        if not self.admitted:
+            raise RoomError(Code.FORBIDDEN, "not admitted yet")
+        state = await self.manager.load(self.circle_id)
+        self._send_snapshot(state, ref)
+
+    async def _offer(self, frame: f.Offer) -> None:
+        if not self.admitted:
+            raise RoomError(Code.FORBIDDEN, "lobby members have no media")
+        try:
+            sdp = await self.media.answer(self.circle_id, self.member_id, frame.sdp,
+                                          listen_only=self.listen_only)
+        except ValueError as err:
+            self.error(frame.ref, f.ErrorCode.BAD_FRAME, f"offer refused: {err}")
+            return
+        self.send(f.Answer(sdp=sdp, ref=frame.ref))
+        slots = self.media.slots(self.circle_id, self.member_id)
+        if slots is not None:
+            self.send(f.Media(slots=slots))
+
+    async def _guard(self, ref: int | None, work: Awaitable[None]) -> bool:
+        """Run one command; map every refusal to its `error` frame. True when it succeeded."""
+        try:
+            await work
+            return True
+        except RoomError as err:
+            self.error(ref, error_code(err.code), err.message)
+        except Busy:
+            self.error(ref, f.ErrorCode.CONFLICT, "busy, try again")
+        except NoSuchCircle:
+            self.gone = True
+            self.close(CloseCode.ENDED, "ended")
+        except StoreError:
+            self.error(ref, f.ErrorCode.UNAVAILABLE, "the store cannot be reached; nothing changed")
+        return False
+
