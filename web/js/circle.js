@@ -34,8 +34,9 @@ let modLoading = null;
 function ensureModeratorUi() {
   if (!isModerator(state) || modLoading) return;
   modLoading = import('./ui-mod.js').then(({ moderatorUi }) => {
-      render();
-  });
+    mod = moderatorUi({ getState: () => state, send });
+    render();
+  }).catch((err) => { modLoading = null; console.error(err); });
 }
 
 // ---- storage (this tab only; cleared on any leave) ----

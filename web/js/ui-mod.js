@@ -60,18 +60,14 @@ export function moderatorUi({ getState, send }) {
     li.append(box);
   }
 
+  // Buttons stay enabled: the server's rules decide, and its error is shown if it refuses.
   function updateActions(li, m) {
-    const state = getState();
-    const mine = isMe(state, m.id);
-    const holder = state.floor.holder != null && key(state.floor.holder) === key(m.id);
+    const mine = isMe(getState(), m.id);
     for (const b of li.querySelectorAll('[data-action]')) {
       b.hidden = mine;
       b.textContent = t(b.dataset.labelKey);
       b.setAttribute('aria-label', `${t(b.dataset.labelKey)}: ${m.name}`);
     }
-    li.querySelector('[data-action=give-floor]').disabled = holder || m.listen_only;
-    li.querySelector('[data-action=mute]').disabled = !!m.muted || !!m.listen_only;
-    li.querySelector('[data-action=ask-unmute]').disabled = !m.muted || !!m.listen_only;
   }
 
   async function onRosterClick(ev) {
