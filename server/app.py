@@ -99,7 +99,7 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             *api.routes(),
-            WebSocketRoute("/ws", ws),
+            WebSocketRoute("/ws", ws.handle),
             *page_routes(WEB_DIR, client_config),
         ],
         lifespan=lifespan,

@@ -49,7 +49,7 @@ class WebSocketEndpoint:
         self._per_address: Counter[str] = Counter()
         self.draining = False
 
-    async def __call__(self, ws: WebSocket) -> None:
+    async def handle(self, ws: WebSocket) -> None:
         if self.draining or not origin_allowed(self.settings, ws.headers.get("origin")):
             await ws.close(1008)  # before accept: uvicorn answers the upgrade with 403
             return

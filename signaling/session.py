@@ -112,7 +112,7 @@ class Session:
         self.listen_only = False
         self.admitted = False
         self.seat_session = 0
-        self.last_version = 0
+        self.last_version = 0  # the version of the last snapshot sent (welcome, admitted, sync)
         self.gone = False  # left, removed, declined, ended or replaced: no Disconnect
         self._closing = False
         self._out: asyncio.Queue[object] = asyncio.Queue(limits.send_queue)
@@ -305,10 +305,8 @@ class Session:
             await self._deliver(item)
 
     async def _deliver(self, event: Event) -> None:
-        if not event.ephemeral:
-            if event.version <= self.last_version:
-                return
-            self.last_version = event.version
+        if not event.ephemeral and event.version <= self.last_version:
+            return  # already part of the snapshot this client was sent
         if event.for_server:
             await self._act_on(event)
         elif visible_to(event, self.member_id, self.role is Role.MODERATOR, self.admitted):

@@ -1,0 +1,57 @@
+# Lingkar: `make serve` runs the server on the memory store; `make test` sets up and runs
+# every test. Both install what they need when it is missing.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_UPDATED := /tmp/.lingkar-apt-updated
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint bench loadtest setup system web clean
+
+serve: setup web
+	$(VENV)/bin/lingkar serve
+
+test: setup system web
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy --strict rooms signaling
+
+bench: setup system web
+	$(PY) -m rooms.bench
+	$(PY) -m server.media.bench
+	$(PY) -m loadtest.fanout
+
+loadtest: setup system web
+	$(VENV)/bin/lingkar loadtest --rooms 20 --members 8 --duration 30 --media-rooms 2 --out loadtest-out
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Debian packages: redis-server for the Redis tests, chromium for the browser tests.
+system:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+web: web/node_modules/.package-lock.json
+
+web/node_modules/.package-lock.json: web/package.json web/package-lock.json
+	@command -v npm >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; }
+	cd web && npm ci --no-audit --no-fund --silent
+	touch $@
+
+clean:
+	rm -rf $(VENV) web/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis
