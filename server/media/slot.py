@@ -24,7 +24,7 @@ TIME_BASE = fractions.Fraction(1, OPUS_CLOCK)
 OPUS_SILENCE = b"\xf8\xff\xfe"
 SILENCE_FRAMES = 3
 # A listener whose sender stalls loses the oldest packets rather than growing memory.
-MAX_QUEUED = 50
+MAX_QUEUED = 10
 _U32 = 1 << 32
 
 

@@ -1,0 +1,361 @@
+"""Benchmark of the media relay: CPU per forwarded packet and added latency.
+
+    python -m server.media.bench [--sizes 7,30,100,300] [--seconds 3]
+
+The relay runs alone in a child process (its CPU time is that process's CPU time); the
+parent runs one speaker and N listeners as real aiortc peers on loopback. For each size it
+prints the relay's CPU per forwarded packet and its share of a core, the end-to-end
+latency speaker → listener (p50/p99), the same path peer-to-peer without the relay, and
+the delay inside the relay (from the tap to the slot's sender picking the packet up).
+Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fractions
+import json
+import os
+import struct
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import av
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+
+from . import slot, tap
+from .relay import MediaRelay
+
+CIRCLE = "bench"
+SLOTS = 3
+TIME_BASE = fractions.Fraction(1, 48000)
+PADDING = bytes(70)  # payload about the size of 20 ms of speech at 32 kbit/s
+
+
+# -- the relay side (child process) --------------------------------------------------------
+
+
+def _probe_slot_delay(delays: list[float]) -> None:
+    """Record, in this process only, how long each packet waits in a slot before the
+    sender takes it (the relay's fan-out delay)."""
+    emit, recv = slot.SlotTrack._emit, slot.SlotTrack.recv
+    stamps: dict[int, deque[float]] = {}
+
+    def timed_emit(self: slot.SlotTrack, pts: int, payload: bytes) -> None:
+        stamps.setdefault(id(self), deque(maxlen=slot.MAX_QUEUED)).append(time.perf_counter())
+        emit(self, pts, payload)
+
+    async def timed_recv(self: slot.SlotTrack) -> av.Packet:
+        packet = await recv(self)
+        queue = stamps.get(id(self))
+        if queue:
+            delays.append(time.perf_counter() - queue.popleft())
+        return packet
+
+    slot.SlotTrack._emit = timed_emit  # type: ignore[method-assign]
+    slot.SlotTrack.recv = timed_recv  # type: ignore[method-assign]
+
+
+async def _child(probe: bool) -> None:
+    delays: list[float] = []
+    if probe:
+        _probe_slot_delay(delays)
+    relay = MediaRelay(slots=SLOTS)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def reply(message: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    async def handle(request: dict[str, Any]) -> None:
+        op = request["op"]
+        if op == "answer":
+            sdp = await relay.answer(
+                CIRCLE, request["member"], request["sdp"], listen_only=request["listen_only"]
+            )
+            reply({"id": request["id"], "sdp": sdp})
+        elif op == "audible":
+            relay.set_audible(CIRCLE, request["members"])
+            reply({"id": request["id"]})
+        elif op == "sample":
+            delays_now = list(delays)
+            delays.clear()
+            reply({"id": request["id"], "cpu": time.process_time(), "delays": delays_now, **relay.stats()})
+        elif op == "reset":
+            await relay.close()
+            reply({"id": request["id"]})
+
+    tasks = set()
+    while line := await reader.readline():
+        task = asyncio.ensure_future(handle(json.loads(line)))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await relay.close()
+
+
+class _RelayProcess:
+    def __init__(self, probe: bool) -> None:
+        self._probe = probe
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next = 0
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "server.media.bench",
+            "--child",
+            *(["--relay-delay"] if self._probe else []),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 24,
+        )
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        while line := await self._proc.stdout.readline():
+            message = json.loads(line)
+            self._pending.pop(message["id"]).set_result(message)
+
+    async def call(self, **request: Any) -> dict[str, Any]:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._next += 1
+        future = asyncio.get_running_loop().create_future()
+        self._pending[self._next] = future
+        self._proc.stdin.write((json.dumps({"id": self._next, **request}) + "\n").encode())
+        return await asyncio.wait_for(future, 60)
+
+    async def stop(self) -> None:
+        if self._proc is not None and self._proc.stdin is not None:
+            self._proc.stdin.close()
+            await self._proc.wait()
+        if self._reader is not None:
+            await self._reader
+
+
+# -- the client side (parent process) ------------------------------------------------------
+
+
+class _Speaker(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent_at: dict[int, float] = {}
+        self._seq = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.Packet:  # type: ignore[override]
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        due = self._start + self._seq * 0.02
+        if due > loop.time():
+            await asyncio.sleep(due - loop.time())
+        seq = self._seq
+        self._seq += 1
+        packet = av.Packet(b"\xfc" + struct.pack("!Q", seq) + PADDING)
+        packet.pts = seq * 960
+        packet.time_base = TIME_BASE
+        self.sent_at[seq] = time.perf_counter()
+        return packet
+
+
+class _Clients:
+    """One speaker and listeners; arrivals are (seq, perf_counter) per listener."""
+
+    def __init__(self) -> None:
+        self.speaker = _Speaker()
+        self.pcs: list[RTCPeerConnection] = []
+        self.arrivals: list[tuple[int, float]] = []
+        self.received = 0
+        self.recording = False
+        self.progress = asyncio.Event()
+
+    def _sink(self) -> Callable[[Any, int], None]:
+        def on_packet(packet: Any, arrival_time_ms: int) -> None:
+            self.received += 1
+            self.progress.set()
+            if self.recording and len(packet.payload) >= 9:
+                seq = struct.unpack("!Q", packet.payload[1:9])[0]
+                self.arrivals.append((seq, time.perf_counter()))
+
+        return on_packet
+
+    async def offer(self, *, speaker: bool, slots: int) -> RTCPeerConnection:
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pcs.append(pc)
+        if speaker:
+            pc.addTransceiver(self.speaker, direction="sendrecv")
+        for _ in range(slots):
+            tap.install_tap(pc.addTransceiver("audio", direction="recvonly").receiver, self._sink())
+        await pc.setLocalDescription(await pc.createOffer())
+        return pc
+
+    def latencies(self) -> list[float]:
+        sent = self.speaker.sent_at
+        return [at - sent[seq] for seq, at in self.arrivals if seq in sent]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pc.close() for pc in self.pcs))
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] * 1000, ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
+
+
+async def _until(clients: _Clients, condition: Callable[[], bool], limit: float) -> None:
+    async with asyncio.timeout(limit):
+        while not condition():
+            clients.progress.clear()
+            await clients.progress.wait()
+
+
+async def _direct_baseline(seconds: float) -> tuple[float, float]:
+    """Speaker → one listener peer to peer: the path without the relay."""
+    clients = _Clients()
+    try:
+        speaker_pc = await clients.offer(speaker=True, slots=0)
+        listener = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        clients.pcs.append(listener)
+        await listener.setRemoteDescription(speaker_pc.localDescription)
+        tap.install_tap(listener.getTransceivers()[0].receiver, clients._sink())
+        await listener.setLocalDescription(await listener.createAnswer())
+        await speaker_pc.setRemoteDescription(listener.localDescription)
+        await _until(clients, lambda: clients.received > 10, 20)
+        clients.recording = True
+        await asyncio.sleep(seconds)
+        return _percentiles(clients.latencies())
+    finally:
+        await clients.close()
+
+
+async def _one_size(relay: _RelayProcess, listeners: int, seconds: float) -> dict[str, float]:
+    clients = _Clients()
+    try:
+        started = time.perf_counter()
+        members = [("speaker", True)] + [(f"l{i}", False) for i in range(listeners)]
+
+        async def join(member: str, speaker: bool) -> None:
+            pc = await clients.offer(speaker=speaker, slots=0 if speaker else SLOTS)
+            answer = await relay.call(
+                op="answer", member=member, sdp=pc.localDescription.sdp, listen_only=not speaker
+            )
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+
+        for i in range(0, len(members), 20):
+            await asyncio.gather(*(join(m, s) for m, s in members[i : i + 20]))
+        await relay.call(op="audible", members=["speaker"])
+        # warm up until every listener gets packets
+        await _until(clients, lambda: clients.received >= listeners * 20, 60 + listeners / 2)
+        join_seconds = time.perf_counter() - started
+
+        # The same peers with nothing forwarded: the relay's fixed cost (ICE, RTCP, timers).
+        await relay.call(op="audible", members=[])
+        idle_before = await relay.call(op="sample")
+        await asyncio.sleep(seconds)
+        idle_after = await relay.call(op="sample")
+        idle_cpu_per_s = (idle_after["cpu"] - idle_before["cpu"]) / seconds
+        await relay.call(op="audible", members=["speaker"])
+
+        before = await relay.call(op="sample")
+        clients.recording = True
+        await asyncio.sleep(seconds)
+        clients.recording = False
+        after = await relay.call(op="sample")
+        forwarded = after["packets_forwarded"] - before["packets_forwarded"]
+        cpu = after["cpu"] - before["cpu"]
+        wall = seconds  # the sampling calls add a little; CPU share is approximate
+        p50, p99 = _percentiles(clients.latencies())
+        in50, in99 = _percentiles(after["delays"])
+        received = len(clients.arrivals)
+        return {
+            "listeners": listeners,
+            "forwarded": forwarded,
+            "cpu_us_per_packet": cpu / forwarded * 1e6 if forwarded else float("nan"),
+            "cpu_share": cpu / wall,
+            "marginal_us_per_packet": (cpu - idle_cpu_per_s * wall) / forwarded * 1e6 if forwarded else 0,
+            "idle_share": idle_cpu_per_s,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "relay_p50_ms": in50,
+            "relay_p99_ms": in99,
+            "received": received,
+            "join_s": join_seconds,
+        }
+    finally:
+        await clients.close()
+        await relay.call(op="reset")
+
+
+async def _main(sizes: list[int], seconds: float, probe: bool) -> None:
+    base50, base99 = await _direct_baseline(seconds)
+    print(f"direct peer-to-peer (no relay): p50 {base50:.2f} ms, p99 {base99:.2f} ms")
+    header = (
+        f"{'listeners':>9} {'fwd pkts':>9} {'CPU µs/pkt':>10} {'marginal':>8} {'CPU core':>8} {'idle':>5} "
+        f"{'e2e p50':>8} {'e2e p99':>8} {'relay p50':>9} {'relay p99':>9} {'join s':>7}"
+    )
+    print(header)
+    for size in sizes:
+        relay = _RelayProcess(probe)
+        await relay.start()
+        try:
+            row = await _one_size(relay, size, seconds)
+        finally:
+            await relay.stop()
+        print(
+            f"{row['listeners']:>9} {row['forwarded']:>9} {row['cpu_us_per_packet']:>10.1f} "
+            f"{row['marginal_us_per_packet']:>8.1f} {row['cpu_share']:>8.0%} {row['idle_share']:>5.0%} "
+            f"{row['p50_ms']:>6.2f}ms {row['p99_ms']:>6.2f}ms "
+            f"{row['relay_p50_ms']:>7.2f}ms {row['relay_p99_ms']:>7.2f}ms {row['join_s']:>7.1f}",
+            flush=True,
+        )
+    print("e2e: speaker send → listener receive (both in this process); relay: tap → slot's sender.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="7,30,100,300", help="listener counts, comma separated")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per size")
+    parser.add_argument(
+        "--relay-delay",
+        action="store_true",
+        help="also time each packet from the tap to its slot's sender (costs the relay ~2 µs a packet)",
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        profile = os.environ.get("LINGKAR_BENCH_PROFILE")
+        if profile:  # python -m pstats <file>: where the relay's CPU goes
+            import cProfile
+
+            profiler = cProfile.Profile(time.process_time)  # CPU time, not wall time
+            profiler.runcall(asyncio.run, _child(args.relay_delay))
+            profiler.dump_stats(profile)
+        else:
+            asyncio.run(_child(args.relay_delay))
+    else:
+        asyncio.run(
+            _main(
+                [int(s) for s in args.sizes.split(",")], args.seconds, not args.idle_clients, args.relay_delay
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
