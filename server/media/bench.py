@@ -350,11 +350,7 @@ def main() -> None:
         else:
             asyncio.run(_child(args.relay_delay))
     else:
-        asyncio.run(
-            _main(
-                [int(s) for s in args.sizes.split(",")], args.seconds, not args.idle_clients, args.relay_delay
-            )
-        )
+        asyncio.run(_main([int(s) for s in args.sizes.split(",")], args.seconds, args.relay_delay))
 
 
 if __name__ == "__main__":
