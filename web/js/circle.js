@@ -239,7 +239,7 @@ function bindRoomControls() {
   $('#prompt-dismiss').addEventListener('click', () => { prompt = null; render(); });
   $('#release-floor').addEventListener('click', () => send('release_floor'));
   $('#pass').addEventListener('click', () => send('pass'));
-  $('#open-note').addEventListener('click', () => togglePanel('#note-panel'));
+  $('#open-note').addEventListener('click', () => { $('#help-panel').hidden = true; togglePanel('#note-panel'); });
   $('#open-help').addEventListener('click', () => togglePanel('#help-panel'));
   for (const b of document.querySelectorAll('[data-close]')) {
     b.addEventListener('click', () => { b.closest('.panel').hidden = true; });
