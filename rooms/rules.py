@@ -206,7 +206,7 @@ def _give(step: _Step, member_id: str) -> None:
         s.queue.remove(member_id)
         step.emit(Name.HAND_LOWERED, {"member_id": member_id, "queue": list(s.queue)}, EVERYONE)
     deadline = step.now + s.circle.turn_seconds * 1000
-    s.floor = Floor(member_id, step.now, deadline, warned=deadline - step.now <= WARNING_MS)
+    s.floor = Floor(member_id, step.now, deadline, warned=deadline - step.now < WARNING_MS)
     step.emit(Name.FLOOR_GIVEN, {"member_id": member_id, "deadline": deadline}, EVERYONE)
 
 
@@ -460,7 +460,7 @@ def _extend_turn(step: _Step, cmd: c.ExtendTurn) -> None:
     if f is None:
         raise RoomError(Code.NOT_ALLOWED, "nobody holds the floor")
     deadline = max(f.deadline, step.now) + cmd.seconds * 1000
-    s.floor = Floor(f.holder, f.since, deadline, warned=deadline - step.now <= WARNING_MS)
+    s.floor = Floor(f.holder, f.since, deadline, warned=deadline - step.now < WARNING_MS)
     step.emit(Name.FLOOR_GIVEN, {"member_id": f.holder, "deadline": deadline}, EVERYONE)
 
 

@@ -115,6 +115,8 @@ class Session:
         self.last_version = 0  # the version of the last snapshot sent (welcome, admitted, sync)
         self.gone = False  # left, removed, declined, ended or replaced: no Disconnect
         self._closing = False
+        self._in_command = False  # a command is being executed: its answer goes out first
+        self._deferred_close: tuple[int, str] | None = None
         self._out: asyncio.Queue[object] = asyncio.Queue(limits.send_queue)
         self._sub: Subscription | None = None
 
@@ -139,8 +141,15 @@ class Session:
             self._out.get_nowait()
 
     def close(self, code: int, reason: str = "") -> None:
-        """Close after what is queued has been sent."""
+        """Close after what is queued has been sent. While a command of this connection is
+        being executed the close waits for its answer: the moderator who ends the circle, or
+        a member who leaves, gets the `ack` before the close (the event that closes them may
+        reach the pump before `execute` returns)."""
         if self._closing:
+            return
+        if self._in_command:
+            if self._deferred_close is None:
+                self._deferred_close = (code, reason)
             return
         self._closing = True
         try:
@@ -382,7 +391,14 @@ class Session:
         command = to_command(frame, self.member_id)
         assert command is not None
         started = time.perf_counter()
-        ok = await self._guard(ref, self._execute(ref, command))
+        self._in_command = True
+        try:
+            ok = await self._guard(ref, self._execute(ref, command))
+        finally:
+            self._in_command = False
+            deferred, self._deferred_close = self._deferred_close, None
+            if deferred is not None:
+                self.close(*deferred)
         self.observer.command_took(type(command).__name__, time.perf_counter() - started)
         if ok and isinstance(command, (c.Leave, c.LeaveQuietly)):
             self.gone = True

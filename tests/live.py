@@ -16,6 +16,7 @@ import msgpack
 import uvicorn
 import websockets
 
+from rooms.clock import Clock
 from rooms.memory_store import MemoryStore
 from rooms.redis_store import RedisStore
 from rooms.store import Store
@@ -75,11 +76,11 @@ def settings_for(store: str = "memory", **extra: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def live_server(store_url: str = "memory", *, limits: Limits = DEFAULT_LIMITS,
-                      **extra: Any) -> AsyncIterator[Live]:
+                      clock: Clock | None = None, **extra: Any) -> AsyncIterator[Live]:
     port = free_port()
     settings = settings_for(store_url, port=port, **extra)
     store: Store = RedisStore(store_url) if store_url != "memory" else MemoryStore()
-    app = build_app(settings, store=store, limits=limits)
+    app = build_app(settings, store=store, limits=limits, clock=clock)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
                             ws="websockets-sansio", ws_max_size=64 * 1024,
                             ws_per_message_deflate=False, lifespan="on")
