@@ -15,7 +15,9 @@ CATALOGS = ("id", "en")
 DATA_I18N = re.compile(r'data-i18n(?:-placeholder|-aria-label|-title)?="([^"]+)"')
 T_CALL = re.compile(r"""\bt\(\s*['"]([^'"]+)['"]""")
 # Keys passed around as data before reaching t(): ERROR_KEYS maps, effects {announce: '…'}.
-KEY_LITERAL = re.compile(r"""['"]((?:announce|notice|error|ended|prompt|floor|timer|roster|room|mod|org|join|note|help|conn|confirm|mode|lobby|common|nav)\.[a-z0-9_]+)['"]""")
+KEY_LITERAL = re.compile(
+    r"""['"]((?:announce|notice|error|ended|prompt|floor|timer|roster|room|mod|org|join|note|help|conn|confirm|mode|lobby|common|nav)\.[a-z0-9_]+)['"]"""
+)
 
 
 def load(code: str) -> dict[str, str]:

@@ -72,8 +72,20 @@ def room_page_files() -> set[Path]:
 
 def test_room_page_imports_the_whole_client() -> None:
     names = {p.name for p in room_page_files()}
-    for expected in ("circle.js", "protocol.js", "state.js", "media.js", "leave.js", "i18n.js",
-                     "ui-mod.js", "encode.mjs", "decode.mjs", "Encoder.mjs", "Decoder.mjs", "lingkar.css"):
+    for expected in (
+        "circle.js",
+        "protocol.js",
+        "state.js",
+        "media.js",
+        "leave.js",
+        "i18n.js",
+        "ui-mod.js",
+        "encode.mjs",
+        "decode.mjs",
+        "Encoder.mjs",
+        "Decoder.mjs",
+        "lingkar.css",
+    ):
         assert expected in names
 
 

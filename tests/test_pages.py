@@ -1,0 +1,115 @@
+"""server/pages.py: the pages, the web client's files and nothing else, with the headers that keep
+a member's visit private (no referrer, no caching of pages, Clear-Site-Data on the exit page)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from server.pages import page_routes
+
+WEB = Path(__file__).resolve().parent.parent / "web"
+CONFIG = {"ice_servers": [], "helplines": [], "exit_url": "/bye", "slots": 3}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    app = Starlette(routes=page_routes(WEB, lambda: CONFIG))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=5)
+
+
+def get(url: str) -> tuple[int, Any, bytes]:
+    try:
+        with urllib.request.urlopen(url) as res:
+            return res.status, res.headers, res.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+@pytest.mark.parametrize(
+    ("path", "marker"),
+    [
+        ("/", b"index.p1"),
+        ("/organizer", b'id="new-circle"'),
+        ("/c/some-circle", b'id="leave-quietly"'),
+        ("/help", b'id="helplines"'),
+        ("/bye", b"bye.empty"),
+    ],
+)
+def test_each_page_is_served_with_private_headers(base_url: str, path: str, marker: bytes) -> None:
+    status, headers, body = get(base_url + path)
+    assert status == 200
+    assert marker in body
+    assert headers["Cache-Control"] == "no-store"
+    assert headers["Referrer-Policy"] == "no-referrer"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    csp = headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp
+    assert f"ws://{base_url.removeprefix('http://')}" in csp
+
+
+def test_exit_page_clears_what_the_site_stored(base_url: str) -> None:
+    _, headers, _ = get(base_url + "/bye")
+    assert headers["Clear-Site-Data"] == '"cache", "cookies", "storage"'
+
+
+def test_circle_page_title_is_neutral(base_url: str) -> None:
+    _, _, body = get(base_url + "/c/anything")
+    assert b"<title>Catatan</title>" in body
+
+
+def test_client_config_is_the_callables_answer(base_url: str) -> None:
+    status, headers, body = get(base_url + "/client-config")
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    assert b'"exit_url":"/bye"' in body
+
+
+def test_modules_are_served_as_javascript(base_url: str) -> None:
+    for path in ("/static/js/circle.js", "/vendor/@msgpack/msgpack/dist.esm/encode.mjs"):
+        status, headers, _ = get(base_url + path)
+        assert status == 200, path
+        assert headers["Content-Type"].startswith("text/javascript"), path
+        assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/package.json",
+        "/static/node_modules/@msgpack/msgpack/package.json",
+        "/vendor/other/x.js",
+        "/static/../server/pages.py",
+        "/static/%2e%2e/server/pages.py",
+    ],
+)
+def test_only_the_clients_own_files_are_served(base_url: str, path: str) -> None:
+    status, _, _ = get(base_url + path)
+    assert status == 404
