@@ -7,7 +7,7 @@ client imports (`@msgpack/msgpack`) under /vendor — never the rest of node_mod
 from __future__ import annotations
 
 import mimetypes
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,15 @@ PAGES: Mapping[str, str] = {
 EXIT_PAGE = "bye.html"
 
 
-def content_security_policy(request: Request) -> str:
-    """Self-only policy; WebSocket to this same host (older browsers do not map 'self' to ws:)."""
+def content_security_policy(request: Request, extra_connect_src: Sequence[str] = ()) -> str:
+    """Self-only policy; WebSocket to this same host (older browsers do not map 'self' to ws:).
+
+    `extra_connect_src` lists other origins the client may be redirected to (DESIGN §8), e.g.
+    `wss://node2.example.org`.
+    """
     host = request.headers.get("host", "")
     ws_sources = f" ws://{host} wss://{host}" if host and _is_plain_host(host) else ""
+    ws_sources += "".join(f" {src}" for src in extra_connect_src)
     return (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         f"connect-src 'self'{ws_sources}; media-src 'self' blob:; object-src 'none'; "
@@ -51,9 +56,9 @@ def _is_plain_host(host: str) -> bool:
     return all(c.isalnum() or c in ".-:[]" for c in host)
 
 
-def security_headers(request: Request) -> dict[str, str]:
+def security_headers(request: Request, extra_connect_src: Sequence[str] = ()) -> dict[str, str]:
     return {
-        "Content-Security-Policy": content_security_policy(request),
+        "Content-Security-Policy": content_security_policy(request, extra_connect_src),
         "Referrer-Policy": "no-referrer",
         "X-Content-Type-Options": "nosniff",
         "X-Frame-Options": "DENY",
@@ -62,8 +67,8 @@ def security_headers(request: Request) -> dict[str, str]:
     }
 
 
-def _page_headers(request: Request) -> dict[str, str]:
-    return {**security_headers(request), "Cache-Control": "no-store"}
+def _page_headers(request: Request, extra_connect_src: Sequence[str] = ()) -> dict[str, str]:
+    return {**security_headers(request, extra_connect_src), "Cache-Control": "no-store"}
 
 
 class _WebFiles(StaticFiles):
@@ -102,24 +107,36 @@ class _WithHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def page_routes(web_dir: Path, client_config: Callable[[], dict[str, Any]]) -> list[BaseRoute]:
+def page_routes(
+    web_dir: Path,
+    client_config: Callable[[], dict[str, Any]],
+    *,
+    extra_connect_src: Sequence[str] = (),
+) -> list[BaseRoute]:
     """Routes for the pages, /static, /vendor/@msgpack/msgpack, /client-config and /bye.
 
     `client_config()` returns `{"ice_servers", "helplines", "exit_url", "slots"}`; it is called per
-    request so TURN credentials can be time-limited.
+    request so TURN credentials can be time-limited. `extra_connect_src`: WebSocket origins of other
+    processes a `redirect` may send the client to (the pages' CSP must allow them).
     """
     web_dir = Path(web_dir).resolve()
+    extra = tuple(extra_connect_src)
+    for src in extra:
+        if not _is_plain_host(src.replace("wss://", "").replace("ws://", "")):
+            raise ValueError(f"not a WebSocket origin: {src!r}")
 
     def page(filename: str) -> Callable[[Request], Any]:
         path = web_dir / filename
 
         async def endpoint(request: Request) -> Response:
-            return FileResponse(path, media_type="text/html; charset=utf-8", headers=_page_headers(request))
+            return FileResponse(
+                path, media_type="text/html; charset=utf-8", headers=_page_headers(request, extra)
+            )
 
         return endpoint
 
     async def exit_page(request: Request) -> Response:
-        headers = _page_headers(request)
+        headers = _page_headers(request, extra)
         headers["Clear-Site-Data"] = '"cache", "cookies", "storage"'
         return FileResponse(web_dir / EXIT_PAGE, media_type="text/html; charset=utf-8", headers=headers)
 

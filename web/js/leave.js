@@ -27,9 +27,14 @@ function forgetEverything() {
 export function installQuietLeave(button, ctx) {
   const leave = () => leaveQuietly(ctx());
   button.addEventListener('click', leave);
+  // Count only bare Shift presses (down and up with no other key between), so typing capital
+  // letters in a name or a message never triggers it.
   let presses = [];
-  addEventListener('keydown', (ev) => {
-    if (ev.key !== 'Shift' || ev.repeat) return;
+  let bare = false;
+  addEventListener('keydown', (ev) => { bare = ev.key === 'Shift' && !ev.repeat; }, true);
+  addEventListener('keyup', (ev) => {
+    if (ev.key !== 'Shift' || !bare) return;
+    bare = false;
     const now = performance.now();
     presses = presses.filter((at) => now - at < SHIFT_WINDOW_MS);
     presses.push(now);
