@@ -2,6 +2,7 @@
 // redirect, and a `sync` when a version gap shows we missed events.
 import { encode } from '/vendor/@msgpack/msgpack/dist.esm/encode.mjs';
 import { decode } from '/vendor/@msgpack/msgpack/dist.esm/decode.mjs';
+import { versionStep } from './state.js';
 
 export const CLOSE = Object.freeze({
   NORMAL: 1000, TOO_BIG: 1009, TRY_LATER: 1013,
@@ -129,14 +130,11 @@ export class Session {
 
   event(frame) {
     if (this.syncing) return;                       // the snapshot will bring us up to date
-    const have = this.cb.getVersion();
-    const v = frame.version;
-    if (have != null && typeof v === 'number') {
-      if (v < have || (v === have && !this.lastWasEvent)) return;   // already in our state
-      if (v > have + 1) { this.requestSync(); return; }
-    }
+    const step = versionStep(this.cb.getVersion(), frame.version, this.lastWasEvent);
+    if (step === 'skip') return;
+    if (step === 'sync') { this.requestSync(); return; }
     this.lastWasEvent = true;
-    this.cb.onEvent(frame.name, frame.data ?? {}, v);
+    this.cb.onEvent(frame.name, frame.data ?? {}, frame.version);
   }
 
   requestSync() {

@@ -20,7 +20,7 @@ export const serverNow = (state) => Date.now() + state.clockOffset;
 export function loadSnapshot(state, snap, extra = {}) {
   state.circle = { ...(snap.circle ?? state.circle ?? {}) };
   state.version = snap.version ?? state.version;
-  const me = extra.member_id ?? snap.me;
+  const me = extra.member_id ?? snap.me ?? state.me;
   state.me = me !== null && typeof me === 'object' ? me.id : me;
   state.members = new Map();
   for (const m of snap.members ?? []) addMember(state, m);
@@ -162,6 +162,18 @@ const HANDLERS = {
       vars: { name: nameOf(s, d.member_id) }, text: d.text ?? '', urgent: !!d.need_support }];
   },
 };
+
+/**
+ * What to do with an event of version `v` when our state is at `have`: 'apply', 'skip' (already
+ * in our state) or 'sync' (we missed some: ask for a snapshot). Events of one command share a
+ * version, so a repeat of the version just applied from an event is applied too.
+ */
+export function versionStep(have, v, lastWasEvent) {
+  if (have == null || typeof v !== 'number') return 'apply';
+  if (v < have || (v === have && !lastWasEvent)) return 'skip';
+  if (v > have + 1) return 'sync';
+  return 'apply';
+}
 
 /** Apply one event; returns UI effects. Unknown events are ignored (a newer server). */
 export function applyEvent(state, name, data, version) {
