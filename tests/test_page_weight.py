@@ -80,8 +80,6 @@ def test_room_page_imports_the_whole_client() -> None:
         "leave.js",
         "i18n.js",
         "ui-mod.js",
-        "encode.mjs",
-        "decode.mjs",
         "Encoder.mjs",
         "Decoder.mjs",
         "lingkar.css",

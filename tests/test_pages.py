@@ -93,7 +93,7 @@ def test_client_config_is_the_callables_answer(base_url: str) -> None:
 
 
 def test_modules_are_served_as_javascript(base_url: str) -> None:
-    for path in ("/static/js/circle.js", "/vendor/@msgpack/msgpack/dist.esm/encode.mjs"):
+    for path in ("/static/js/circle.js", "/vendor/@msgpack/msgpack/dist.esm/Encoder.mjs"):
         status, headers, _ = get(base_url + path)
         assert status == 200, path
         assert headers["Content-Type"].startswith("text/javascript"), path

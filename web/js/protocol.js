@@ -1,7 +1,7 @@
 // The WebSocket session (DESIGN §5): binary msgpack frames, refs, reconnect with resume,
 // redirect, and a `sync` when a version gap shows we missed events.
-import { encode } from '/vendor/@msgpack/msgpack/dist.esm/encode.mjs';
-import { decode } from '/vendor/@msgpack/msgpack/dist.esm/decode.mjs';
+import { Encoder } from '/vendor/@msgpack/msgpack/dist.esm/Encoder.mjs';
+import { Decoder } from '/vendor/@msgpack/msgpack/dist.esm/Decoder.mjs';
 import { versionStep } from './state.js';
 
 export const CLOSE = Object.freeze({
@@ -14,6 +14,9 @@ export const CLOSE = Object.freeze({
 const FINAL = new Set([CLOSE.ENDED, CLOSE.LEFT, CLOSE.FORBIDDEN, CLOSE.NO_CIRCLE, CLOSE.FULL]);
 const ACK_TIMEOUT_MS = 10000;
 const MAX_BACKOFF_MS = 10000;
+// Undefined fields are left out: the server refuses unknown or wrongly typed fields.
+const encoder = new Encoder({ ignoreUndefined: true });
+const decoder = new Decoder();
 
 export function wsUrl(path = '/ws') {
   return `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}${path}`;
@@ -65,7 +68,7 @@ export class Session {
 
   rawSend(frame) {
     if (this.ws?.readyState !== WebSocket.OPEN) return false;
-    this.ws.send(encode(frame, { ignoreUndefined: true }).slice());
+    this.ws.send(encoder.encode(frame));   // a copy, not a view of a shared buffer
     return true;
   }
 
@@ -88,7 +91,7 @@ export class Session {
   receive(data) {
     if (!(data instanceof ArrayBuffer)) return;
     let frame;
-    try { frame = decode(new Uint8Array(data)); } catch { return; }
+    try { frame = decoder.decode(new Uint8Array(data)); } catch { return; }
     if (!frame || typeof frame !== 'object' || typeof frame.type !== 'string') return;
     // Any answer that echoes one of our refs settles that command (ack, error, answer, snapshot).
     const waiting = typeof frame.ref === 'number' ? this.pending.get(frame.ref) : undefined;
