@@ -127,8 +127,6 @@ export function moderatorUi({ getState, send }) {
     lock.textContent = t(locked ? 'mod.unlock' : 'mod.lock');
     const mode = state.circle?.floor_mode ?? 'hands';
     if ($('#floor-mode').value !== mode) $('#floor-mode').value = mode;
-    $('#next').disabled = mode === 'open';
-    $('#extend-turn').disabled = state.floor.holder == null;
   }
 
   function addNotice(kind, text, urgent) {

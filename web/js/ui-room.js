@@ -164,7 +164,7 @@ export function renderControls(state) {
   const hand = $('#raise-hand');
   hand.hidden = !me || mod;
   if (me && !mod) {
-    hand.disabled = state.circle?.floor_mode !== 'hands' || !!me.listen_only || holdsFloor(state);
+    hand.disabled = state.circle?.floor_mode !== 'hands' || holdsFloor(state);
     hand.setAttribute('aria-pressed', String(!!me.hand));
     hand.textContent = t(me.hand ? 'room.lower_hand' : 'room.raise_hand');
   }
