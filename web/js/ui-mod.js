@@ -145,6 +145,7 @@ export function moderatorUi({ getState, send }) {
   $('#lobby-list').addEventListener('click', onLobbyClick);
   $('#next').addEventListener('click', () => send('next'));
   $('#extend-turn').addEventListener('click', () => send('extend_turn', { seconds: EXTEND_SECONDS }));
+  $('#end-turn').addEventListener('click', () => send('release_floor'));
   $('#mute-all').addEventListener('click', () => send('mute_all'));
   $('#lock').addEventListener('click', () => send(getState().circle?.locked ? 'unlock' : 'lock'));
   $('#end').addEventListener('click', async () => {
