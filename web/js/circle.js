@@ -20,7 +20,18 @@ let config;
 let session = null;
 let media = null;
 let prompt = null;           // 'floor' | 'asked' | null
-let audible = new Set();
+let audible = new Set();      // ids heard speaking now: slot levels read in the browser ∪ server levels
+let slotAudible = new Set();
+let levelAudible = new Set();
+// RFC 6464 levels from the server's `levels` frame: 0 is loudest, 127 silence.
+const SPEAKING_DBOV = 55;
+
+function setAudible() {
+  const next = new Set([...slotAudible, ...levelAudible]);
+  const changed = next.size !== audible.size || [...next].some((id) => !audible.has(id));
+  audible = next;
+  if (changed) render();
+}
 let joined = null;           // {name, listenOnly, stream}
 let lastScreen = 'join';
 // Members never load the moderator's module; it comes in when the role is moderator.
@@ -112,9 +123,8 @@ async function startMedia() {
       audioElements: [...document.querySelectorAll('audio[data-slot]')],
       onSpeaking(set, own) {
         if (own > OWN_SPEAKING_LEVEL && state.me != null) set.add(key(state.me));
-        const changed = set.size !== audible.size || [...set].some((id) => !audible.has(id));
-        audible = set;
-        if (changed) render();
+        slotAudible = set;
+        setAudible();
       },
     });
   }
@@ -167,6 +177,11 @@ const callbacks = {
   onFrame(frame) {
     if (frame.type === 'answer') media?.acceptAnswer(frame.sdp).catch(() => showError({ code: 'media' }));
     else if (frame.type === 'media') { media?.setSlots(frame.slots ?? []); render(); }
+    else if (frame.type === 'levels') {
+      levelAudible = new Set(Object.entries(frame.levels ?? {})
+        .filter(([, level]) => level <= SPEAKING_DBOV).map(([id]) => key(id)));
+      setAudible();
+    }
     else if (frame.type === 'error') showError(frame);
   },
   onStatus(status, info = {}) {

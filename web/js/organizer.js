@@ -31,14 +31,13 @@ async function api(method, path, body) {
   return res.status === 204 ? null : res.json();
 }
 
-// Counts may come flat or under `counts`; tolerate both.
+// Counts come under `counts` (top-level `lobby` is the lobby on/off setting); fall back to flat fields.
 const pick = (c, ...names) => {
-  for (const n of names) {
-    if (c[n] !== undefined) return c[n];
-    if (c.counts?.[n] !== undefined) return c.counts[n];
-  }
+  for (const n of names) if (c.counts?.[n] !== undefined) return c.counts[n];
+  for (const n of names) if (c[n] !== undefined && typeof c[n] !== 'boolean') return c[n];
   return undefined;
 };
+const flag = (c, name) => (typeof c[name] === 'boolean' ? c[name] : undefined);
 
 function elapsed(c) {
   let s = pick(c, 'running_seconds', 'time_running', 'elapsed', 'uptime_seconds');
@@ -65,8 +64,8 @@ function renderCircles() {
   body.replaceChildren(...circles.map((c) => {
     const tr = document.createElement('tr');
     tr.dataset.circleId = String(c.id);
-    const present = pick(c, 'moderator_present');
-    const mode = pick(c, 'floor_mode');
+    const present = flag(c, 'moderator_present');
+    const mode = c.floor_mode;
     tr.append(
       cell(c.title ?? c.id),
       cell(pick(c, 'members', 'member_count')),
