@@ -79,7 +79,7 @@ class Progress:
         self._last = 0.0
         self._shown = False
 
-    def show(self, phase: str, done: float, total: float, force: bool = False) -> None:
+    def show(self, phase: str, done: float, total: float, force: bool = False, unit: str = "s") -> None:
         now = time.monotonic()
         if not self.enabled or (not force and now - self._last < 0.25):
             return
@@ -89,7 +89,7 @@ class Progress:
         bar = "#" * filled + "." * (PROGRESS_WIDTH - filled)
         c = {k: sum(v.get(k, 0) for v in self.counts.values())
              for k in ("joined", "commands", "errors", "packets", "leaked")}
-        text = (f"\r{phase:<8} [{bar}] {done:5.1f}/{total:.0f} s  joined {c['joined']}  cmds {c['commands']}  "
+        text = (f"\r{phase:<8} [{bar}] {done:5.1f}/{total:.0f} {unit}  joined {c['joined']}  cmds {c['commands']}  "
                 f"err {c['errors']}  media pkts {c['packets']}  leaked {c['leaked']} ")
         sys.stderr.write(text)
         sys.stderr.flush()
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
             raise RuntimeError(f"the generators exited: {failures or 'no reason given'}")
         pump(0.1)
         done = sum(v.get("joined", 0) for v in progress.counts.values())
-        progress.show("joining", done, expected_people)
+        progress.show("joining", done, expected_people, unit="people")
     if failures:
         raise RuntimeError(f"generator failed: {failures}")
     join_seconds = time.monotonic() - t_join
