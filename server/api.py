@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import secrets
 import time
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from server.config import Settings
 from signaling import tokens
 
 LINK_TTL_SECONDS = 7 * 24 * 3600
+_CIRCLE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_BODY = 16 * 1024
 
 
@@ -92,7 +94,7 @@ class OrganizerApi:
 
     def _circle_id(self, request: Request) -> str:
         cid = request.path_params["id"]
-        if not 1 <= len(cid) <= 64:
+        if not _CIRCLE_ID.fullmatch(cid):  # ids are made by `secrets.token_urlsafe`
             raise NoSuchCircle(cid)
         return str(cid)
 

@@ -106,3 +106,29 @@ class SkipClock:
             if when <= now and not handle.cancelled():
                 handle.cancel()
                 fire()
+
+
+class ThreadedLive:
+    """A live server in an event loop of its own thread, for tests that hypothesis (or a
+    blocking client) drives from plain functions."""
+
+    def __init__(self, store_url: str, **kwargs: Any) -> None:
+        import contextlib
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._stack = contextlib.AsyncExitStack()
+        self.live: Live = self.run(self._stack.enter_async_context(live_server(store_url, **kwargs)))
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def close(self) -> None:
+        try:
+            self.run(self._stack.aclose())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
