@@ -196,6 +196,15 @@ function bind() {
   });
 }
 
+/** `lingkar serve` prints /organizer#key=…: keep the key for this tab, then drop it from the address bar. */
+function keyFromFragment() {
+  const key = new URLSearchParams(location.hash.slice(1)).get('key');
+  if (!key) return;
+  try { sessionStorage.setItem(KEY, key); } catch { /* private mode */ }
+  history.replaceState(null, '', location.pathname);
+}
+
+keyFromFragment();
 await initI18n('id');
 bindLanguageSwitch($('#lang-switch'));
 bind();
