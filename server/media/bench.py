@@ -6,7 +6,7 @@ The relay runs alone in a child process (its CPU time is that process's CPU time
 parent runs one speaker and N listeners as real aiortc peers on loopback. For each size it
 prints the relay's CPU per forwarded packet and its share of a core, the end-to-end
 latency speaker → listener (p50/p99), the same path peer-to-peer without the relay, and
-the delay inside the relay (from the tap to the slot's sender picking the packet up).
+the delay inside the relay (from the tap to the datagram handed to the listener's socket).
 Numbers are printed, never asserted.
 """
 
@@ -20,7 +20,6 @@ import os
 import struct
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +27,7 @@ import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
-from . import slot, tap
+from . import circle, fastpath, tap
 from .relay import MediaRelay
 
 CIRCLE = "bench"
@@ -41,24 +40,23 @@ PADDING = bytes(70)  # payload about the size of 20 ms of speech at 32 kbit/s
 
 
 def _probe_slot_delay(delays: list[float]) -> None:
-    """Record, in this process only, how long each packet waits in a slot before the
-    sender takes it (the relay's fan-out delay)."""
-    emit, recv = slot.SlotTrack._emit, slot.SlotTrack.recv
-    stamps: dict[int, deque[float]] = {}
+    """Record, in this process only, how long each forwarded packet takes from the tap to
+    its datagram being handed to the listener's socket (the relay's fan-out delay)."""
+    forward, send = circle.Circle.forward, fastpath.RtpOut.send
+    tapped = [0.0]
 
-    def timed_emit(self: slot.SlotTrack, pts: int, payload: bytes) -> None:
-        stamps.setdefault(id(self), deque(maxlen=slot.MAX_QUEUED)).append(time.perf_counter())
-        emit(self, pts, payload)
+    def timed_forward(self: circle.Circle, *args: Any) -> int:
+        tapped[0] = time.perf_counter()
+        return forward(self, *args)
 
-    async def timed_recv(self: slot.SlotTrack) -> av.Packet:
-        packet = await recv(self)
-        queue = stamps.get(id(self))
-        if queue:
-            delays.append(time.perf_counter() - queue.popleft())
-        return packet
+    def timed_send(self: fastpath.RtpOut, *args: Any) -> bool:
+        sent = send(self, *args)
+        if sent:
+            delays.append(time.perf_counter() - tapped[0])
+        return sent
 
-    slot.SlotTrack._emit = timed_emit  # type: ignore[method-assign]
-    slot.SlotTrack.recv = timed_recv  # type: ignore[method-assign]
+    circle.Circle.forward = timed_forward  # type: ignore[method-assign]
+    fastpath.RtpOut.send = timed_send  # type: ignore[method-assign]
 
 
 async def _child(probe: bool) -> None:
@@ -323,7 +321,7 @@ async def _main(sizes: list[int], seconds: float, probe: bool) -> None:
             f"{row['relay_p50_ms']:>7.2f}ms {row['relay_p99_ms']:>7.2f}ms {row['join_s']:>7.1f}",
             flush=True,
         )
-    print("e2e: speaker send → listener receive (both in this process); relay: tap → slot's sender.")
+    print("e2e: speaker send → listener receive (both in this process); relay: tap → datagram sent.")
 
 
 def main() -> None:
@@ -335,7 +333,7 @@ def main() -> None:
     parser.add_argument(
         "--relay-delay",
         action="store_true",
-        help="also time each packet from the tap to its slot's sender (costs the relay ~2 µs a packet)",
+        help="also time each packet from the tap to its datagram being sent (costs the relay ~1 µs a packet)",
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

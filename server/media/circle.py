@@ -6,10 +6,11 @@ with the audible list from the room state, and with tapped packets.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .slot import SlotTrack
+from .slot import Slot
 
 Slots = list[str | None]
 
@@ -31,7 +32,7 @@ def place(previous: Sequence[str | None], wanted: Sequence[str]) -> Slots:
 
 @dataclass
 class Listener:
-    tracks: list[SlotTrack]
+    slots: list[Slot]
     view: Slots
 
 
@@ -43,8 +44,8 @@ class Circle:
     # members whose microphone reaches the relay (admitted, not listening only)
     speakers: set[str] = field(default_factory=set)
     listeners: dict[str, Listener] = field(default_factory=dict)
-    # source member -> the slot tracks currently carrying it
-    routes: dict[str, list[SlotTrack]] = field(default_factory=dict)
+    # source member -> the slots currently carrying it
+    routes: dict[str, list[Slot]] = field(default_factory=dict)
     # loudest level seen per member since the last report, and who was last reported
     levels: dict[str, int] = field(default_factory=dict)
     reported: dict[str, int] = field(default_factory=dict)
@@ -57,14 +58,14 @@ class Circle:
         """Recompute every listener's slots; return the views that changed."""
         heard = [m for m in self.audible if m in self.speakers]
         changed: dict[str, Slots] = {}
-        routes: dict[str, list[SlotTrack]] = {}
+        routes: dict[str, list[Slot]] = {}
         for member_id, listener in self.listeners.items():
-            wanted = [m for m in heard if m != member_id][: len(listener.tracks)]
+            wanted = [m for m in heard if m != member_id][: len(listener.slots)]
             view = place(listener.view, wanted)
-            for track, source in zip(listener.tracks, view, strict=True):
-                track.set_source(source)
+            for slot, source in zip(listener.slots, view, strict=True):
+                slot.set_source(source)
                 if source is not None:
-                    routes.setdefault(source, []).append(track)
+                    routes.setdefault(source, []).append(slot)
             if view != listener.view:
                 listener.view = view
                 changed[member_id] = list(view)
@@ -72,17 +73,19 @@ class Circle:
         return changed
 
     def forward(self, source: str, timestamp: int, payload: bytes, level: int | None) -> int:
-        """Forward one packet of `source`; return how many slots got it, or -1 if gated."""
+        """Forward one packet of `source` to every slot carrying it, now; return how many
+        slots got it, or -1 if gated. `level` (ssrc-audio-level) goes along with it."""
         if source not in self.audible_set:
             return -1
         if level is not None:
             self.levels[source] = min(level, self.levels.get(source, SILENT_LEVEL))
-        tracks = self.routes.get(source)
-        if not tracks:
+        slots = self.routes.get(source)
+        if not slots:
             return 0
-        for track in tracks:
-            track.push(timestamp, payload)
-        return len(tracks)
+        now = time.time()
+        for slot in slots:
+            slot.push(timestamp, payload, level, now)
+        return len(slots)
 
     def take_levels(self) -> dict[str, int] | None:
         """The loudest level per member since the last call (silence for members who sent
@@ -99,8 +102,8 @@ class Circle:
         self.speakers.discard(member_id)
         listener = self.listeners.pop(member_id, None)
         if listener is not None:
-            for track in listener.tracks:
-                track.stop()
+            for slot in listener.slots:
+                slot.stop()
         self.levels.pop(member_id, None)
         self.reported.pop(member_id, None)
         return self.reassign()

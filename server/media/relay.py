@@ -14,12 +14,19 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription, sdp
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+    sdp,
+)
 from aiortc.rtp import RtpPacket
 
-from . import metrics, tap
+from . import fastpath, metrics, tap
 from .circle import SILENT_LEVEL, Circle, Listener, Slots
-from .slot import SlotTrack
+from .slot import Slot
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +104,7 @@ class MediaRelay:
         on_levels: LevelsCallback | None = None,
     ) -> None:
         tap.check_supported()
+        fastpath.check_supported()
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self._max_slots = slots
@@ -125,7 +133,7 @@ class MediaRelay:
         peer = _Peer(circle_id, member_id, pc)
         self._peers[(circle_id, member_id)] = peer
         try:
-            tracks = await self._negotiate(peer, offer_sdp, shape)
+            slots = await self._negotiate(peer, offer_sdp, shape)
         except BaseException:
             if self._peers.get((circle_id, member_id)) is peer:
                 del self._peers[(circle_id, member_id)]
@@ -136,7 +144,7 @@ class MediaRelay:
         circle = self._circles.setdefault(circle_id, Circle(circle_id))
         if shape.mic_mid is not None:
             circle.speakers.add(member_id)
-        circle.listeners[member_id] = Listener(tracks, [None] * len(tracks))
+        circle.listeners[member_id] = Listener(slots, [None] * len(slots))
         changed = circle.reassign()
         changed.pop(member_id, None)  # its first view is read with slots()
         self._notify_slots(circle_id, changed)
@@ -149,22 +157,22 @@ class MediaRelay:
 
         return pc.localDescription.sdp
 
-    async def _negotiate(self, peer: _Peer, offer_sdp: str, shape: _OfferShape) -> list[SlotTrack]:
+    async def _negotiate(self, peer: _Peer, offer_sdp: str, shape: _OfferShape) -> list[Slot]:
         pc = peer.pc
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as exc:
             raise OfferError(OfferProblem.MALFORMED) from exc
-        tracks: dict[str, SlotTrack] = {}
+        senders: dict[str, RTCRtpSender] = {}
         mic = None
         for transceiver in pc.getTransceivers():
             if transceiver.mid is not None and transceiver.mid == shape.mic_mid:
                 mic = transceiver  # stays recvonly
             elif transceiver.mid in shape.slot_mids:
-                track = SlotTrack()
-                transceiver.sender.replaceTrack(track)
+                # aiortc's sender only runs RTCP: RTP goes out through fastpath.RtpOut.
+                transceiver.sender.replaceTrack(fastpath.IdleTrack())
                 transceiver.direction = "sendonly"
-                tracks[transceiver.mid] = track
+                senders[transceiver.mid] = transceiver.sender
             else:
                 transceiver.direction = "inactive"  # no media either way, ever
         await pc.setLocalDescription(await pc.createAnswer())
@@ -172,8 +180,9 @@ class MediaRelay:
             raise OfferError(OfferProblem.CLOSED)
 
         answer = sdp.SessionDescription.parse(pc.localDescription.sdp)
-        first_codec = {m.rtp.muxId: m.rtp.codecs[0] for m in answer.media if m.rtp.codecs}
-        for mid in tracks:
+        media = {m.rtp.muxId: m for m in answer.media if m.rtp.codecs}
+        first_codec = {mid: m.rtp.codecs[0] for mid, m in media.items()}
+        for mid in senders:
             codec = first_codec.get(mid)
             if codec is None or codec.mimeType.lower() != OPUS:
                 raise OfferError(OfferProblem.UNSUPPORTED)
@@ -182,7 +191,12 @@ class MediaRelay:
             if codec is None or codec.mimeType.lower() != OPUS:
                 raise OfferError(OfferProblem.UNSUPPORTED)
             tap.install_tap(mic.receiver, self._sink(peer, codec.payloadType))
-        return [tracks[mid] for mid in shape.slot_mids if mid in tracks]
+        slots = []
+        for mid in shape.slot_mids:
+            if mid in senders:
+                out = fastpath.RtpOut(senders[mid], media[mid], first_codec[mid].payloadType)
+                slots.append(Slot(out.send))
+        return slots
 
     # -- the packet path ---------------------------------------------------------------
 
@@ -293,8 +307,8 @@ class MediaRelay:
             del self._peers[(peer.circle_id, peer.member_id)]
         if circle is not None:
             for listener in circle.listeners.values():
-                for track in listener.tracks:
-                    track.stop()
+                for slot in listener.slots:
+                    slot.stop()
         await asyncio.gather(*(p.pc.close() for p in peers))
 
     async def close(self) -> None:
@@ -320,7 +334,7 @@ class MediaRelay:
             "peers": len(self._peers),
             "speakers": sum(len(c.speakers) for c in circles),
             "listeners": sum(len(c.listeners) for c in circles),
-            "routes": sum(len(tracks) for c in circles for tracks in c.routes.values()),
+            "routes": sum(len(slots) for c in circles for slots in c.routes.values()),
             "level_timers": len(self._level_timers),
             "tasks": len(self._tasks),
             "packets_in": self.packets_in,

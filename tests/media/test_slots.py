@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.media.circle import Circle, Listener, place
-from server.media.slot import FRAME_SAMPLES, OPUS_SILENCE, SILENCE_FRAMES, SlotTrack
+from server.media.slot import FRAME_SAMPLES, OPUS_SILENCE, SILENCE_FRAMES, SILENT_LEVEL, Slot
 
 
 def test_members_still_heard_keep_their_slot_and_newcomers_fill_free_ones() -> None:
@@ -39,27 +39,53 @@ def test_gated_packet_is_dropped_and_reaches_no_slot() -> None:
     circle.set_audible(["b"])
     circle.reassign()
 
+    sent: list[tuple[int, bytes, int | None, bool]] = []
+    circle.listeners["b"].slots[0] = _recording_slot(sent)
+    circle.reassign()
+
     assert circle.forward("a", 0, b"x", 10) == -1
-    assert circle.listeners["b"].tracks[0].queued() == 0
+    assert sent == []
     assert circle.levels == {}
 
 
 def test_source_switch_keeps_timestamps_continuous_and_ends_with_silence() -> None:
-    track = SlotTrack()
-    track.set_source("a")
+    sent: list[tuple[int, bytes, int | None, bool]] = []
+    slot = _recording_slot(sent)
+    slot.set_source("a")
     for i in range(3):
-        track.push(1_000_000 + i * FRAME_SAMPLES, b"a%d" % i)
-    track.set_source("b")
-    track.push(4_294_967_000, b"b0")  # b's own clock is anywhere, near the 32-bit wrap here
-    track.push((4_294_967_000 + FRAME_SAMPLES) % (1 << 32), b"b1")  # and wraps
+        slot.push(1_000_000 + i * FRAME_SAMPLES, b"a%d" % i, 20, 0.0)
+    slot.set_source("b")
+    slot.push(4_294_967_000, b"b0", None, 0.0)  # b's own clock is anywhere, near the 32-bit wrap here
+    slot.push((4_294_967_000 + FRAME_SAMPLES) % (1 << 32), b"b1", 40, 0.0)  # and wraps
 
-    packets = [track._queue.popleft() for _ in range(track.queued())]
-    payloads = [bytes(p) for p in packets]
-    pts = [p.pts for p in packets]
+    payloads = [payload for _, payload, _, _ in sent]
+    pts = [p for p, _, _, _ in sent]
     assert payloads == [b"a0", b"a1", b"a2"] + [OPUS_SILENCE] * SILENCE_FRAMES + [b"b0", b"b1"]
     assert pts[:6] == [i * FRAME_SAMPLES for i in range(6)]
     assert pts[6] > pts[5] and pts[7] - pts[6] == FRAME_SAMPLES
+    # audio levels go along (silence says so), the marker bit starts each source's talkspurt
+    assert [level for _, _, level, _ in sent] == [20] * 3 + [SILENT_LEVEL] * SILENCE_FRAMES + [None, 40]
+    assert [marker for _, _, _, marker in sent] == [True] + [False] * 5 + [True, False]
+
+
+def test_stopped_slot_sends_nothing() -> None:
+    sent: list[tuple[int, bytes, int | None, bool]] = []
+    slot = _recording_slot(sent)
+    slot.set_source("a")
+    slot.push(0, b"a0", None, 0.0)
+    slot.stop()
+    slot.push(FRAME_SAMPLES, b"a1", None, 0.0)
+    slot.set_source(None)
+    assert [payload for _, payload, _, _ in sent] == [b"a0"]
+
+
+def _recording_slot(sent: list[tuple[int, bytes, int | None, bool]]) -> Slot:
+    def out(pts: int, payload: bytes, level: int | None, marker: bool, now: float) -> bool:
+        sent.append((pts, payload, level, marker))
+        return True
+
+    return Slot(out)
 
 
 def _listener(slots: int) -> Listener:
-    return Listener([SlotTrack() for _ in range(slots)], [None] * slots)
+    return Listener([Slot() for _ in range(slots)], [None] * slots)

@@ -1,0 +1,232 @@
+"""The one place that touches aiortc's (and aioice's) private *send* path.
+
+Handing encoded packets to aiortc's ``RTCRtpSender`` through a ``MediaStreamTrack`` costs,
+per packet and per listener, an asyncio task wake-up, the sender's packetization, and an
+async send chain (``RTCDtlsTransport._send_rtp`` → ``Connection.sendto`` →
+``StunProtocol.send_data``). The relay instead sends each forwarded packet synchronously
+from the tap callback: it writes the RTP header itself (the SSRC, payload type and header
+extension ids of the *answer* SDP, its own sequence numbers), protects it with the DTLS
+transport's SRTP session and hands the datagram to the nominated ICE pair's transport —
+exactly what aiortc's chain ends up doing, minus the awaits.
+
+aiortc keeps everything else: negotiation, ICE (consent checks included), DTLS, and RTCP —
+the slot's ``RTCRtpSender`` still runs its RTCP loop (sender reports carry the counters
+this module keeps up to date) but its RTP loop waits forever on an `IdleTrack`.
+
+Private names used (aiortc 1.16, aioice 0.13; ``tests/media/test_fastpath.py`` fails
+loudly if an upgrade moves any of them):
+
+- ``RTCDtlsTransport._state`` (``State.CONNECTED``), ``._tx_srtp`` (a ``pylibsrtp.Session``)
+  and the statistics counters ``__tx_bytes`` / ``__tx_packets``;
+- ``RTCIceTransport._connection`` (an ``aioice.Connection``) and its ``_nominated``
+  ``{component: CandidatePair}``; ``CandidatePair.protocol.transport.sendto`` is a
+  datagram transport (or aioice's ``TurnTransport``), both synchronous;
+- ``RTCRtpSender``'s sender-report counters ``__ntp_timestamp``, ``__rtp_timestamp``,
+  ``__packet_count``, ``__octet_count``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import struct
+import time
+from collections import deque
+from typing import Any
+
+from aiortc import RTCRtpSender, sdp
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcdtlstransport import RTCDtlsTransport, State
+from aiortc.rtcrtpparameters import RTCRtpSendParameters
+from aiortc.rtp import HeaderExtensions, HeaderExtensionsMap
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("!BBHLL")
+_NTP_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
+_RTP_COMPONENT = 1
+PENDING = 10  # packets kept for a listener whose connection is not up yet
+_CONNECTED = State.CONNECTED
+
+_DTLS_ATTRS = ("_state", "_tx_srtp", "_RTCDtlsTransport__tx_bytes", "_RTCDtlsTransport__tx_packets")
+_SENDER_ATTRS = (
+    "_RTCRtpSender__ntp_timestamp",
+    "_RTCRtpSender__rtp_timestamp",
+    "_RTCRtpSender__packet_count",
+    "_RTCRtpSender__octet_count",
+)
+
+
+class FastPathUnsupported(RuntimeError):
+    """The installed aiortc/aioice no longer look the way this module expects."""
+
+
+def check_supported() -> None:
+    """Raise `FastPathUnsupported` unless the private send path is where it was (cheap:
+    source inspection only; attributes of live objects are checked by `RtpOut.check`)."""
+    import inspect
+
+    from aioice import ice
+
+    checks = {
+        "RTCDtlsTransport._send_rtp protects with _tx_srtp and sends on the ICE transport": (
+            RTCDtlsTransport._send_rtp,
+            ("self._state != State.CONNECTED", "self._tx_srtp.protect(data)", "self.transport._send(data)"),
+        ),
+        "aioice Connection.sendto uses the nominated pair": (
+            ice.Connection.sendto,
+            (
+                "self._nominated.get(component)",
+                "active_pair.protocol.send_data(data, active_pair.remote_addr)",
+            ),
+        ),
+        "aioice StunProtocol.send_data is transport.sendto": (
+            ice.StunProtocol.send_data,
+            ("self.transport.sendto(data, addr)",),
+        ),
+        "RTCRtpSender keeps sender-report counters": (
+            RTCRtpSender._run_rtp,
+            ("self.__packet_count += 1", "self.__octet_count += len(payload)", "packet.extensions.mid"),
+        ),
+        "RTCRtpSender sends its sender reports from those counters": (
+            RTCRtpSender._run_rtcp,
+            ("packet_count=self.__packet_count", "rtp_timestamp=self.__rtp_timestamp"),
+        ),
+    }
+    for what, (function, needles) in checks.items():
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError) as exc:
+            raise FastPathUnsupported(f"{what}: no source ({exc})") from exc
+        for needle in needles:
+            if needle not in source:
+                raise FastPathUnsupported(f"{what}: {needle!r} not found")
+
+
+class IdleTrack(MediaStreamTrack):
+    """The track given to a slot's ``RTCRtpSender``: it never yields a frame, so the
+    sender's RTP loop sleeps (no polling) while its RTCP loop keeps running."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ended: asyncio.Future[None] | None = None
+
+    async def recv(self) -> Any:
+        if self.readyState == "live":
+            self._ended = asyncio.get_running_loop().create_future()
+            await self._ended
+        raise MediaStreamError
+
+    def stop(self) -> None:
+        super().stop()
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+
+
+class RtpOut:
+    """Sends RTP packets of one slot (one ``RTCRtpSender``) synchronously.
+
+    Built from the answer's m-line, so the SSRC, payload type and header extension ids
+    are the ones the listener's browser accepted. `send` returns False (and sends
+    nothing) until the DTLS transport is connected over a nominated ICE pair, and after
+    it closed. Until the first connection the last `PENDING` packets wait (as they did in
+    aiortc's own path) and go out as soon as DTLS is connected.
+    """
+
+    def __init__(self, sender: RTCRtpSender, media: sdp.MediaDescription, payload_type: int) -> None:
+        if not media.ssrc:
+            raise ValueError("answer m-line without an SSRC")
+        self.ssrc = media.ssrc[0].ssrc
+        self.payload_type = payload_type
+        self._sender = sender
+        self._mid = media.rtp.muxId
+        self._ext_map = HeaderExtensionsMap()
+        self._ext_map.configure(RTCRtpSendParameters(headerExtensions=media.rtp.headerExtensions))
+        self._ext: dict[int | None, tuple[int, bytes]] = {}
+        self._seq = random.getrandbits(15)  # lower half: no early wrap (as aiortc does)
+        self._origin = random.getrandbits(32)
+        self._pair: Any = None
+        self._addr: tuple[str, int] = ("", 0)
+        self._sendto: Any = None
+        self.sent = 0
+        self._pending: deque[tuple[int, bytes, int | None, bool, float]] | None = deque(maxlen=PENDING)
+        sender.transport.on("statechange", self._flush)
+
+    def _flush(self) -> None:
+        pending = self._pending
+        if pending is None or self._sender.transport._state is not _CONNECTED:
+            return
+        self._pending = None
+        for packet in pending:
+            if not self.send(*packet):
+                break
+
+    def _extensions(self, level: int | None) -> tuple[int, bytes]:
+        """(first header byte, extension block) for `level`, as aiortc would write them."""
+        values = HeaderExtensions(mid=self._mid)
+        if level is not None:
+            values.audio_level = (False, level)
+        profile, value = self._ext_map.set(values)
+        if value:
+            entry = (0x90, struct.pack("!HH", profile, len(value) >> 2) + value)
+        else:
+            entry = (0x80, b"")
+        self._ext[level] = entry
+        return entry
+
+    def send(self, pts: int, payload: bytes, level: int | None, marker: bool, now: float) -> bool:
+        """Send one packet with RTP timestamp origin + `pts`; False if not sent."""
+        dtls = self._sender.transport
+        pair = dtls.transport._connection._nominated.get(_RTP_COMPONENT)
+        if dtls._state is not _CONNECTED or pair is None:
+            if self._pending is not None:
+                self._pending.append((pts, payload, level, marker, now))
+            return False
+        if self._pending is not None:
+            self._flush()  # what waited for the connection goes first
+        if pair is not self._pair:
+            self._pair = pair
+            self._addr = pair.remote_addr
+            self._sendto = pair.protocol.transport.sendto
+        first, ext = self._ext.get(level) or self._extensions(level)
+        timestamp = (self._origin + pts) & 0xFFFFFFFF
+        seq = self._seq
+        data = dtls._tx_srtp.protect(
+            _HEADER.pack(first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc)
+            + ext
+            + payload
+        )
+        self._sendto(data, self._addr)
+        self._seq = (seq + 1) & 0xFFFF
+        self.sent += 1
+        # what aiortc's own send chain keeps for RTCP sender reports and getStats()
+        sender = self._sender
+        sender._RTCRtpSender__ntp_timestamp = int((now + _NTP_OFFSET) * 4294967296.0)
+        sender._RTCRtpSender__rtp_timestamp = timestamp
+        sender._RTCRtpSender__packet_count += 1
+        sender._RTCRtpSender__octet_count += len(payload)
+        dtls._RTCDtlsTransport__tx_bytes += len(data)
+        dtls._RTCDtlsTransport__tx_packets += 1
+        return True
+
+    def check(self) -> None:
+        """Raise `FastPathUnsupported` unless the live objects have every private
+        attribute `send` uses (call once connected; used by the regression test)."""
+        dtls = self._sender.transport
+        for name in _DTLS_ATTRS:
+            if not hasattr(dtls, name):
+                raise FastPathUnsupported(f"RTCDtlsTransport.{name} is gone")
+        connection = getattr(dtls.transport, "_connection", None)
+        if not isinstance(getattr(connection, "_nominated", None), dict):
+            raise FastPathUnsupported("RTCIceTransport._connection._nominated is gone")
+        for name in _SENDER_ATTRS:
+            if not isinstance(getattr(self._sender, name, None), int):
+                raise FastPathUnsupported(f"RTCRtpSender.{name} is gone")
+
+
+def wall_clock() -> float:
+    """The time `RtpOut.send` wants as `now` (Unix seconds)."""
+    return time.time()
