@@ -259,6 +259,7 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
     if pid:
         rss["after_join"] = procs.rss_bytes(pid)
         cpu0 = procs.cpu_seconds(pid)
+    busy0 = procs.machine_busy_seconds()
     t0 = time.monotonic()
     go.set()
     limit = args.duration + 60 + (30 if args.media_rooms else 0)
@@ -273,19 +274,23 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
         pump(0.1)
         progress.show("running", min(elapsed, args.duration), args.duration)
     steady = time.monotonic() - t0
+    busy = procs.machine_busy_seconds() - busy0
     progress.show("done", args.duration, args.duration, force=True)
     progress.end()
     if failures:
         raise RuntimeError(f"generator failed: {failures}")
     cost: dict[str, Any] = {"steady_seconds": steady, "join_seconds": join_seconds,
-                            "generator_cpu_s": sum(r["generator_cpu_s"] for r in results.values())}
+                            "generator_cpu_s": sum(r["generator_cpu_s"] for r in results.values()),
+                            "machine_busy_cpu_s": busy, "machine_cpu_capacity_s": steady * (os.cpu_count() or 1),
+                            "loadavg_at_end": os.getloadavg()}
     if pid:
         cpu1 = procs.cpu_seconds(pid)
         rss["end"] = procs.rss_bytes(pid)
         cost.update(server_pid=pid, server_cpu_s=cpu1 - cpu0, server_cpu_share_of_one_core=(cpu1 - cpu0) / steady,
                     server_rss_bytes=rss,
                     memory_per_room_kib=(rss["after_circles"] - rss["before_circles"]) / 1024 / args.rooms,
-                    memory_per_member_kib=(rss["after_join"] - rss["after_circles"]) / 1024 / expected_people)
+                    memory_per_member_kib=(rss["after_join"] - rss["after_circles"]) / 1024 / expected_people,
+                    other_processes_cpu_s=max(0.0, busy - (cpu1 - cpu0) - cost["generator_cpu_s"]))
     if "media" in results:
         cost["media_window"] = results["media"].get("server_window")
         cost["media_start_errors"] = results["media"].get("errors")

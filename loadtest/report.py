@@ -164,7 +164,9 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"relay: {t['media']['forwarded_streams']} forwarded streams, "
                      f"{t['media']['server_cpu_s_per_stream_s'] * 1000:.2f} ms of server CPU per stream-second "
                      f"(includes the concurrent signaling load)")
-    lines.append(f"generators: CPU {_f(c.get('generator_cpu_s'), 2)} s (same machine, {report['machine']['cores']} cores)")
+    lines.append(f"generators: CPU {_f(c.get('generator_cpu_s'), 2)} s; whole machine busy "
+                 f"{_f(c.get('machine_busy_cpu_s'), 1)} of {_f(c.get('machine_cpu_capacity_s'), 1)} CPU-s "
+                 f"(other processes {_f(c.get('other_processes_cpu_s'), 1)} s; {report['machine']['cores']} cores, shared)")
     return "\n".join(lines)
 
 
