@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from rooms.events import Name
 from rooms.manager import RoomManager
@@ -37,6 +39,7 @@ class LocalCircles:
         self.manager = manager
         self.relay = relay
         self._circles: dict[str, _Circle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # relay closes in progress
         self.connections = 0
 
     # Observer ---------------------------------------------------------------------------
@@ -59,6 +62,9 @@ class LocalCircles:
             if circle.watcher is not None:
                 circle.watcher.cancel()
             metrics.CIRCLES.set(len(self._circles))
+            # Nobody here follows the circle any more: the relay forgets it too (its gate
+            # would go stale), unless someone came back in the meantime.
+            self._spawn(self._forget(session.circle_id))
 
     def frame_in(self) -> None:
         metrics.FRAMES_IN.inc()
@@ -95,6 +101,22 @@ class LocalCircles:
         circle = self._circles.get(circle_id)
         return circle.sessions.get(member_id) if circle else None
 
+    async def _forget(self, circle_id: str) -> None:
+        if circle_id not in self._circles:
+            await self.relay.close_circle(circle_id)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _close(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a relay close to its end even if the watcher is cancelled meanwhile (the last
+        session going cancels it): a PeerConnection interrupted in `close()` never tells the
+        client and keeps its ICE transport."""
+        await asyncio.shield(self._spawn(work))
+
     def sessions(self) -> list[Session]:
         return [s for circle in self._circles.values() for s in circle.sessions.values()]
 
@@ -109,7 +131,7 @@ class LocalCircles:
         try:
             async for item in sub:
                 if isinstance(item, Closed):
-                    await self.relay.close_circle(circle_id)
+                    await self._close(self.relay.close_circle(circle_id))
                     return
                 if isinstance(item, Resync):
                     self.relay.set_audible(circle_id, audible(item.state))
@@ -117,8 +139,8 @@ class LocalCircles:
                 if item.name is Name.AUDIBLE:
                     self.relay.set_audible(circle_id, item.data["members"])
                 elif item.name in (Name.LEFT, Name.REMOVED, Name.DECLINED):
-                    await self.relay.close_member(circle_id, item.data["member_id"])
+                    await self._close(self.relay.close_member(circle_id, item.data["member_id"]))
                 elif item.name is Name.ENDED:
-                    await self.relay.close_circle(circle_id)
+                    await self._close(self.relay.close_circle(circle_id))
         finally:
             sub.close()
