@@ -77,24 +77,27 @@ def settings_for(store: str = "memory", **extra: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def live_server(store_url: str = "memory", *, limits: Limits = DEFAULT_LIMITS,
                       clock: Clock | None = None, **extra: Any) -> AsyncIterator[Live]:
-    port = free_port()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # the port is ours before the server starts: no race
+    port = int(sock.getsockname()[1])
     settings = settings_for(store_url, port=port, **extra)
     store: Store = RedisStore(store_url) if store_url != "memory" else MemoryStore()
     app = build_app(settings, store=store, limits=limits, clock=clock)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+    config = uvicorn.Config(app, log_config=None, access_log=False,
                             ws="websockets-sansio", ws_max_size=64 * 1024,
                             ws_per_message_deflate=False, lifespan="on")
+    config.load()
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)  # uvicorn has no started event; poll its flag
+    server.lifespan = config.lifespan_class(config)
+    await server.startup(sockets=[sock])  # returns once the server listens
+    main_loop = asyncio.create_task(server.main_loop())
     try:
         yield Live(f"http://127.0.0.1:{port}", app.state.parts, server)
     finally:
         server.should_exit = True
-        await asyncio.wait_for(task, 15)
+        await asyncio.wait_for(main_loop, 15)
+        await asyncio.wait_for(server.shutdown(sockets=[sock]), 15)
+        sock.close()
 
 
 def token_of(link: str) -> str:
