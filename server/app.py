@@ -21,6 +21,7 @@ from rooms.manager import RoomManager
 from rooms.memory_store import MemoryStore
 from rooms.redis_store import RedisStore
 from rooms.store import Store, StoreError
+from server import logs
 from server.api import OrganizerApi
 from server.config import Settings
 from server.local import LocalCircles
@@ -55,6 +56,7 @@ def make_store(settings: Settings) -> Store:
 
 def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | None = None,
               limits: Limits = DEFAULT_LIMITS) -> Starlette:
+    logs.keep_addresses_out()
     store = store or make_store(settings)
     manager = RoomManager(store, clock=clock)
     ice = [msgspec.to_builtins(s) for s in settings.ice_servers]

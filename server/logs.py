@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
 import time
 from typing import Any
@@ -22,10 +24,57 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _STANDARD:
-                entry[key] = value
+                entry[key] = _plain(value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    """An extra field as logged: codes and counts pass; objects (such as the `websocket`
+    that websockets' protocol logger attaches, a weak proxy that may be dead by now, whose
+    text carries the peer's address) are logged as their type name only."""
+    kind = type(value)  # not isinstance: a dead weak proxy raises on that
+    if value is None or issubclass(kind, (str, int, float, bool)):
+        return value
+    return f"<{kind.__name__}>"
+
+
+_ADDRESS = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9A-Fa-f:.]+\](?::\d+)?")
+
+
+_WEBSOCKETS_DIR = f"{os.sep}websockets{os.sep}"
+
+
+class NoAddresses(logging.Filter):
+    """For uvicorn's logger: no client addresses and no wire dumps (F18).
+
+    uvicorn logs every WebSocket upgrade as `ADDRESS - "WebSocket /ws" [accepted]` at INFO,
+    and hands its logger to websockets, whose protocol dumps request headers and frames at
+    DEBUG (and a traceback on a malformed WebSocket frame). The dumps are dropped, the
+    traceback too (a client's bad frame is not our bug), and addresses in what remains are
+    replaced by `-`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _WEBSOCKETS_DIR in record.pathname:
+            if record.levelno <= logging.INFO:
+                return False
+            record.exc_info, record.exc_text = None, None
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        if _ADDRESS.search(message):
+            record.msg, record.args = _ADDRESS.sub("-", message), ()
+        return True
+
+
+def keep_addresses_out() -> None:
+    """Install `NoAddresses` on uvicorn's loggers (idempotent)."""
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NoAddresses) for f in logger.filters):
+            logger.addFilter(NoAddresses())
 
 
 def setup(level: str = "INFO") -> dict[str, Any]:

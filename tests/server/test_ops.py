@@ -1,0 +1,115 @@
+"""Operations (F18): health, readiness, metrics, and logs without personal data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.request
+
+import msgpack
+import pytest
+
+from server.logs import JsonFormatter
+from tests.live import Client, Live, join, live_server, token_of
+from tests.redis_server import RedisServer
+from tests.server.conftest import ack_of, hello_close, settle
+
+
+async def get(live: Live, path: str) -> tuple[int, str]:
+    def call() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(live.url + path, timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    return await asyncio.to_thread(call)
+
+
+async def test_healthz_and_readyz(live: Live) -> None:
+    assert (await get(live, "/healthz"))[0] == 200
+    status, body = await get(live, "/readyz")
+    assert status == 200 and json.loads(body)["status"] == "ready"
+
+
+async def until_status(live: Live, path: str, status: int) -> None:
+    for _ in range(200):
+        if (await get(live, path))[0] == status:
+            return
+        await asyncio.sleep(0.05)  # polling an HTTP endpoint: there is no event to await
+    raise AssertionError(f"{path} never answered {status}")
+
+
+async def test_readyz_fails_while_redis_is_down_and_healthz_stays_up(own_redis: RedisServer) -> None:
+    async with live_server(own_redis.url) as live:
+        await until_status(live, "/readyz", 200)
+        await asyncio.to_thread(own_redis.stop, True)
+        await until_status(live, "/readyz", 503)
+        assert (await get(live, "/healthz"))[0] == 200
+        await asyncio.to_thread(own_redis.start)
+        await until_status(live, "/readyz", 200)
+
+
+async def test_metrics_count_without_names_or_titles(live: Live) -> None:
+    circle = await live.create_circle(title="JudulRahasia", topic="TopikRahasia")
+    mod = await join(live, circle["links"]["moderator"], "PendampingRahasia")
+    a = await join(live, circle["links"]["member"], "MelatiRahasia")
+    await ack_of(a, "private_note", text="CatatanRahasia")
+    await a.command("fly")
+    await ack_of(a, "raise_hand")
+    await settle(mod)
+    status, text = await get(live, "/metrics")
+    assert status == 200
+    for name in ("lingkar_connections", "lingkar_circles", "lingkar_frames_in_total", "lingkar_frames_out_total",
+                 'lingkar_errors_total{code="unknown_type"}', "lingkar_command_seconds_bucket",
+                 'command="RaiseHand"'):
+        assert name in text, name
+    connections = [line for line in text.splitlines() if line.startswith("lingkar_connections ")]
+    assert float(connections[0].split()[1]) >= 2
+    for secret in ("Rahasia", circle["id"], a.member_id, "127.0.0.1"):
+        assert secret not in text, secret
+
+
+async def test_a_whole_session_logs_no_personal_data(store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("lingkar", "uvicorn", "uvicorn.error", "uvicorn.access", "rooms", "signaling", "server", ""):
+        caplog.set_level(logging.DEBUG, logger=name)
+    async with live_server(store_url, grace_seconds=1) as live:
+        caplog.clear()  # from here on: what the session causes
+        circle = await live.create_circle(title="JudulRahasia", topic="TopikRahasia", lobby=True)
+        links = circle["links"]
+        mod = await join(live, links["moderator"], "PendampingRahasia")
+        a = await join(live, links["member"], "MelatiRahasia", expect="lobby")
+        await ack_of(mod, "admit", member_id=a.member_id)
+        b = await join(live, links["member"], "KenangaRahasia", expect="lobby")
+        await ack_of(mod, "decline", member_id=b.member_id)
+        c = await join(live, links["member"], "SerunRahasia", expect="lobby")
+        await ack_of(mod, "admit", member_id=c.member_id)
+        await ack_of(a, "private_note", text="CatatanRahasia", need_support=True)
+        await ack_of(a, "raise_hand")
+        await ack_of(mod, "give_floor", member_id=a.member_id)
+        await a.send({"type": "private_note", "text": "PanjangRahasia" * 40})  # too long
+        await a.ws.send("TeksRahasia")
+        await a.ws.send(msgpack.packb({"type": "RahasiaType", "text": "IsiRahasia"}))
+        await settle(a)
+        assert await hello_close(live, "RahasiaToken", "NamaRahasia") == 4401
+        assert await hello_close(live, token_of(links["member"]), "\x00NamaRahasia") == 4400
+        await ack_of(mod, "remove", member_id=c.member_id)
+        await ack_of(a, "leave_quietly", need_support=True)
+        await mod.event("member_left_quietly", member_id=a.member_id)
+        d = await join(live, links["guest"], "TamuRahasia", expect="lobby")
+        d.ws.transport.abort()
+        await mod.event("lobby_left", member_id=d.member_id)  # grace over
+        probe = await Client.connect(live)
+        await probe.ws.send(b"\xc1RahasiaBytes")
+        await probe.closed()
+        await ack_of(mod, "end")
+        await mod.closed()
+    records = [r for r in caplog.records if not r.name.startswith("websockets.client")]  # the test client
+    assert records, "nothing was logged at DEBUG: the capture is not working"
+    formatter = JsonFormatter()
+    lines = [formatter.format(r) for r in records] + [r.getMessage() for r in records]
+    secrets = ["Rahasia", "127.0.0.1", circle["links"]["member"].split("#t=")[1][:40], a.resume]
+    leaks = [(secret, line[:300]) for line in lines for secret in secrets if secret in line]
+    assert not leaks, leaks[:5]
+    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records if r.exc_info]
