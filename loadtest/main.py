@@ -296,6 +296,8 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
         cost["media_start_errors"] = results["media"].get("errors")
 
     raws = sorted([r for res in results.values() for r in res["rooms"]], key=lambda r: r["room"])
+    for raw in raws:  # the timeline is for the plot; the JSON keeps summaries
+        raw.setdefault("timeline", [])
     rep: dict[str, Any] = {
         "parameters": {"rooms": args.rooms, "members": args.members, "duration": args.duration,
                        "store": args.store, "media_rooms": args.media_rooms, "pace": args.pace,
@@ -318,7 +320,7 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
     history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
     json_path, png_path = out / "loadtest.json", out / "loadtest.png"
     report.write_json(rep, json_path)
-    report.plot(rep, raws, history, png_path)
+    report.plot(rep, raws, history, png_path, t0)
     print(report.table(rep))
     print(f"\nreport: {json_path}\nplot:   {png_path}")
     leaked = media_tot.get("leaked_from_non_holder", 0)

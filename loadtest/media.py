@@ -116,6 +116,7 @@ class MediaRoom(RoomBase):
         """Floor to the holder, who unmutes; the leaker unmutes without the floor. Returns
         once every listener heard the holder (or after FIRST_AUDIO_TIMEOUT)."""
         assert self.moderator is not None and self.holder is not None
+        self.phase = "steady"
         everyone = self.everyone()
         leaker = self.inside[1]
         await self.command(self.moderator, "give_floor", "floor_given", everyone, member_id=self.holder.member_id)
@@ -138,7 +139,8 @@ class MediaRoom(RoomBase):
             loss = (1 - len(got & expected) / len(expected)) if expected else None
             listeners.append({
                 "listener": i, "role": lst.client.role or "member",
-                "latency_ms": latencies, "received": len(in_window), "expected": len(expected),
+                "latency_ms": latencies, "sent_s": [sent / 1e9 for _, sent, _ in in_window],
+                "received": len(in_window), "expected": len(expected),
                 "duplicates": len(in_window) - len(got), "loss": loss,
                 "jitter_ms": rfc3550_jitter((sent, arrived) for _, sent, arrived in in_window),
                 "leaked_from_non_holder": lst.leaked, "foreign": lst.foreign,

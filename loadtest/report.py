@@ -15,7 +15,8 @@ LOSS_TARGET = 0.005
 
 
 def _all(latency: dict[str, list[float]]) -> list[float]:
-    return [x for samples in latency.values() for x in samples]
+    """The steady phase's samples (not the burst of everyone joining at once)."""
+    return [x for name, samples in latency.items() if not name.endswith("@join") for x in samples]
 
 
 def room_summary(raw: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def room_summary(raw: dict[str, Any]) -> dict[str, Any]:
     if media:
         listeners = []
         for lst in media["listeners"]:
-            listeners.append({**{k: v for k, v in lst.items() if k != "latency_ms"},
+            listeners.append({**{k: v for k, v in lst.items() if k not in ("latency_ms", "sent_s")},
                               "latency_ms": summary(lst["latency_ms"])})
         all_lat = [x for lst in media["listeners"] for x in lst["latency_ms"]]
         expected = sum(lst["expected"] for lst in media["listeners"])
@@ -170,16 +171,17 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], raws: list[dict[str, Any]], history: list[dict[str, Any]], path: Path) -> None:
+def plot(report: dict[str, Any], raws: list[dict[str, Any]], history: list[dict[str, Any]], path: Path,
+         t0: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     media_raws = [r for r in raws if r.get("media")]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=80)
+    fig, axes = plt.subplots(3, 2, figsize=(12, 11), dpi=72)
     p = report["parameters"]
-    fig.suptitle(f"Lingkar load test — {p['rooms']} rooms × {p['members']} members, {p['duration']} s, "
+    fig.suptitle(f"Lingkar load test — {p['rooms']} rooms × {p['members']} members, {p['duration']:.0f} s, "
                  f"store {p['store']}, {p['media_rooms']} media rooms ({report['machine']['cores']} cores, "
                  f"server and generators on one machine)", fontsize=10)
 
@@ -199,18 +201,22 @@ def plot(report: dict[str, Any], raws: list[dict[str, Any]], history: list[dict[
         ("fan-out (command → each member)", [x for r in raws for x in _all(r.get("latency_ms", {}))]),
         ("join (hello → lobby/welcome)", [x for r in raws for x in r.get("join_ms", [])]),
         ("admit (admit → admitted)", [x for r in raws for x in r.get("admit_ms", [])]),
+        ("media relay (send → each listener)",
+         [x for r in media_raws for lst in r["media"]["listeners"] for x in lst["latency_ms"]]),
     ):
         if samples:
             xs = sorted(samples)
             ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{label}, n={len(xs)}")
     ax.set_xscale("log")
-    ax.set_title("signaling latency CDF, all rooms", fontsize=9)
+    ax.set_title("latency CDF, all rooms (fan-out: steady phase)", fontsize=9)
     ax.set_xlabel("ms (log)")
     ax.set_ylabel("fraction")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
-    ax = axes[1][0]
+    _timeline(axes[1][0], raws, media_raws, t0)
+
+    ax = axes[1][1]
     if media_raws:
         data, labels = [], []
         for r in media_raws:
@@ -231,7 +237,7 @@ def plot(report: dict[str, Any], raws: list[dict[str, Any]], history: list[dict[
         ax.text(0.5, 0.5, "no media rooms in this run", ha="center", va="center")
         ax.set_axis_off()
 
-    ax = axes[1][1]
+    ax = axes[2][0]
     points = sorted({(h["streams"], h["cpu_ms_per_stream_s"]) for h in history
                      if h.get("streams") and h.get("cpu_ms_per_stream_s") is not None})
     sizes = {s for s, _ in points}
@@ -257,9 +263,59 @@ def plot(report: dict[str, Any], raws: list[dict[str, Any]], history: list[dict[
                color=["tab:blue", "tab:gray"])
         ax.set_ylabel("% of one core during the run")
         ax.set_title("CPU during the steady phase", fontsize=9)
+    _numbers(axes[2][1], report)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _timeline(ax: Any, raws: list[dict[str, Any]], media_raws: list[dict[str, Any]], t0: float) -> None:
+    """Latency against time since the steady phase began: pauses shared by every room
+    (the server's or the machine's) line up as columns."""
+    pts = [(t - t0, ms) for r in raws for t, ms in r.get("timeline", [])]
+    step = max(1, len(pts) // 15000)
+    if pts:
+        ax.scatter([x for x, _ in pts[::step]], [y for _, y in pts[::step]], s=2, alpha=0.4,
+                   label="signaling fan-out", color="tab:blue")
+    mpts = [(t - t0, ms) for r in media_raws for lst in r["media"]["listeners"]
+            for t, ms in zip(lst["sent_s"], lst["latency_ms"], strict=False)]
+    mstep = max(1, len(mpts) // 15000)
+    if mpts:
+        ax.scatter([x for x, _ in mpts[::mstep]], [y for _, y in mpts[::mstep]], s=2, alpha=0.3,
+                   label="media relay", color="tab:orange")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds since the steady phase began")
+    ax.set_ylabel("ms (log)")
+    ax.set_title("latency over time (shared pauses line up vertically)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if pts or mpts:
+        ax.legend(fontsize=7, markerscale=4)
+
+
+def _numbers(ax: Any, report: dict[str, Any]) -> None:
+    t, c = report["totals"], report["cost"]
+    f = t["fanout_ms"]
+    lines = [f"fan-out p50/p95/p99/max: {_f(f['p50'])} / {_f(f['p95'])} / {_f(f['p99'])} / {_f(f['max'])} ms",
+             f"  deliveries {f['count']}, errors {f['errors']}",
+             f"join p50/p99 {_f(t['join_ms']['p50'])}/{_f(t['join_ms']['p99'])} ms; "
+             f"admit p50/p99 {_f(t['admit_ms']['p50'])}/{_f(t['admit_ms']['p99'])} ms"]
+    m = t.get("media")
+    if m:
+        lat = m["relay_latency_ms"]
+        loss = "-" if m["loss"] is None else f"{100 * m['loss']:.2f} %"
+        lines += [f"media: {m['forwarded_streams']} streams, p50/p95/p99 {_f(lat['p50'])}/{_f(lat['p95'])}/"
+                  f"{_f(lat['p99'])} ms", f"  loss {loss}, jitter max {_f(m['jitter_ms_max'], 2)} ms, "
+                  f"leaked from non-holders {m['leaked_from_non_holder']}"]
+        if "server_cpu_s_per_stream_s" in m:
+            lines.append(f"  {m['server_cpu_s_per_stream_s'] * 1000:.2f} ms server CPU per stream-second")
+    if c.get("server_cpu_s") is not None:
+        lines += [f"server CPU {100 * c['server_cpu_share_of_one_core']:.0f} % of a core; "
+                  f"{_f(c['memory_per_member_kib'])} KiB/member, {_f(c['memory_per_room_kib'])} KiB/room"]
+    lines.append(f"machine busy {_f(c.get('machine_busy_cpu_s'))} of {_f(c.get('machine_cpu_capacity_s'))} CPU-s "
+                 f"(other processes {_f(c.get('other_processes_cpu_s'))} s)")
+    ax.text(0.02, 0.95, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8,
+            transform=ax.transAxes)
+    ax.set_axis_off()
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

@@ -38,6 +38,7 @@ class Pending:
     sent: float
     recipients: list[Client]
     text: str | None = None  # ephemeral events (private notes) are matched by text
+    phase: str = "steady"  # "join": the burst of everyone joining at once, reported apart
 
 
 @dataclass
@@ -75,6 +76,7 @@ class RoomBase:
     _gone: list[Client] = field(default_factory=list)
     _seq: int = 0
     _dirty: bool = False  # a command failed: the next `tidy` repairs the room
+    phase: str = "join"
 
     # --- joining ----------------------------------------------------------------------
 
@@ -159,7 +161,8 @@ class RoomBase:
             COUNTERS.errors += 1
             return False
         self.acks.append((at - sent) * 1000)
-        self.pending.append(Pending(type_, event, int(answer.get("version", 0)), sent, list(recipients), text))
+        self.pending.append(Pending(type_, event, int(answer.get("version", 0)), sent, list(recipients), text,
+                                    self.phase))
         return True
 
     def note_text(self) -> str:
@@ -168,12 +171,15 @@ class RoomBase:
 
     # --- results ----------------------------------------------------------------------
 
-    def latencies(self) -> tuple[dict[str, list[float]], Counter[str]]:
-        """Per command: every recipient's latency in ms; and the deliveries that never came."""
+    def latencies(self) -> tuple[dict[str, list[float]], Counter[str], list[tuple[float, float]]]:
+        """Per command: every recipient's latency in ms (commands of the join burst under
+        "<command>@join"); the deliveries that never came; (sent, ms) for a timeline."""
         out: dict[str, list[float]] = {}
         missing: Counter[str] = Counter()
+        timeline: list[tuple[float, float]] = []
         for p in self.pending:
-            samples = out.setdefault(p.command, [])
+            key = p.command if p.phase == "steady" else f"{p.command}@join"
+            samples = out.setdefault(key, [])
             for client in p.recipients:
                 if p.text is not None:
                     at = next((t for name, text, t in client.ephemeral if name == p.event and text == p.text),
@@ -181,19 +187,20 @@ class RoomBase:
                 else:
                     at = client.events.get((p.version, p.event))
                 if at is None:
-                    missing[p.command] += 1
+                    missing[key] += 1
                 else:
                     samples.append((at - p.sent) * 1000)
-        return out, missing
+                    timeline.append((p.sent, samples[-1]))
+        return out, missing, timeline
 
     def record(self) -> dict[str, Any]:
-        latencies, missing = self.latencies()
+        latencies, missing, timeline = self.latencies()
         return {
             "room": self.index, "circle_id": self.circle_id, "members": self.members,
             "latency_ms": latencies, "missing": dict(missing), "errors": dict(self.errors),
             "error_codes": dict(self.error_codes), "join_ms": self.joins, "admit_ms": self.admits,
             "lobby_notice_ms": self.lobby_notices, "ack_ms": self.acks,
-            "commands": len(self.pending),
+            "commands": sum(1 for p in self.pending if p.phase == "steady"), "timeline": timeline,
         }
 
     async def close(self) -> None:
@@ -207,9 +214,11 @@ class SignalingRoom(RoomBase):
     async def run(self, until: float, pace: float) -> None:
         assert self.moderator is not None
         mod = self.moderator
+        self.phase = "steady"
         await asyncio.sleep(random.uniform(0, pace))  # rooms out of step with each other
         start = time.monotonic()
-        leave_at = start + (until - start) * 0.4
+        # Spread over the run: people do not all leave at the same second.
+        leave_at = start + (until - start) * random.uniform(0.15, 0.75)
         left = False
         cycle = 0
         max_cycles = int((until - start) / pace) + 1
