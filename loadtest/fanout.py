@@ -1,0 +1,235 @@
+"""Signaling fan-out benchmark (DESIGN §9): N circles × M members on a `lingkar serve`
+subprocess; one command per circle every 200 ms (a member raises, then lowers, a hand) and
+the time from its send to the matching event at EVERY member of the circle (the sender and
+the moderator included). Reports p50/p95/p99/max overall and the worst circle's p99, and the
+server's CPU (utime+stime from /proc) per store. Not a test: timings are reported, never
+asserted.
+
+    python -m loadtest.fanout [--store memory|redis|both] [--rooms 200] [--members 8]
+                              [--seconds 10] [--out fanout.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import websockets
+
+from loadtest.procs import RedisProcess, ServerProcess, cpu_seconds, http
+
+PERIOD = 0.2  # one command per circle every 200 ms
+WARMUP = 1.0  # seconds of commands before measuring
+CONNECT_CONCURRENCY = 64
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return math.nan
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    s = sorted(values)
+    return {"n": len(s), "p50_ms": percentile(s, 50), "p95_ms": percentile(s, 95),
+            "p99_ms": percentile(s, 99), "max_ms": s[-1] if s else math.nan}
+
+
+@dataclass
+class Room:
+    index: int
+    circle_id: str
+    links: dict[str, str]
+    sockets: list[Any] = field(default_factory=list)
+    actor_id: str = ""
+    # the command in flight: (sent at, event name); None between commands
+    pending: tuple[float, str] | None = None
+    received: int = 0
+    samples: list[float] = field(default_factory=list)
+    missing: int = 0
+    measuring: bool = False
+
+
+async def hello(ws_url: str, link: str, name: str) -> tuple[Any, str]:
+    ws = await websockets.connect(ws_url, max_size=2**20, compression=None, open_timeout=30)
+    token = link.split("#t=", 1)[1]
+    await ws.send(msgpack.packb({"type": "hello", "token": token, "name": name, "listen_only": False}))
+    frame = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))
+    if frame.get("type") != "welcome":
+        raise RuntimeError(f"expected welcome, got {frame.get('type')}")
+    return ws, str(frame["member_id"])
+
+
+async def reader(room: Room, ws: Any) -> None:
+    try:
+        async for message in ws:
+            frame = msgpack.unpackb(message)
+            if frame.get("type") != "event":
+                continue
+            pending = room.pending
+            if pending is None or frame.get("name") != pending[1]:
+                continue
+            if frame["data"].get("member_id") != room.actor_id:
+                continue
+            now = time.perf_counter()
+            if room.measuring:
+                room.samples.append((now - pending[0]) * 1000)
+            room.received += 1
+    except websockets.ConnectionClosed:
+        pass
+
+
+async def driver(room: Room, phase: float, stop_at: float, measure_from: float) -> None:
+    actor = room.sockets[1]
+    members = len(room.sockets)
+    raised = False
+    await asyncio.sleep(phase)
+    tick = time.perf_counter()
+    while tick < stop_at:
+        if room.pending is not None and room.received < members and room.measuring:
+            room.missing += members - room.received
+        raised = not raised
+        room.measuring = tick >= measure_from
+        room.received = 0
+        room.pending = (time.perf_counter(), "hand_raised" if raised else "hand_lowered")
+        await actor.send(msgpack.packb({"type": "raise_hand" if raised else "lower_hand"}))
+        tick += PERIOD
+        await asyncio.sleep(max(0.0, tick - time.perf_counter()))
+
+
+async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: float) -> dict[str, Any]:
+    redis: RedisProcess | None = None
+    server: ServerProcess | None = None
+    sockets: list[Any] = []
+    log_path = Path(tempfile.gettempdir()) / f"lingkar-fanout-{store_label}-{os.getpid()}.log"
+    try:
+        store = "memory"
+        if store_label == "redis":
+            redis = RedisProcess()
+            redis.start()
+            store = redis.url
+        server = ServerProcess(store, log_path)
+        await asyncio.to_thread(server.start)
+        base, key = server.url, server.api_key
+        ws_url = base.replace("http://", "ws://") + "/ws"
+
+        async def create(i: int) -> Room:
+            body = {"title": f"fanout {i}", "capacity": max(2, members_n), "lobby": False,
+                    "turn_seconds": 1800, "floor_mode": "hands"}
+            status, circle = await asyncio.to_thread(http, "POST", base + "/api/circles", body, key)
+            if status != 201:
+                raise RuntimeError(f"POST /api/circles answered {status}: {circle}")
+            return Room(i, circle["id"], circle["links"])
+
+        rooms = await asyncio.gather(*(create(i) for i in range(rooms_n)))
+        limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def connect(room: Room, k: int) -> tuple[Any, str]:
+            async with limit:
+                link = room.links["moderator" if k == 0 else "member"]
+                return await hello(ws_url, link, f"m{k}")
+
+        started = time.perf_counter()
+        for room in rooms:  # seat order: the moderator first
+            joined = await asyncio.gather(*(connect(room, k) for k in range(members_n)))
+            room.sockets = [ws for ws, _ in joined]
+            room.actor_id = joined[1][1]
+            sockets.extend(room.sockets)
+        connect_seconds = time.perf_counter() - started
+        readers = [asyncio.create_task(reader(room, ws)) for room in rooms for ws in room.sockets]
+
+        t0 = time.perf_counter()
+        measure_from = t0 + WARMUP
+        stop_at = measure_from + seconds
+        cpu_before: float | None = None
+
+        async def cpu_mark() -> None:
+            nonlocal cpu_before
+            await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+            cpu_before = cpu_seconds(server.pid)  # type: ignore[union-attr]
+
+        client_before = time.process_time()
+        marker = asyncio.create_task(cpu_mark())
+        await asyncio.gather(*(driver(room, PERIOD * i / rooms_n, stop_at, measure_from)
+                               for i, room in enumerate(rooms)))
+        await marker
+        cpu_after = cpu_seconds(server.pid)
+        client_cpu = time.process_time() - client_before
+        await asyncio.sleep(0.5)  # let the last answers arrive (they are not measured)
+        for room in rooms:
+            room.measuring = False
+
+        all_samples = [s for room in rooms for s in room.samples]
+        per_room = [summary(room.samples) for room in rooms]
+        missing = sum(room.missing for room in rooms)
+        assert cpu_before is not None
+        result = {
+            "store": store_label, "rooms": rooms_n, "members": members_n, "seconds": seconds,
+            "commands_per_second": rooms_n / PERIOD, "events_per_second": rooms_n * members_n / PERIOD,
+            "connect_seconds": round(connect_seconds, 2),
+            "overall": summary(all_samples),
+            "worst_room_p99_ms": max((r["p99_ms"] for r in per_room if r["n"]), default=math.nan),
+            "missing_deliveries": missing,
+            "server_cpu_seconds": round(cpu_after - cpu_before, 3),
+            "server_cpu_percent_of_one_core": round(100 * (cpu_after - cpu_before) / seconds, 1),
+            "client_cpu_percent_of_one_core": round(100 * client_cpu / (seconds + WARMUP), 1),
+            "per_room": per_room,
+        }
+        for task in readers:
+            task.cancel()
+        return result
+    finally:
+        await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+        if redis is not None:
+            redis.stop()
+        log_path.unlink(missing_ok=True)
+
+
+def _fmt(r: dict[str, Any]) -> str:
+    o = r["overall"]
+    return (f"{r['store']:>6}: {r['rooms']}×{r['members']}, {o['n']} deliveries in {r['seconds']:.0f} s: "
+            f"p50 {o['p50_ms']:.2f} ms, p95 {o['p95_ms']:.2f} ms, p99 {o['p99_ms']:.2f} ms, "
+            f"max {o['max_ms']:.2f} ms; worst room p99 {r['worst_room_p99_ms']:.2f} ms; "
+            f"missing {r['missing_deliveries']}; server CPU {r['server_cpu_percent_of_one_core']} % of a core "
+            f"(client {r['client_cpu_percent_of_one_core']} %)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.fanout", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", choices=["memory", "redis", "both"], default="both")
+    parser.add_argument("--rooms", type=int, default=200)
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    if args.members < 2 or args.rooms < 1 or not 0 < args.seconds <= 600:
+        parser.error("need --members ≥ 2, --rooms ≥ 1, 0 < --seconds ≤ 600")
+    stores = ["memory", "redis"] if args.store == "both" else [args.store]
+    results = []
+    for store in stores:
+        result = asyncio.run(run_store(store, args.rooms, args.members, args.seconds))
+        print(_fmt(result), flush=True)
+        results.append(result)
+    report = json.dumps({"results": results}, indent=1)
+    if args.out:
+        args.out.write_text(report)
+    else:
+        print(json.dumps([{k: v for k, v in r.items() if k != "per_room"} for r in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
