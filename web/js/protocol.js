@@ -1,5 +1,14 @@
 // The WebSocket session (DESIGN §5): binary msgpack frames, refs, reconnect with resume,
-// redirect, and a `sync` when a version gap shows we missed events.
+// redirect.
+//
+// Versions and `sync`: a version gap is NOT a reason to sync. Events are filtered by audience
+// (moderator-only and one-member events bump the room version too), so a member sees gaps all
+// the time; syncing on each would cost the server a snapshot per gap for nothing. The server
+// delivers every event meant for us, in order and without loss, on each connection, and sends a
+// `snapshot` itself when it cannot replay. So: events at or below the version of the snapshot we
+// hold are ignored (already in it), everything else is applied. After a reconnect the resume's
+// `welcome` carries a fresh snapshot (that is the sync after a resume), and `requestSync()`
+// stays for the app to call when it has reason to doubt its state.
 import { Encoder } from '/vendor/@msgpack/msgpack/dist.esm/Encoder.mjs';
 import { Decoder } from '/vendor/@msgpack/msgpack/dist.esm/Decoder.mjs';
 import { versionStep } from './state.js';
@@ -133,9 +142,8 @@ export class Session {
 
   event(frame) {
     if (this.syncing) return;                       // the snapshot will bring us up to date
-    const step = versionStep(this.cb.getVersion(), frame.version, this.lastWasEvent);
-    if (step === 'skip') return;
-    if (step === 'sync') { this.requestSync(); return; }
+    // 'skip' only for what the snapshot already holds; a gap is applied (see the top of this file).
+    if (versionStep(this.cb.getVersion(), frame.version, this.lastWasEvent) === 'skip') return;
     this.lastWasEvent = true;
     this.cb.onEvent(frame.name, frame.data ?? {}, frame.version);
   }

@@ -164,14 +164,18 @@ const HANDLERS = {
 };
 
 /**
- * What to do with an event of version `v` when our state is at `have`: 'apply', 'skip' (already
- * in our state) or 'sync' (we missed some: ask for a snapshot). Events of one command share a
+ * What to do with an event of version `v` when our state is at `have`: 'apply' or 'skip' (already
+ * in our state: the snapshot we hold is at that version or later). Events of one command share a
  * version, so a repeat of the version just applied from an event is applied too.
+ *
+ * A gap (v > have + 1) is applied as well, never a reason to `sync`: events are filtered by
+ * audience (moderator-only and one-member events bump the room version too), so a member sees
+ * gaps all the time, and the server already guarantees in-order, loss-free delivery on each
+ * connection (it sends a `snapshot` itself when it cannot replay). See protocol.js.
  */
 export function versionStep(have, v, lastWasEvent) {
   if (have == null || typeof v !== 'number') return 'apply';
   if (v < have || (v === have && !lastWasEvent)) return 'skip';
-  if (v > have + 1) return 'sync';
   return 'apply';
 }
 

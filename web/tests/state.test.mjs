@@ -114,10 +114,11 @@ test('pseudonyms: trimmed, 1 to 32 characters, no control characters', () => {
   assert.deepEqual(validPseudonym('🌸'.repeat(32)), { name: '🌸'.repeat(32) });
 });
 
-test('version steps: next applies, a gap asks for a snapshot, old ones are skipped', async () => {
+test('version steps: next applies, a gap is applied (no sync), old ones are skipped', async () => {
   const { versionStep } = await import('../js/state.js');
   assert.equal(versionStep(7, 8, false), 'apply');
-  assert.equal(versionStep(7, 10, true), 'sync');
+  assert.equal(versionStep(7, 10, true), 'apply', 'a gap is events for others: no sync');
+  assert.equal(versionStep(7, 10, false), 'apply');
   assert.equal(versionStep(7, 6, true), 'skip');
   assert.equal(versionStep(7, 7, false), 'skip', 'the snapshot already holds version 7');
   assert.equal(versionStep(7, 7, true), 'apply', 'a second event of the same command');
