@@ -154,6 +154,7 @@ class RedisStore:
         self._reader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._heard = 0.0  # loop time of the last thing read on the subscriber connection
 
     # ---- state and events --------------------------------------------------------------
 
@@ -245,6 +246,8 @@ class RedisStore:
 
     async def close(self) -> None:
         self._closed = True
+        if self._pubsub is not None and self._pubsub.connection is not None:
+            await self._pubsub.connection.disconnect()  # ends the reader's blocking read
         tasks = [*self._tasks, *([self._reader] if self._reader else [])]
         for task in tasks:
             task.cancel()
@@ -313,11 +316,12 @@ class RedisStore:
                 _call(sub.on_wake, circle_id, version, None)
 
     async def _read_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = 0.05
         while not self._closed:
             pubsub = self._sub_redis.pubsub()
+            watchdog: asyncio.Task[None] | None = None
             try:
-                self._confirmed.clear()
                 sent = set(self._subs)
                 if sent:
                     await pubsub.subscribe(*(WAKE_CHANNEL.format(c) for c in sent))
@@ -327,25 +331,48 @@ class RedisStore:
                 late = set(self._subs) - sent  # subscribed while we were connecting
                 if late:
                     await pubsub.subscribe(*(WAKE_CHANNEL.format(c) for c in late))
-                while True:
-                    message = await pubsub.get_message(timeout=HEARTBEAT_SECONDS)
-                    if message is None:
-                        await pubsub.ping()  # a dead peer shows up as an error here
-                        continue
-                    delay = 0.05
-                    self._dispatch(message)
+                self._heard = loop.time()
+                watchdog = loop.create_task(self._watch(pubsub))
+                while not self._closed:
+                    # A blocking read (no timeout inside redis-py, so cancelling is clean);
+                    # the watchdog notices a silent dead peer.
+                    message = await pubsub.get_message(timeout=None)
+                    self._heard = loop.time()
+                    if message is not None:
+                        delay = 0.05
+                        self._dispatch(message)
             except (RedisError, OSError, TimeoutError) as exc:
-                log.warning("redis subscriber connection lost (%s); reconnecting",
-                            type(exc).__name__)
+                if not self._closed:
+                    log.warning("redis subscriber connection lost (%s); reconnecting",
+                                type(exc).__name__)
             finally:
+                if watchdog is not None:
+                    watchdog.cancel()
                 self._pubsub = None
                 self._confirmed.clear()
                 try:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                 except (RedisError, OSError):
                     pass
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            if not self._closed:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _watch(self, pubsub: PubSub) -> None:
+        """Ping when quiet; if nothing at all comes back, drop the connection to reconnect."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            quiet = loop.time() - self._heard
+            try:
+                if quiet > 2 * HEARTBEAT_SECONDS:
+                    raise TimeoutError
+                if quiet >= HEARTBEAT_SECONDS:
+                    await pubsub.ping()
+            except (RedisError, OSError, TimeoutError):
+                if pubsub.connection is not None:
+                    await pubsub.connection.disconnect()
+                return
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind, channel, data = message["type"], message["channel"], message["data"]

@@ -49,6 +49,11 @@ class Subscription:
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._done = False
 
+    async def ready(self) -> None:
+        """Wait until the circle's store subscription is live: ephemeral events published
+        from then on reach this subscriber (durable ones are never missed anyway)."""
+        await self._hub.live.wait()
+
     async def get(self) -> Item:
         return await self._queue.get()
 
@@ -98,6 +103,7 @@ class CircleHub:
         self._stale = False  # a wake-up without events: fetch instead of trusting `_carried`
         self._deleted = False
         self._dirty = asyncio.Event()
+        self.live = asyncio.Event()  # the store has called back once: the subscription is on
         self._pump = asyncio.get_running_loop().create_task(self._run())
         self._unsubscribe = store.subscribe(circle_id, self._on_wake, self._on_ephemeral)
 
@@ -122,6 +128,7 @@ class CircleHub:
     # ---- from the store ----------------------------------------------------------------
 
     def _on_wake(self, circle_id: str, version: int, events: Sequence[bytes] | None) -> None:
+        self.live.set()
         if version < 0:
             self._deleted = True
         else:

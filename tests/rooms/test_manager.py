@@ -1,0 +1,299 @@
+"""The room manager on both stores: CAS retries, fan-out to subscribers, ticks, faults."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from rooms import commands as c
+from rooms.clock import FakeClock
+from rooms.codec import CorruptState, decode_event
+from rooms.errors import Code, RoomError
+from rooms.events import Event, Name
+from rooms.manager import RoomManager
+from rooms.model import Circle, FloorMode, Invite, Role
+from rooms.redis_store import RedisStore
+from rooms.store import NoSuchCircle, StoreUnavailable
+from rooms.subscription import Closed, Item, Resync, Subscription
+from tests.redis_server import RedisServer
+from tests.rooms.conftest import MakeStore
+
+INVITES = [Invite("inv-mod", Role.MODERATOR), Invite("inv-member", Role.MEMBER)]
+
+
+def circle(circle_id: str, **settings: object) -> Circle:
+    options: dict[str, object] = dict(title="Lingkar", lobby=False, capacity=50)
+    options.update(settings)
+    return Circle(id=circle_id, **options)  # type: ignore[arg-type]
+
+
+def join(member_id: str, role: Role = Role.MEMBER) -> c.Join:
+    invite = "inv-mod" if role is Role.MODERATOR else "inv-member"
+    return c.Join(member_id=member_id, invite_id=invite, role=role, name=member_id,
+                  listen_only=False, resume_hash="h-" + member_id)
+
+
+@pytest.fixture
+async def managers(make_store: MakeStore, fake_clock: FakeClock
+                   ) -> AsyncIterator[Callable[..., RoomManager]]:
+    """Managers on one shared backend, as if in several processes."""
+    made: list[RoomManager] = []
+
+    def make(**store_options: object) -> RoomManager:
+        manager = RoomManager(make_store(**store_options), clock=fake_clock)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        await manager.close()
+
+
+async def take(sub: Subscription, n: int) -> list[Item]:
+    return [await asyncio.wait_for(sub.get(), 10) for _ in range(n)]
+
+
+async def take_until(sub: Subscription, done: Callable[[Item], bool]) -> list[Item]:
+    items: list[Item] = []
+    while not items or not done(items[-1]):
+        items.append(await asyncio.wait_for(sub.get(), 10))
+    return items
+
+
+async def test_created_circle_loads_at_version_zero(managers: Callable[..., RoomManager],
+                                                   circle_id: str) -> None:
+    manager = managers()
+    state = await manager.create(circle(circle_id), INVITES)
+    loaded = await manager.load(circle_id)
+    assert (state.version, loaded.version) == (0, 0)
+    assert set(loaded.invites) == {"inv-mod", "inv-member"}
+    assert [s.circle.id for s in await manager.circles()] == [circle_id]
+
+
+async def test_missing_circle_raises_no_such_circle(managers: Callable[..., RoomManager]) -> None:
+    manager = managers()
+    with pytest.raises(NoSuchCircle):
+        await manager.load("nope")
+    with pytest.raises(NoSuchCircle):
+        await manager.execute("nope", c.RaiseHand("m1"))
+
+
+async def test_each_accepted_command_adds_one_version(managers: Callable[..., RoomManager],
+                                                     circle_id: str) -> None:
+    manager = managers()
+    await manager.create(circle(circle_id), INVITES)
+    await manager.execute(circle_id, join("mod", Role.MODERATOR))
+    state, events = await manager.execute(circle_id, join("m1"))
+    assert state.version == 2 and {e.version for e in events} == {2}
+    state, events = await manager.execute(circle_id, c.RaiseHand("m1"))
+    assert state.queue == ["m1"] and events[0].name is Name.HAND_RAISED
+    again, none = await manager.execute(circle_id, c.RaiseHand("m1"))  # already raised
+    assert (again.version, none) == (3, [])
+    assert (await manager.load(circle_id)).version == 3
+
+
+async def test_refused_command_raises_and_changes_nothing(managers: Callable[..., RoomManager],
+                                                          circle_id: str) -> None:
+    manager = managers()
+    await manager.create(circle(circle_id), INVITES)
+    await manager.execute(circle_id, join("m1"))
+    with pytest.raises(RoomError) as refused:
+        await manager.execute(circle_id, c.MuteAll("m1"))
+    assert refused.value.code is Code.FORBIDDEN
+    assert (await manager.load(circle_id)).version == 1
+
+
+async def test_refusal_is_decided_on_the_latest_state_not_a_stale_cache(
+        managers: Callable[..., RoomManager], circle_id: str) -> None:
+    a, b = managers(), managers()
+    await a.create(circle(circle_id), INVITES)
+    await a.execute(circle_id, join("m1"))
+    await a.execute(circle_id, c.RaiseHand("m1"))
+    await b.execute(circle_id, c.LowerHand("m1"))  # `a` has not heard of it yet
+    state, events = await a.execute(circle_id, c.RaiseHand("m1"))
+    assert state.queue == ["m1"] and events and state.version == 4
+
+
+async def test_corrupt_state_is_a_typed_error_and_stays(make_store: MakeStore,
+                                                        managers: Callable[..., RoomManager],
+                                                        circle_id: str) -> None:
+    manager = managers()
+    await manager.create(circle(circle_id), INVITES)
+    store = make_store()
+    await store.save(circle_id, 0, b"\x93\x01\x02", [], 1)
+    with pytest.raises(CorruptState):
+        await manager.execute(circle_id, join("m1"))
+    with pytest.raises(CorruptState):
+        await manager.load(circle_id)
+    assert await store.load(circle_id) == b"\x93\x01\x02"
+
+
+async def test_subscriber_gets_every_event_once_in_order(managers: Callable[..., RoomManager],
+                                                         circle_id: str) -> None:
+    a, b = managers(), managers()
+    await a.create(circle(circle_id), INVITES)
+    sub = b.subscribe(circle_id, 0)
+    expected: list[Event] = []
+    for command in [join("mod", Role.MODERATOR), join("m1"), c.RaiseHand("m1"),
+                    c.GiveFloor("mod", "m1"), c.UnmuteSelf("m1"), c.MuteSelf("m1"),
+                    c.ReleaseFloor("mod")]:
+        expected += (await a.execute(circle_id, command))[1]
+    assert await take(sub, len(expected)) == expected
+    late = b.subscribe(circle_id, 3)  # replay from a version
+    assert await take(late, len([e for e in expected if e.version > 3])) == [
+        e for e in expected if e.version > 3]
+    await a.execute(circle_id, c.RaiseHand("m1"))
+    both = [await take(s, 1) for s in (sub, late)]
+    assert both[0] == both[1] and both[0][0].name is Name.HAND_RAISED  # type: ignore[union-attr]
+    assert sub.get_nowait() is None
+
+
+async def test_lagging_subscriber_gets_a_resync(managers: Callable[..., RoomManager],
+                                                circle_id: str) -> None:
+    manager = managers(max_versions=3)
+    await manager.create(circle(circle_id), INVITES)
+    await manager.execute(circle_id, join("m1"))
+    for _ in range(150):
+        await manager.execute(circle_id, c.RaiseHand("m1"))
+        await manager.execute(circle_id, c.LowerHand("m1"))
+    sub = manager.subscribe(circle_id, 0)
+    first = await take(sub, 1)
+    assert isinstance(first[0], Resync) and first[0].state.version == 301
+
+
+async def test_private_notes_reach_subscribers_and_are_never_stored(
+        make_store: MakeStore, managers: Callable[..., RoomManager], circle_id: str) -> None:
+    a, b = managers(), managers()
+    await a.create(circle(circle_id), INVITES)
+    await a.execute(circle_id, join("mod", Role.MODERATOR))
+    await a.execute(circle_id, join("m1"))
+    sub = b.subscribe(circle_id, 2)
+    await asyncio.wait_for(sub.ready(), 10)
+    state, events = await a.execute(circle_id, c.PrivateNote("m1", "aku butuh bantuan", True))
+    assert state.version == 2 and [e.name for e in events] == [Name.PRIVATE_NOTE]
+    note = (await take(sub, 1))[0]
+    assert isinstance(note, Event) and note.data["text"] == "aku butuh bantuan"
+    assert note.version == 2  # the current version: not a gap
+    await a.execute(circle_id, c.RaiseHand("m1"))
+    after = (await take(sub, 1))[0]
+    assert isinstance(after, Event) and after.name is Name.HAND_RAISED
+    kept = [decode_event(e).name for e in await make_store().events_since(circle_id, 0)]
+    assert Name.PRIVATE_NOTE not in kept and Name.HAND_RAISED in kept
+
+
+async def test_ending_delivers_the_final_events_then_closes_and_deletes(
+        make_store: MakeStore, managers: Callable[..., RoomManager], circle_id: str) -> None:
+    a, b = managers(), managers()
+    await a.create(circle(circle_id), INVITES)
+    await a.execute(circle_id, join("mod", Role.MODERATOR))
+    subs = [b.subscribe(circle_id, 1), a.subscribe(circle_id, 1)]
+    for sub in subs:
+        await asyncio.wait_for(sub.ready(), 10)
+    state, events = await a.execute(circle_id, c.End("mod"))
+    assert state.ended and [e.name for e in events] == [Name.ENDED]
+    for sub in subs:
+        items = await take_until(sub, lambda i: isinstance(i, Closed))
+        assert [getattr(i, "name", None) for i in items] == [Name.ENDED, None]
+        assert [i async for i in sub] == []
+    with pytest.raises(NoSuchCircle):
+        await make_store().load(circle_id)
+    assert await a.circles() == []
+
+
+async def test_concurrent_commands_from_several_managers_all_land(
+        managers: Callable[..., RoomManager], circle_id: str) -> None:
+    many = [managers() for _ in range(4)]
+    members = [f"m{i}" for i in range(40)]
+    await many[0].create(circle(circle_id), INVITES)
+    for mid in members:
+        await many[0].execute(circle_id, join(mid))
+    watcher = managers().subscribe(circle_id, len(members))
+    toggles = 5
+
+    async def toggle(mid: str, manager: RoomManager) -> int:
+        accepted = 0
+        for i in range(toggles):
+            command = c.UnmuteSelf(mid) if i % 2 == 0 else c.MuteSelf(mid)
+            _, events = await manager.execute(circle_id, command)
+            accepted += bool(events)
+        return accepted
+
+    counts = await asyncio.gather(*(toggle(mid, many[i % 4]) for i, mid in enumerate(members)))
+    assert sum(counts) == len(members) * toggles
+    final = await many[1].load(circle_id)
+    assert final.version == len(members) + len(members) * toggles
+    seen = [e for e in await take(watcher, len(members) * toggles) if isinstance(e, Event)]
+    assert [e.version for e in seen] == list(range(len(members) + 1, final.version + 1))
+
+
+async def test_turn_warning_and_turn_over_fire_as_time_passes(
+        managers: Callable[..., RoomManager], fake_clock: FakeClock, circle_id: str) -> None:
+    manager = managers()
+    await manager.create(circle(circle_id, turn_seconds=60, floor_mode=FloorMode.HANDS), INVITES)
+    await manager.execute(circle_id, join("mod", Role.MODERATOR))
+    await manager.execute(circle_id, join("m1"))
+    sub = manager.subscribe(circle_id, 2)
+    await manager.execute(circle_id, c.GiveFloor("mod", "m1"))
+    given = await take_until(sub, lambda i: getattr(i, "name", None) is Name.FLOOR_GIVEN)
+    assert len(given) == 1
+    await fake_clock.advance(29_000)
+    assert not (await manager.load(circle_id)).floor.warned  # type: ignore[union-attr]
+    await fake_clock.advance(1_000)
+    warned = await take(sub, 2)
+    assert [getattr(i, "name", None) for i in warned] == [Name.TURN_WARNING] * 2
+    await fake_clock.advance(30_000)
+    over = await take(sub, 1)
+    assert [getattr(i, "name", None) for i in over] == [Name.TURN_OVER]
+    assert (await manager.load(circle_id)).floor.over  # type: ignore[union-attr]
+    assert fake_clock.pending == 0
+
+
+async def test_a_tick_armed_in_two_processes_fires_once(
+        managers: Callable[..., RoomManager], fake_clock: FakeClock, circle_id: str) -> None:
+    a, b = managers(), managers()
+    await a.create(circle(circle_id, turn_seconds=60), INVITES)
+    await a.execute(circle_id, join("mod", Role.MODERATOR))
+    await a.execute(circle_id, join("m1"))
+    sub = b.subscribe(circle_id, 2)
+    await b.execute(circle_id, c.RaiseHand("m1"))  # b knows the circle too
+    await a.execute(circle_id, c.GiveFloor("mod", "m1"))
+    await take_until(sub, lambda i: getattr(i, "name", None) is Name.FLOOR_GIVEN)
+    for _ in range(100):  # let b's wake-up re-arm its timer from the new state
+        await asyncio.sleep(0)
+    await fake_clock.advance(60_000)
+    over = await take_until(sub, lambda i: getattr(i, "name", None) is Name.TURN_OVER)
+    assert [getattr(i, "name", None) for i in over].count(Name.TURN_WARNING) == 2
+    assert (await a.load(circle_id)).version == 6  # joins 2, hand 1, floor 1, warn 1, over 1
+
+
+async def test_redis_restart_fails_closed_then_resumes(own_redis: RedisServer) -> None:
+    store = RedisStore(own_redis.url, socket_timeout=2)
+    manager = RoomManager(store, clock=FakeClock())
+    try:
+        await manager.create(circle("r1"), INVITES)
+        await manager.execute("r1", join("m1"))
+        sub = manager.subscribe("r1", 1)
+        await manager.execute("r1", c.RaiseHand("m1"))
+        assert [getattr(i, "name", None) for i in await take(sub, 1)] == [Name.HAND_RAISED]
+
+        own_redis.stop(save=True)
+        with pytest.raises(StoreUnavailable):
+            await manager.ping()
+        with pytest.raises(StoreUnavailable):
+            await manager.execute("r1", c.LowerHand("m1"))
+        with pytest.raises(StoreUnavailable):
+            await manager.load("r1")
+
+        own_redis.start()
+        await manager.ping()
+        state, _ = await manager.execute("r1", c.LowerHand("m1"))
+        assert state.version == 3
+        assert [getattr(i, "name", None) for i in await take(sub, 1)] == [Name.HAND_LOWERED]
+        await manager.execute("r1", c.RaiseHand("m1"))  # live wake-ups again, once each
+        assert [getattr(i, "name", None) for i in await take(sub, 1)] == [Name.HAND_RAISED]
+        assert sub.get_nowait() is None
+    finally:
+        await manager.close()
+        await store.close()
