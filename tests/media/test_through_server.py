@@ -207,13 +207,12 @@ async def test_floor_holder_and_moderator_are_heard_and_nobody_else(room: Room) 
     await wait_until(lambda: m2.heard(m3) >= ENOUGH and m1.heard(m3) >= ENOUGH
                      and mod.heard(m3) >= ENOUGH)
     assert m2.peer.slot_of(m3.name) == [1]
-    # m1 lost the floor but is still unmuted: not forwarded any more
-    silence = m2.silence()
+    # m1 lost the floor but is still unmuted: not forwarded any more (once what was queued
+    # before the switch has arrived: a second of the moderator's audio is ample)
     await wait_until(lambda: m2.heard(mod) >= base + 2 * ENOUGH)
     before = counts([mod, m2, m3], m1)
     await wait_until(lambda: m2.heard(mod) >= base + 3 * ENOUGH)
     assert counts([mod, m2, m3], m1) == before
-    assert m2.silence() >= silence  # (the switch itself was cut with silence frames)
     assert [m.heard(m2) for m in everyone] == [0, 0, 0, 0]
 
     # the moderator mutes the holder: m3 is no longer forwarded, the moderator still is
