@@ -1,0 +1,158 @@
+"""Benchmarks of the room core (not a test; timings are reported, never asserted).
+
+    python -m rooms.bench [--commands N] [--latency-commands N]
+
+1. Commands per second through the pure `rules.apply` on one core, with a realistic mix
+   (raise/lower hand, give floor, next, mute/unmute, release).
+2. p50/p99 latency of one command through `RoomManager.execute` on each store; the Redis store
+   runs against a `redis-server` this bench starts on a free loopback port and stops after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+from rooms import commands as c
+from rooms import rules
+from rooms.errors import RoomError
+from rooms.manager import RoomManager
+from rooms.memory_store import MemoryStore
+from rooms.model import Circle, Invite, Role, RoomState
+from rooms.redis_store import RedisStore
+from rooms.store import Store
+
+MEMBERS = [f"m{i}" for i in range(10)]
+INVITES = [Invite("inv-mod", Role.MODERATOR), Invite("inv-member", Role.MEMBER)]
+
+
+def _circle(circle_id: str) -> Circle:
+    return Circle(id=circle_id, title="bench", lobby=False, capacity=20)
+
+
+def _joins() -> list[c.Command]:
+    out: list[c.Command] = [c.Join("mod", "inv-mod", Role.MODERATOR, "mod", False, "h")]
+    out += [c.Join(m, "inv-member", Role.MEMBER, m, False, "h") for m in MEMBERS]
+    return out
+
+
+def _mix(i: int) -> c.Command:
+    """A moderated circle's traffic: hands up and down, turns given and passed on, mutes."""
+    m = MEMBERS[i % len(MEMBERS)]
+    step = (i // len(MEMBERS)) % 8
+    options: list[c.Command] = [
+        c.RaiseHand(m), c.UnmuteSelf(m), c.GiveFloor("mod", m), c.MuteSelf(m),
+        c.RaiseHand(m), c.Next("mod"), c.LowerHand(m), c.ReleaseFloor("mod"),
+    ]
+    return options[step]
+
+
+def bench_apply(n: int) -> tuple[float, int]:
+    state = RoomState.new(_circle("bench"))
+    state.invites = {i.id: i for i in INVITES}
+    now = 1_700_000_000_000
+    for cmd in _joins():
+        state, _ = rules.apply(state, cmd, now)
+    commands = [_mix(i) for i in range(n)]
+    refused = 0
+    start = time.perf_counter()
+    for cmd in commands:
+        now += 1
+        try:
+            state, _ = rules.apply(state, cmd, now)
+        except RoomError:
+            refused += 1
+    return n / (time.perf_counter() - start), refused
+
+
+async def bench_manager(store: Store, n: int) -> tuple[float, float, float]:
+    manager = RoomManager(store)
+    try:
+        await manager.create(_circle("bench"), INVITES)
+        for cmd in _joins():
+            await manager.execute("bench", cmd)
+        sub = manager.subscribe("bench", 0)  # a live subscriber, as in a real circle
+        timings: list[float] = []
+        for i in range(n):
+            cmd = _mix(i)
+            start = time.perf_counter()
+            with contextlib.suppress(RoomError):
+                await manager.execute("bench", cmd)
+            timings.append(time.perf_counter() - start)
+            while sub.get_nowait() is not None:
+                pass
+        timings.sort()
+        return (timings[len(timings) // 2] * 1000, timings[int(len(timings) * 0.99)] * 1000,
+                n / sum(timings))
+    finally:
+        await manager.close()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tempfile.mkdtemp(prefix="lingkar-bench-")
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind",
+         "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # poll until it answers
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.01)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run_stores(n: int) -> list[tuple[str, float, float, float]]:
+    rows = []
+    memory = MemoryStore()
+    rows.append(("manager, memory store", *await bench_manager(memory, n)))
+    await memory.close()
+    with redis_server() as url:
+        redis = RedisStore(url)
+        try:
+            rows.append(("manager, redis store", *await bench_manager(redis, n)))
+        finally:
+            await redis.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commands", type=int, default=200_000)
+    parser.add_argument("--latency-commands", type=int, default=5_000)
+    args = parser.parse_args()
+
+    rate, refused = bench_apply(args.commands)
+    rows = asyncio.run(_run_stores(args.latency_commands))
+    print(f"{'what':<26}{'p50 ms':>10}{'p99 ms':>10}{'commands/s':>14}   target")
+    print(f"{'rules.apply, one core':<26}{'':>10}{'':>10}{rate:>14,.0f}   >= 50,000/s"
+          f"  ({refused} of {args.commands} refused by the rules)")
+    for name, p50, p99, per_s in rows:
+        target = "p99 <= 2 ms" if "redis" in name else ""
+        print(f"{name:<26}{p50:>10.3f}{p99:>10.3f}{per_s:>14,.0f}   {target}")
+
+
+if __name__ == "__main__":
+    main()
