@@ -47,18 +47,32 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 @dataclass
+class Progress:
+    """Measured deliveries so far; `done` is set once `target` (known at the end) is met."""
+
+    count: int = 0
+    target: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self) -> None:
+        self.count += 1
+        if self.target and self.count >= self.target:
+            self.done.set()
+
+
+@dataclass
 class Room:
     index: int
     circle_id: str
     links: dict[str, str]
     sockets: list[Any] = field(default_factory=list)
     actor_id: str = ""
-    # the command in flight: (sent at, event name); None between commands
-    pending: tuple[float, str] | None = None
-    received: int = 0
+    # send time of the k-th command, and whether it is measured (after the warm-up); the k-th
+    # hand event a socket sees answers the k-th command (each command toggles the hand once)
+    sent: list[tuple[float, bool]] = field(default_factory=list)
     samples: list[float] = field(default_factory=list)
-    missing: int = 0
-    measuring: bool = False
+    errors: int = 0
+    progress: Progress | None = None
 
 
 async def hello(ws_url: str, link: str, name: str) -> tuple[Any, str]:
@@ -72,37 +86,37 @@ async def hello(ws_url: str, link: str, name: str) -> tuple[Any, str]:
 
 
 async def reader(room: Room, ws: Any) -> None:
+    seen = 0
     try:
         async for message in ws:
             frame = msgpack.unpackb(message)
-            if frame.get("type") != "event":
+            kind = frame.get("type")
+            if kind == "error":
+                room.errors += 1
                 continue
-            pending = room.pending
-            if pending is None or frame.get("name") != pending[1]:
+            if kind != "event" or frame.get("name") not in ("hand_raised", "hand_lowered"):
                 continue
             if frame["data"].get("member_id") != room.actor_id:
                 continue
             now = time.perf_counter()
-            if room.measuring:
-                room.samples.append((now - pending[0]) * 1000)
-            room.received += 1
+            sent_at, measured = room.sent[seen]
+            seen += 1
+            if measured:
+                room.samples.append((now - sent_at) * 1000)
+                if room.progress is not None:
+                    room.progress.add()
     except websockets.ConnectionClosed:
         pass
 
 
 async def driver(room: Room, phase: float, stop_at: float, measure_from: float) -> None:
     actor = room.sockets[1]
-    members = len(room.sockets)
     raised = False
     await asyncio.sleep(phase)
     tick = time.perf_counter()
     while tick < stop_at:
-        if room.pending is not None and room.received < members and room.measuring:
-            room.missing += members - room.received
         raised = not raised
-        room.measuring = tick >= measure_from
-        room.received = 0
-        room.pending = (time.perf_counter(), "hand_raised" if raised else "hand_lowered")
+        room.sent.append((time.perf_counter(), tick >= measure_from))
         await actor.send(msgpack.packb({"type": "raise_hand" if raised else "lower_hand"}))
         tick += PERIOD
         await asyncio.sleep(max(0.0, tick - time.perf_counter()))
@@ -147,6 +161,9 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
             room.actor_id = joined[1][1]
             sockets.extend(room.sockets)
         connect_seconds = time.perf_counter() - started
+        progress = Progress()
+        for room in rooms:
+            room.progress = progress
         readers = [asyncio.create_task(reader(room, ws)) for room in rooms for ws in room.sockets]
 
         t0 = time.perf_counter()
@@ -166,13 +183,18 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
         await marker
         cpu_after = cpu_seconds(server.pid)
         client_cpu = time.process_time() - client_before
-        await asyncio.sleep(0.5)  # let the last answers arrive (they are not measured)
-        for room in rooms:
-            room.measuring = False
+        expected = sum(sum(1 for _, m in room.sent if m) * len(room.sockets) for room in rooms)
+        progress.target = expected
+        if progress.count >= expected:
+            progress.done.set()
+        try:  # late answers are measured, not dropped; the missing ones are counted
+            await asyncio.wait_for(progress.done.wait(), 5)
+        except TimeoutError:
+            pass
 
         all_samples = [s for room in rooms for s in room.samples]
         per_room = [summary(room.samples) for room in rooms]
-        missing = sum(room.missing for room in rooms)
+        missing = expected - len(all_samples)
         assert cpu_before is not None
         result = {
             "store": store_label, "rooms": rooms_n, "members": members_n, "seconds": seconds,
@@ -181,6 +203,7 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
             "overall": summary(all_samples),
             "worst_room_p99_ms": max((r["p99_ms"] for r in per_room if r["n"]), default=math.nan),
             "missing_deliveries": missing,
+            "command_errors": sum(room.errors for room in rooms),
             "server_cpu_seconds": round(cpu_after - cpu_before, 3),
             "server_cpu_percent_of_one_core": round(100 * (cpu_after - cpu_before) / seconds, 1),
             "client_cpu_percent_of_one_core": round(100 * client_cpu / (seconds + WARMUP), 1),
