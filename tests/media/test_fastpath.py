@@ -7,10 +7,12 @@ before anything else.
 
 from __future__ import annotations
 
+import asyncio
+
 import aioice
 import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, sdp
-from aiortc.rtp import RtpPacket
+from aiortc.rtp import RtcpSrPacket, RtpPacket
 
 from server.media import fastpath
 from server.media.slot import OPUS_SILENCE
@@ -41,7 +43,7 @@ async def test_packets_sent_through_the_fast_path_reach_a_real_peer_and_decode()
         (media,) = sdp.SessionDescription.parse(relay_pc.localDescription.sdp).media
         opus = media.rtp.codecs[0]
         assert opus.mimeType.lower() == "audio/opus"
-        out = fastpath.RtpOut(transceiver.sender, media, opus.payloadType)
+        out = fastpath.RtpOut(transceiver.sender, media, opus.payloadType, rtcp_interval=0.1)
         # the SSRC the browser is told about is the one aiortc's sender reports on
         assert out.ssrc == transceiver.sender._ssrc
 
@@ -97,6 +99,22 @@ async def test_packets_sent_through_the_fast_path_reach_a_real_peer_and_decode()
         stats = await transceiver.sender.getStats()
         (outbound,) = [s for s in stats.values() if s.type == "outbound-rtp"]
         assert outbound.packetsSent == len(received)
+        # the slot's own RTCP loop sends sender reports counting what the fast path sent
+        reports: list[RtcpSrPacket] = []
+        got_report = asyncio.Event()
+        original_rtcp = receiver._handle_rtcp_packet
+
+        async def keep_rtcp(packet: object) -> None:
+            if isinstance(packet, RtcpSrPacket) and packet.ssrc == out.ssrc:
+                reports.append(packet)
+                got_report.set()
+            await original_rtcp(packet)
+
+        receiver._handle_rtcp_packet = keep_rtcp  # type: ignore[method-assign]
+        async with asyncio.timeout(10):
+            await got_report.wait()
+        assert reports[0].sender_info.packet_count == len(received)
+        assert reports[0].sender_info.rtp_timestamp == received[-1].timestamp
     finally:
         await listener.close()
         await relay_pc.close()
