@@ -98,9 +98,9 @@ class OrganizerApi:
             raise NoSuchCircle(cid)
         return str(cid)
 
-    def link(self, circle_id: str, invite: Invite) -> str:
+    def link(self, circle_id: str, invite: Invite, language: Language) -> str:
         token = tokens.issue(self.settings.secret, circle_id, invite.role.value, invite.id,
-                             LINK_TTL_SECONDS)
+                             LINK_TTL_SECONDS, language=language.value)
         return f"{self.settings.public_url}/c/{circle_id}#t={token}"
 
     def summary(self, state: RoomState) -> dict[str, Any]:
@@ -139,7 +139,7 @@ class OrganizerApi:
             state = await self.manager.create(circle, invites)
         except CircleExists:
             return _error(409, "conflict", "try again")
-        links = {inv.role.value: self.link(circle.id, inv) for inv in invites}
+        links = {inv.role.value: self.link(circle.id, inv, circle.language) for inv in invites}
         return JSONResponse({**self.summary(state), "links": links}, status_code=201)
 
     async def list(self, request: Request) -> Response:
@@ -165,10 +165,11 @@ class OrganizerApi:
             return r.response
         invite = Invite(secrets.token_urlsafe(9), Role(body.role), body.personal)
         try:
-            await self.manager.execute(circle_id, c.CreateInvite(invite.id, invite.role, invite.personal))
+            state, _ = await self.manager.execute(
+                circle_id, c.CreateInvite(invite.id, invite.role, invite.personal))
         except RoomError:
             return _error(404, "not_found", "no such circle")
-        return JSONResponse({"link": self.link(circle_id, invite), "role": invite.role.value,
+        return JSONResponse({"link": self.link(circle_id, invite, state.circle.language), "role": invite.role.value,
                              "personal": invite.personal}, status_code=201)
 
     async def openapi(self, request: Request) -> Response:

@@ -1,7 +1,9 @@
 """Join tokens (JWT, HS256 pinned) and resume secrets (DESIGN §5 "Join tokens", §12).
 
 A join token's claims: ``sub`` = circle id, ``role``, ``inv`` = invite id, ``exp``, ``iat``;
-all are required. Verification accepts HS256 only: ``alg: none``, other HMAC sizes and
+all are required. An optional ``lng`` (the circle's language) is only a hint for the web client,
+which reads it unverified to show the join screen in that language and fetch one catalog only;
+the server never relies on it. Verification accepts HS256 only: ``alg: none``, other HMAC sizes and
 asymmetric algorithms are refused, so is a token for another circle.
 """
 
@@ -75,6 +77,7 @@ def issue(
     ttl_seconds: int,
     *,
     now: int | None = None,
+    language: str | None = None,
 ) -> str:
     """Return a signed join token valid for ``ttl_seconds`` from ``now`` (epoch s, default: clock)."""
     if role not in _ROLES:
@@ -89,6 +92,8 @@ def issue(
         "iat": issued_at,
         "exp": issued_at + ttl_seconds,
     }
+    if language is not None:
+        payload["lng"] = language
     return jwt.encode(payload, _key(secret), algorithm=ALGORITHM)
 
 

@@ -296,8 +296,21 @@ function togglePanel(sel) {
   if (!panel.hidden) panel.querySelector('textarea, input, button')?.focus();
 }
 
+/**
+ * The circle's language from the invite token's `lng` claim, read unverified: only a hint, so the
+ * join screen speaks the circle's language at once and one catalog is fetched, not both.
+ */
+function languageHint(token) {
+  try {
+    const b64 = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(atob(b64.padEnd(b64.length + ((4 - (b64.length % 4)) % 4), '=')));
+    return typeof claims.lng === 'string' ? claims.lng : null;
+  } catch { return null; }
+}
+
 async function main() {
-  const [cfg] = await Promise.all([loadConfig(), initI18n('id')]);
+  const token = readToken();
+  const [cfg] = await Promise.all([loadConfig(), initI18n(token ? (languageHint(token) ?? 'id') : 'id')]);
   config = cfg;
   document.title = t('app.neutral_title');
   bindLanguageSwitch($('#lang-switch'));
@@ -308,7 +321,6 @@ async function main() {
   }));
   bindRoomControls();
 
-  const token = readToken();
   if (!token) { showEnded('no-token'); return; }
   const saved = store.get(SEAT_KEY);
   if (saved?.circle === circleId && saved.token === token && saved.resume) {

@@ -73,11 +73,15 @@ export class Media {
       el.srcObject = new MediaStream([tr.receiver.track]);
       el.play?.().catch(() => {});
     }
+    // One track per <audio>: the answer may put every slot in one stream (ev.streams[0] then
+    // holds all S tracks, and each element would play every slot, and WebAudio picks one of them).
     pc.ontrack = (ev) => {
       const slot = this.slotReceivers.indexOf(ev.receiver);
       if (slot < 0) return;
       const el = this.audio[slot];
-      el.srcObject = ev.streams[0] ?? new MediaStream([ev.track]);
+      const tracks = el.srcObject?.getTracks?.() ?? [];
+      if (tracks.length === 1 && tracks[0] === ev.track) return;
+      el.srcObject = new MediaStream([ev.track]);
       el.play?.().catch(() => {});
     };
     await pc.setLocalDescription(await pc.createOffer());

@@ -1,0 +1,146 @@
+"""What the browser tests share: joining through the page, waiting for screens, hearing a slot
+with a WebAudio AnalyserNode, counting the relay's packets per source, tab-title checks."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from playwright.async_api import Page, expect
+
+WEB = Path(__file__).resolve().parents[2] / "web"
+CATALOGS = {code: json.loads((WEB / "i18n" / f"{code}.json").read_text(encoding="utf-8")) for code in ("id", "en")}
+
+# Keeps every RTCPeerConnection the page makes in window.__pcs (to play a modified browser) and
+# counts getUserMedia calls in window.__gum.
+INSTRUMENT = """
+(() => {
+  window.__pcs = [];
+  const Orig = window.RTCPeerConnection;
+  if (Orig) {
+    const Wrapped = function (...args) { const pc = new Orig(...args); window.__pcs.push(pc); return pc; };
+    Wrapped.prototype = Orig.prototype;
+    Object.setPrototypeOf(Wrapped, Orig);
+    window.RTCPeerConnection = Wrapped;
+  }
+  window.__gum = 0;
+  const md = navigator.mediaDevices;
+  if (md && md.getUserMedia) {
+    const gum = md.getUserMedia.bind(md);
+    md.getUserMedia = (...args) => { window.__gum += 1; return gum(...args); };
+  }
+})();
+"""
+
+# Resolves once the slot carrying `memberId` plays sound above `threshold` (RMS of the time-domain
+# signal), or when `timeoutMs` runs out; returns {rms, ms} (ms null if never above).
+HEAR = """
+async ({ memberId, threshold, timeoutMs }) => {
+  const start = performance.now();
+  const ctx = (window.__lkCtx ??= new AudioContext());
+  await ctx.resume().catch(() => {});
+  let el = null, analyser = null, buf = null, best = 0;
+  while (performance.now() - start < timeoutMs) {
+    const cur = document.querySelector(`audio[data-slot][data-member-id="${CSS.escape(memberId)}"]`);
+    if (cur && cur.srcObject && cur !== el) {
+      el = cur;
+      analyser = ctx.createAnalyser();
+      analyser.fftSize = 2048;
+      ctx.createMediaStreamSource(cur.srcObject).connect(analyser);
+      buf = new Float32Array(analyser.fftSize);
+    }
+    if (analyser) {
+      analyser.getFloatTimeDomainData(buf);
+      let sum = 0;
+      for (const x of buf) sum += x * x;
+      const rms = Math.sqrt(sum / buf.length);
+      best = Math.max(best, rms);
+      if (rms > threshold) return { rms, ms: performance.now() - start };
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return { rms: best, ms: null };
+}
+"""
+HEARD_THRESHOLD = 0.01
+
+
+async def hear(page: Page, member_id: str, timeout_ms: int = 15_000) -> dict[str, Any]:
+    result: dict[str, Any] = await page.evaluate(
+        HEAR, {"memberId": member_id, "threshold": HEARD_THRESHOLD, "timeoutMs": timeout_ms})
+    return result
+
+
+async def fill_join(page: Page, link: str, name: str, *, listen_only: bool = False) -> None:
+    """Open an invite link and fill the join form (without pressing #join)."""
+    await page.goto(link)
+    await page.fill("input[name=pseudonym]", name)
+    if listen_only:
+        await page.check("input[name=listen_only]")
+    await page.check("input[name=pledge]")
+
+
+async def screen(page: Page, name: str) -> None:
+    await page.wait_for_selector(f"body[data-screen={name}] #screen-{name}:not([hidden])")
+
+
+async def my_id(page: Page) -> str:
+    el = page.locator("#roster [data-member-id][data-me=true]")
+    await expect(el).to_have_count(1)
+    value = await el.get_attribute("data-member-id")
+    assert value
+    return value
+
+
+async def neutral_title(page: Page, circle_title: str) -> None:
+    title = await page.title()
+    assert circle_title.lower() not in title.lower(), f"tab title {title!r} names the circle"
+    assert title in (CATALOGS["id"]["app.neutral_title"], CATALOGS["en"]["app.neutral_title"], "Lingkar"), title
+
+
+async def shot(page: Page, folder: Path, name: str) -> None:
+    await page.screenshot(path=str(folder / f"{name}.png"))
+
+
+@dataclass
+class SourceCounts:
+    """Packets of each source member the relay forwarded (slots reached) or dropped at the gate."""
+
+    forwarded: collections.Counter[str] = field(default_factory=collections.Counter)
+    gated: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+async def count_per_source(relay: Any, circle_id: str, timeout: float = 15.0) -> SourceCounts:
+    """Wrap the relay's per-circle forward() (server/media/circle.py) to count per source.
+    The relay has no per-source counters of its own; this reaches into its circle table."""
+    deadline = time.monotonic() + timeout
+    while circle_id not in relay._circles:
+        assert time.monotonic() < deadline, "the relay never saw this circle"
+        await asyncio.sleep(0.05)
+    circle = relay._circles[circle_id]
+    counts = SourceCounts()
+    original = circle.forward
+
+    def forward(source: str, *args: Any) -> int:
+        sent: int = original(source, *args)
+        if sent < 0:
+            counts.gated[source] += 1
+        else:
+            counts.forwarded[source] += sent
+        return sent
+
+    circle.forward = forward
+    return counts
+
+
+async def until(check: Any, timeout: float = 15.0, what: str = "condition") -> None:
+    """Await a condition on server-side state (polled; the browser side uses Playwright waits)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
