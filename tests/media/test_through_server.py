@@ -18,7 +18,7 @@ import pytest
 from aiortc import sdp
 
 from server.media.relay import MediaRelay
-from tests.live import Client, Live, join, live_server
+from tests.live import Client, Live, join, live_server, token_of
 
 from .peers import SILENCE, ClientPeer, wait_until
 
@@ -371,6 +371,32 @@ async def test_last_member_leaving_leaves_nothing_in_the_relay(room: Room) -> No
     assert await mod.client.closed() == 4001
     await until(lambda: room.stats()["peers"] == 0)
     await until(lambda: room.stats()["circles"] == 0 and room.stats()["tasks"] == 0)
+
+
+async def test_a_resumed_connection_keeps_its_media_when_the_replaced_one_closes(room: Room) -> None:
+    await room.create()
+    mod = await room.enter("moderator", "Pendamping")
+    old = await room.enter("member", "Melati")
+    await wait_until(lambda: old.heard(mod) >= ENOUGH)
+
+    # the client resumes on a new socket (a phone between networks) while the old one is open
+    fresh = await Client.connect(room.live)
+    room._clients.append(fresh)
+    await fresh.send({"type": "hello", "token": token_of(room.link("member")), "name": "Melati",
+                      "listen_only": False, "resume": old.client.resume})
+    welcome = await fresh.wait(lambda fr: fr.get("type") == "welcome")
+    fresh.member_id = welcome["member_id"]
+    assert fresh.member_id == old.id
+    new = await room.negotiate(fresh, "Melati")
+    await wait_until(lambda: new.heard(mod) >= ENOUGH)
+    assert room.stats()["peers"] == 2
+
+    # the replaced socket is closed; the new connection's media stays
+    assert await old.client.closed() == 4001
+    base = new.heard(mod)
+    await wait_until(lambda: new.heard(mod) >= base + 2 * ENOUGH)
+    assert new.peer.pc.connectionState == "connected"
+    assert room.stats()["peers"] == 2
 
 
 # --- speaking indicators -------------------------------------------------------------------
