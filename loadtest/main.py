@@ -291,6 +291,7 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
                     memory_per_room_kib=(rss["after_circles"] - rss["before_circles"]) / 1024 / args.rooms,
                     memory_per_member_kib=(rss["after_join"] - rss["after_circles"]) / 1024 / expected_people,
                     other_processes_cpu_s=max(0.0, busy - (cpu1 - cpu0) - cost["generator_cpu_s"]))
+    cost["generator_loop_lag_ms"] = {kind: report.summary(res.get("loop_lag_ms", [])) for kind, res in results.items()}
     if "media" in results:
         cost["media_window"] = results["media"].get("server_window")
         cost["media_start_errors"] = results["media"].get("errors")

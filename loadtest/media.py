@@ -29,10 +29,12 @@ from loadtest.signaling import (
     COUNTERS,
     DRAIN_SECONDS,
     JOIN_TIMEOUT,
+    LOOP_LAG,
     RoomBase,
     report_progress,
     self_cpu,
     wait_go,
+    watch_loop_lag,
 )
 from loadtest.stats import rfc3550_jitter
 
@@ -177,6 +179,8 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
             raise RuntimeError("no go signal")
         ok = [room for room, r in zip(rooms, joined, strict=True) if not isinstance(r, BaseException)]
         cpu0 = self_cpu()
+        lag_stop = asyncio.Event()
+        lag = asyncio.create_task(watch_loop_lag(lag_stop))
         server_pid = cfg.get("server_pid")
         started = await asyncio.gather(*(asyncio.wait_for(room.start_audio(), FIRST_AUDIO_TIMEOUT + 30)
                                          for room in ok), return_exceptions=True)
@@ -192,6 +196,8 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
         await asyncio.sleep(TAIL_SECONDS)
         await asyncio.sleep(DRAIN_SECONDS)
         cpu1 = self_cpu()
+        lag_stop.set()
+        await lag
         records = []
         for room, r in zip(rooms, joined, strict=True):
             rec = room.record()
@@ -203,7 +209,7 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
             records.append(rec)
         server_window = {"seconds": (end - start) / 1e9,
                          "server_cpu_s": None if srv0 is None or srv1 is None else srv1 - srv0}
-        queue.put(("result", "media", {"rooms": records, "generator_cpu_s": cpu1 - cpu0,
+        queue.put(("result", "media", {"rooms": records, "generator_cpu_s": cpu1 - cpu0, "loop_lag_ms": LOOP_LAG,
                                        "generator_pid": os.getpid(), "server_window": server_window,
                                        "errors": [repr(w)[:200] for w in started if isinstance(w, BaseException)]}))
     finally:

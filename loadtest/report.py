@@ -9,6 +9,8 @@ from typing import Any
 
 from loadtest.stats import summary
 
+__all__ = ["plot", "room_summary", "summary", "table", "totals", "write_json"]
+
 SIGNALING_TARGET_MS = 50.0
 MEDIA_TARGET_MS = 20.0
 LOSS_TARGET = 0.005
@@ -168,6 +170,13 @@ def table(report: dict[str, Any]) -> str:
     lines.append(f"generators: CPU {_f(c.get('generator_cpu_s'), 2)} s; whole machine busy "
                  f"{_f(c.get('machine_busy_cpu_s'), 1)} of {_f(c.get('machine_cpu_capacity_s'), 1)} CPU-s "
                  f"(other processes {_f(c.get('other_processes_cpu_s'), 1)} s; {report['machine']['cores']} cores, shared)")
+    for kind, lag in (c.get("generator_loop_lag_ms") or {}).items():
+        lines.append(f"{kind} generator event loop late by p50/p99/max {_f(lag['p50'])}/{_f(lag['p99'])}/"
+                     f"{_f(lag['max'])} ms (its timestamps are late by as much)")
+    other, capacity = c.get("other_processes_cpu_s"), c.get("machine_cpu_capacity_s")
+    if other is not None and capacity and other > 0.1 * capacity:
+        lines.append(f"WARNING: other processes used {100 * other / capacity:.0f} % of the machine during the run; "
+                     f"latencies include their interference")
     return "\n".join(lines)
 
 
@@ -311,6 +320,8 @@ def _numbers(ax: Any, report: dict[str, Any]) -> None:
     if c.get("server_cpu_s") is not None:
         lines += [f"server CPU {100 * c['server_cpu_share_of_one_core']:.0f} % of a core; "
                   f"{_f(c['memory_per_member_kib'])} KiB/member, {_f(c['memory_per_room_kib'])} KiB/room"]
+    for kind, lag in (c.get("generator_loop_lag_ms") or {}).items():
+        lines.append(f"{kind} generator loop lag p99 {_f(lag['p99'])} ms, max {_f(lag['max'])} ms")
     lines.append(f"machine busy {_f(c.get('machine_busy_cpu_s'))} of {_f(c.get('machine_cpu_capacity_s'))} CPU-s "
                  f"(other processes {_f(c.get('other_processes_cpu_s'))} s)")
     ax.text(0.02, 0.95, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8,

@@ -322,6 +322,19 @@ async def report_progress(queue: Any, kind: str, stop: asyncio.Event) -> None:
     queue.put(("progress", kind, COUNTERS.__dict__.copy()))
 
 
+LOOP_LAG: list[float] = []  # ms the generator's event loop woke up late (every 20 ms)
+
+
+async def watch_loop_lag(stop: asyncio.Event) -> None:
+    """How late this generator's event loop runs: when it lags, its own timestamps do too,
+    so the report shows it next to the latencies it measured."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        before = loop.time()
+        await asyncio.sleep(0.02)
+        LOOP_LAG.append(max(0.0, (loop.time() - before - 0.02) * 1000))
+
+
 async def wait_go(go: Any, timeout: float) -> bool:
     return bool(await asyncio.to_thread(go.wait, timeout))
 
@@ -346,12 +359,16 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
         if not await wait_go(go, cfg["join_timeout"] + 60):
             raise RuntimeError("no go signal")
         cpu0 = self_cpu()
+        lag_stop = asyncio.Event()
+        lag = asyncio.create_task(watch_loop_lag(lag_stop))
         until = time.monotonic() + cfg["duration"]
         ok_rooms = [room for room, r in zip(rooms, joined, strict=True) if not isinstance(r, BaseException)]
         await asyncio.gather(*(asyncio.wait_for(room.run(until, cfg["pace"]), cfg["duration"] + 30)
                                for room in ok_rooms), return_exceptions=True)
         await asyncio.sleep(DRAIN_SECONDS)
         cpu1 = self_cpu()
+        lag_stop.set()
+        await lag
         records = []
         for room, r in zip(rooms, joined, strict=True):
             rec = room.record()
@@ -359,7 +376,7 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
             if isinstance(r, BaseException):
                 rec["join_failed"] = repr(r)[:200]
             records.append(rec)
-        queue.put(("result", "signaling", {"rooms": records, "generator_cpu_s": cpu1 - cpu0,
+        queue.put(("result", "signaling", {"rooms": records, "generator_cpu_s": cpu1 - cpu0, "loop_lag_ms": LOOP_LAG,
                                            "generator_pid": os.getpid()}))
     finally:
         stop.set()
