@@ -52,10 +52,10 @@ class LocalCircles:
             metrics.CIRCLES.set(len(self._circles))
         circle.sessions[session.member_id] = session
 
-    def gone(self, session: Session) -> None:
+    def gone(self, session: Session) -> bool:
         circle = self._circles.get(session.circle_id)
         if circle is None or circle.sessions.get(session.member_id) is not session:
-            return
+            return False  # a newer connection of the same member took over here
         del circle.sessions[session.member_id]
         if not circle.sessions:
             del self._circles[session.circle_id]
@@ -65,6 +65,7 @@ class LocalCircles:
             # Nobody here follows the circle any more: the relay forgets it too (its gate
             # would go stale), unless someone came back in the meantime.
             self._spawn(self._forget(session.circle_id))
+        return True
 
     def frame_in(self) -> None:
         metrics.FRAMES_IN.inc()

@@ -60,7 +60,9 @@ class Observer(Protocol):
 
     def joined(self, session: Session) -> None: ...
 
-    def gone(self, session: Session) -> None: ...
+    def gone(self, session: Session) -> bool:
+        """Forget the session; False when a newer session of the same member is here (its
+        media is then that session's: the relay replaces the PeerConnection on its offer)."""
 
     def frame_in(self) -> None: ...
 
@@ -215,11 +217,11 @@ class Session:
     async def _cleanup(self) -> None:
         if self._sub is not None:
             self._sub.close()
-        self.observer.gone(self)
-        try:
-            await self.media.close_member(self.circle_id, self.member_id)
-        except Exception:
-            log.exception("closing media failed")
+        if self.observer.gone(self):
+            try:
+                await self.media.close_member(self.circle_id, self.member_id)
+            except Exception:
+                log.exception("closing media failed")
         if not self.gone:  # keep the seat for the grace period (F12)
             try:
                 await self.manager.execute(self.circle_id, c.Disconnect(self.member_id, self.seat_session))
