@@ -9,6 +9,7 @@ import pytest
 import websockets
 
 from server.app import drain
+from signaling import tokens
 from signaling.session import Limits
 from tests.live import Client, Live, join, live_server, token_of
 from tests.server.conftest import ack_of, circle_of, error_of, settle
@@ -133,10 +134,18 @@ async def test_drain_closes_sockets_with_1001_and_keeps_seats(live: Live) -> Non
     assert await asyncio.gather(mod.closed(), a.closed(), b.closed()) == [1001, 1001, 1001]
     with pytest.raises(websockets.InvalidStatus):
         await websockets.connect(live.ws_url)
-    live.parts.ws.draining = False
-    state = await live.parts.manager.load(a.frames[0]["state"]["circle"]["id"])
-    assert {m.id: m.connected for m in state.members.values()} == {
-        mod.member_id: False, a.member_id: False, b.member_id: False}
+    live.parts.ws.draining = False  # as a restarted process would
+    circle_id = a.frames[0]["state"]["circle"]["id"]
+    for old in (mod, a, b):
+        role = "moderator" if old is mod else "member"
+        state = await live.parts.manager.load(circle_id)  # the circle is still there
+        assert old.member_id in state.members
+        client = await Client.connect(live)
+        invite = [i for i in state.invites.values() if i.role.value == role][0]
+        await client.send({"type": "hello", "name": "x", "resume": old.resume,
+                           "token": tokens.issue(live.parts.settings.secret, circle_id, role, invite.id, 60)})
+        welcome = await client.wait(lambda fr: fr.get("type") == "welcome")
+        assert welcome["member_id"] == old.member_id  # the seat was kept
 
 
 async def test_error_codes_for_wrong_roles_and_members(live: Live) -> None:
