@@ -103,8 +103,13 @@ async def neutral_title(page: Page, circle_title: str) -> None:
     assert title in (CATALOGS["id"]["app.neutral_title"], CATALOGS["en"]["app.neutral_title"], "Lingkar"), title
 
 
-async def shot(page: Page, folder: Path, name: str) -> None:
+async def shot(page: Page, folder: Path, name: str, *, top: bool = False) -> None:
+    """The screen as a 360×640 phone shows it (`top`: scrolled to the top first), and the whole
+    page as `<name>-full.png`."""
+    if top:
+        await page.evaluate("window.scrollTo(0, 0)")
     await page.screenshot(path=str(folder / f"{name}.png"))
+    await page.screenshot(path=str(folder / f"{name}-full.png"), full_page=True)
 
 
 @dataclass

@@ -50,7 +50,7 @@ async def organizer_creates_circle(new_page: NewPage, server: live.Live, shots: 
         assert links[role].startswith(f"{server.url}/c/") and "#t=" in links[role], links[role]
     await expect(org.locator("#circles [data-circle-id]")).to_have_count(1)
     await neutral_title(org, TITLE)
-    await shot(org, shots, "08-organizer")
+    await shot(org, shots, "08-organizer", top=True)
     return org, links
 
 
@@ -64,7 +64,7 @@ async def test_whole_circle(new_page: NewPage, screenshots: Path) -> None:
         await mod.add_init_script(INSTRUMENT)
         await fill_join(mod, links["moderator"], "Pendamping Sari")
         await neutral_title(mod, TITLE)
-        await shot(mod, screenshots, "01-join")
+        await shot(mod, screenshots, "01-join", top=True)
         await mod.click("button#join")
         await screen(mod, "room")
         await expect(mod.locator("#mod-panel")).to_be_visible()

@@ -293,7 +293,11 @@ function bindRoomControls() {
 function togglePanel(sel) {
   const panel = $(sel);
   panel.hidden = !panel.hidden;
-  if (!panel.hidden) panel.querySelector('textarea, input, button')?.focus();
+  if (!panel.hidden) {
+    // Show the panel from its title (focusing its first control alone scrolled past the help lines).
+    panel.scrollIntoView({ block: 'start' });
+    panel.querySelector('textarea, input, button')?.focus({ preventScroll: true });
+  }
 }
 
 /**
