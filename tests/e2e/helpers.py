@@ -28,6 +28,9 @@ INSTRUMENT = """
     Object.setPrototypeOf(Wrapped, Orig);
     window.RTCPeerConnection = Wrapped;
   }
+  addEventListener('click', (ev) => {
+    if (ev.target && ev.target.id === 'join') window.__joinClick = performance.now();
+  }, true);
   window.__gum = 0;
   const md = navigator.mediaDevices;
   if (md && md.getUserMedia) {
@@ -69,10 +72,56 @@ async ({ memberId, threshold, timeoutMs }) => {
 """
 HEARD_THRESHOLD = 0.01
 
+# After a #join click (recorded by INSTRUMENT): ms from the click to the welcome's room screen,
+# to the holder's slot being assigned, to its first RTP packets, and to its tone being heard.
+JOIN_MILESTONES = """
+async ({ memberId, threshold, timeoutMs }) => {
+  const t0 = window.__joinClick;
+  const out = { room: null, slot: null, packets: null, tone: null };
+  const ctx = (window.__lkCtx ??= new AudioContext());
+  await ctx.resume().catch(() => {});
+  let analyser = null, buf = null;
+  while (performance.now() - t0 < timeoutMs && out.tone === null) {
+    const now = () => performance.now() - t0;
+    if (out.room === null && document.body.dataset.screen === 'room') out.room = now();
+    const el = document.querySelector(`audio[data-slot][data-member-id="${CSS.escape(memberId)}"]`);
+    if (el && out.slot === null) out.slot = now();
+    if (el && out.packets === null) {
+      const track = el.srcObject && el.srcObject.getAudioTracks()[0];
+      for (const pc of window.__pcs) for (const r of pc.getReceivers()) {
+        if (r.track !== track) continue;
+        const stats = await r.getStats();
+        stats.forEach((st) => { if (st.type === 'inbound-rtp' && st.packetsReceived > 0 && out.packets === null) out.packets = now(); });
+      }
+    }
+    if (el && el.srcObject && !analyser) {
+      analyser = ctx.createAnalyser();
+      analyser.fftSize = 2048;
+      ctx.createMediaStreamSource(el.srcObject).connect(analyser);
+      buf = new Float32Array(analyser.fftSize);
+    }
+    if (analyser) {
+      analyser.getFloatTimeDomainData(buf);
+      let sum = 0;
+      for (const x of buf) sum += x * x;
+      if (Math.sqrt(sum / buf.length) > threshold) out.tone = now();
+    }
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  return out;
+}
+"""
+
 
 async def hear(page: Page, member_id: str, timeout_ms: int = 15_000) -> dict[str, Any]:
     result: dict[str, Any] = await page.evaluate(
         HEAR, {"memberId": member_id, "threshold": HEARD_THRESHOLD, "timeoutMs": timeout_ms})
+    return result
+
+
+async def join_milestones(page: Page, member_id: str, timeout_ms: int = 15_000) -> dict[str, Any]:
+    result: dict[str, Any] = await page.evaluate(
+        JOIN_MILESTONES, {"memberId": member_id, "threshold": HEARD_THRESHOLD, "timeoutMs": timeout_ms})
     return result
 
 

@@ -173,7 +173,7 @@ async def test_whole_circle(new_page: NewPage, screenshots: Path) -> None:
         await expect(notice).to_contain_text("Kenanga")
         for page in (melati, anggrek):
             await expect(page.locator("#notices li")).to_have_count(0)
-            assert "Kenanga" not in await page.locator("body").inner_text()
+            assert "Kenanga" not in await page.locator("#screen-room").inner_text()
         assert counts.forwarded[ids["Kenanga"]] == 0
 
         # -- the moderator removes Anggrek -----------------------------------------------
