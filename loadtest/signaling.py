@@ -262,22 +262,24 @@ class SignalingRoom(RoomBase):
         self._dirty = False
         assert self.moderator is not None
         mod = self.moderator
-        fut = mod.expect("snapshot")
+        fut = mod.expect("snapshot")  # `snapshot` carries no ref: wait for the frame itself
         try:
-            await mod.command("sync")
-        except Closed:
-            return
-        try:
+            await mod.send({"type": "sync"})
             frame, _ = await asyncio.wait_for(fut, 5)
-        except (TimeoutError, Closed):
+        except (TimeoutError, Closed, OSError):
             return
         state = frame["state"]
         by_id = {c.member_id: c for c in self.inside}
-        for member_id in state.get("queue", []):
-            if member_id in by_id:
-                await by_id[member_id].command("lower_hand")
-        if (state.get("floor") or {}).get("holder"):
-            await mod.command("release_floor")
+        try:
+            for member_id in state.get("queue", []):
+                if member_id in by_id:
+                    await by_id[member_id].command("lower_hand")
+            if (state.get("floor") or {}).get("holder"):
+                await mod.command("release_floor")
+            if any(not m.get("muted") and m.get("role") != "moderator" for m in state.get("members", [])):
+                await mod.command("mute_all")
+        except Closed:
+            pass
 
     async def quiet_leave_and_rejoin(self, position: int, until: float, pace: float) -> None:
         assert self.moderator is not None
