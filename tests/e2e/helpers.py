@@ -16,8 +16,9 @@ from playwright.async_api import Page, expect
 WEB = Path(__file__).resolve().parents[2] / "web"
 CATALOGS = {code: json.loads((WEB / "i18n" / f"{code}.json").read_text(encoding="utf-8")) for code in ("id", "en")}
 
-# Keeps every RTCPeerConnection the page makes in window.__pcs (to play a modified browser) and
-# counts getUserMedia calls in window.__gum.
+# Keeps every RTCPeerConnection the page makes in window.__pcs (to play a modified browser),
+# counts getUserMedia calls in window.__gum and `sync` commands sent in window.__syncs, and
+# notes the time of the #join click in window.__joinClick.
 INSTRUMENT = """
 (() => {
   window.__pcs = [];
@@ -31,6 +32,14 @@ INSTRUMENT = """
   addEventListener('click', (ev) => {
     if (ev.target && ev.target.id === 'join') window.__joinClick = performance.now();
   }, true);
+  window.__syncs = 0;
+  const send = WebSocket.prototype.send;
+  WebSocket.prototype.send = function (data) {
+    const bytes = new Uint8Array(data instanceof ArrayBuffer ? data : data.buffer ?? []);
+    // msgpack: fixstr "type" then fixstr "sync"
+    if (String.fromCharCode(...bytes).includes('\xa4type\xa4sync')) window.__syncs += 1;
+    return send.call(this, data);
+  };
   window.__gum = 0;
   const md = navigator.mediaDevices;
   if (md && md.getUserMedia) {

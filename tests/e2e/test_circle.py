@@ -104,6 +104,23 @@ async def test_whole_circle(new_page: NewPage, screenshots: Path) -> None:
         await shot(melati, screenshots, "03-room-member")
         await shot(mod, screenshots, "04-room-moderator")
 
+        # -- a private word to the moderators (F9): a moderator-only event ---------------
+        await anggrek.click("button#open-help")
+        await anggrek.click("button#open-note")
+        await anggrek.fill("form#private-note textarea[name=text]", "Saya dengar saja hari ini")
+        await anggrek.click("form#private-note button[type=submit]")
+        await expect(mod.locator("#notices li[data-kind='notice.private_note']")).to_contain_text(
+            "Saya dengar saja hari ini")
+        await anggrek.click("#note-panel [data-close]")
+
+        # -- a guest waits in the lobby and is declined: moderator-only events that bump the
+        # room version, so from here on members see version gaps
+        guest = await live.join(server, links["guest"], "Tamu", expect="lobby")
+        await expect(waiting).to_have_count(1)
+        await waiting.first.locator("[data-action=decline]").click()
+        await expect(waiting).to_have_count(0)
+        assert await guest.closed() == 4403
+
         # -- Melati raises her hand and gets the floor; she is prompted and unmutes --------
         await melati.click("button#raise-hand")
         await expect(mod.locator(f"#queue li[data-member-id='{ids['Melati']}']")).to_have_count(1)
@@ -151,6 +168,11 @@ async def test_whole_circle(new_page: NewPage, screenshots: Path) -> None:
             assert ids["Kenanga"] not in carried
             assert set(carried) <= {ids["Melati"], mod_id}, carried
         assert server.parts.relay.stats()["packets_dropped_gated"] >= 100
+
+        # The lobby events bumped the room version unseen by members: since then every event
+        # shows them a gap, which must not make them `sync` (the server delivers in order).
+        for page in (mod, melati, kenanga, anggrek):
+            assert await page.evaluate("window.__syncs") == 0
 
         # -- the help panel -------------------------------------------------------------
         await anggrek.click("button#open-help")
