@@ -25,7 +25,7 @@ from rooms.manager import Busy, RoomManager
 from rooms.model import Role, RoomState
 from rooms.rules import joined_member_id, lobby_circle, snapshot
 from rooms.store import NoSuchCircle, StoreError
-from rooms.subscription import Closed, Resync, Subscription
+from rooms.subscription import Closed, Item, Resync, Subscription
 from signaling import frames as f
 from signaling import tokens
 from signaling.close import CloseCode
@@ -90,6 +90,22 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+_ENCODED: dict[int, tuple[Event, bytes]] = {}
+
+
+def _encoded_event(event: Event) -> bytes:
+    """An event's frame bytes, encoded once for all the members it reaches (the hub hands
+    the same object to every subscriber; keeping it here keeps its id unique)."""
+    hit = _ENCODED.get(id(event))
+    if hit is not None and hit[0] is event:
+        return hit[1]
+    if len(_ENCODED) > 256:
+        _ENCODED.clear()
+    data = f.encode_server_frame(event_frame(event))
+    _ENCODED[id(event)] = (event, data)
+    return data
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -121,14 +137,19 @@ class Session:
         self._deferred_close: tuple[int, str] | None = None
         self._out: asyncio.Queue[object] = asyncio.Queue(limits.send_queue)
         self._sub: Subscription | None = None
+        self._held: list[Item] | None = None  # items that arrive while an admission loads
+        self._admitting: asyncio.Future[None] | None = None
 
     # --- outbound -----------------------------------------------------------------------
 
     def send(self, frame: f.ServerFrame) -> None:
+        self.send_encoded(f.encode_server_frame(frame))
+
+    def send_encoded(self, data: bytes) -> None:
         if self._closing:
             return
         try:
-            self._out.put_nowait(f.encode_server_frame(frame))
+            self._out.put_nowait(data)
         except asyncio.QueueFull:
             log.info("slow client dropped", extra={"code": 1008})
             self._closing = True
@@ -198,20 +219,22 @@ class Session:
             return
         self.observer.joined(self)
         writer = asyncio.create_task(self._writer())
-        pump = asyncio.create_task(self._pump())
+        assert self._sub is not None
+        self._sub.listen(self._on_item)
         reader = asyncio.create_task(self._reader())
         try:
             await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump, reader):
-                task.cancel()
+            reader.cancel()
+            if self._admitting is not None:
+                self._admitting.cancel()
             if not writer.done():
                 self.close(CloseCode.GOING_AWAY)
                 try:
                     await asyncio.wait_for(writer, 2)
                 except (TimeoutError, Exception):
                     writer.cancel()
-            await asyncio.gather(pump, reader, writer, return_exceptions=True)
+            await asyncio.gather(reader, writer, return_exceptions=True)
             await self._cleanup()
 
     async def _cleanup(self) -> None:
@@ -303,27 +326,29 @@ class Session:
 
     # --- events out ---------------------------------------------------------------------
 
-    async def _pump(self) -> None:
-        assert self._sub is not None
-        async for item in self._sub:
-            if isinstance(item, Closed):
-                self.gone = True
-                self.close(CloseCode.ENDED, "ended")
-                return
-            if isinstance(item, Resync):
-                self._send_snapshot(item.state)
-                continue
-            await self._deliver(item)
+    def _on_item(self, item: Item) -> None:
+        """Called by the subscription for every item, synchronously: no task per member on
+        the fan-out path. While an admission is being loaded, items wait in `_held`."""
+        if self._held is not None:
+            self._held.append(item)
+            return
+        if isinstance(item, Closed):
+            self.gone = True
+            self.close(CloseCode.ENDED, "ended")
+        elif isinstance(item, Resync):
+            self._send_snapshot(item.state)
+        else:
+            self._deliver(item)
 
-    async def _deliver(self, event: Event) -> None:
+    def _deliver(self, event: Event) -> None:
         if not event.ephemeral and event.version <= self.last_version:
             return  # already part of the snapshot this client was sent
         if event.for_server:
-            await self._act_on(event)
+            self._act_on(event)
         elif visible_to(event, self.member_id, self.role is Role.MODERATOR, self.admitted):
-            self.send(event_frame(event))
+            self.send_encoded(_encoded_event(event))
 
-    async def _act_on(self, event: Event) -> None:
+    def _act_on(self, event: Event) -> None:
         name, who = event.name, event.data.get("member_id")
         if name is Name.ENDED:
             self.gone = True
@@ -331,10 +356,8 @@ class Session:
         elif who != self.member_id:
             return
         elif name is Name.ADMITTED:
-            state = await self.manager.load(self.circle_id)
-            self.admitted = True
-            self.last_version = state.version
-            self.send(f.Admitted(state=snapshot(state, self.member_id, self.now_ms())))
+            self._held = []
+            self._admitting = asyncio.ensure_future(self._admit())
         elif name in (Name.DECLINED, Name.REMOVED):
             self.gone = True
             self.close(CloseCode.REFUSED, name.value)
@@ -344,6 +367,22 @@ class Session:
         elif name is Name.REPLACED and event.data["session"] > self.seat_session:
             self.gone = True
             self.close(CloseCode.LEFT, "replaced by a newer connection")
+
+    async def _admit(self) -> None:
+        """Send `admitted {state}`, then what arrived meanwhile and is newer than it."""
+        try:
+            state = await self.manager.load(self.circle_id)
+        except (StoreError, Busy):
+            state = None
+        held, self._held = self._held or [], None
+        if state is None:
+            self.close(CloseCode.TRY_AGAIN_LATER, "try again later")
+            return
+        self.admitted = True
+        self.last_version = state.version
+        self.send(f.Admitted(state=snapshot(state, self.member_id, self.now_ms())))
+        for item in held:
+            self._on_item(item)
 
     def _send_snapshot(self, state: RoomState, ref: int | None = None) -> None:
         self.last_version = max(self.last_version, state.version)
