@@ -55,6 +55,7 @@ class RoomManager:
         self._locks: dict[str, asyncio.Lock] = {}  # one writer per circle in this process
         self._known: dict[str, _Known] = {}
         self._refreshing: set[str] = set()
+        self._saving: dict[str, int] = {}  # circle -> version this process is saving now
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -132,10 +133,12 @@ class RoomManager:
                 self._know(circle_id, state)
                 return state, events
             durable = [encode_event(e) for e in events if not e.ephemeral]
+            self._saving[circle_id] = new.version  # its own wake-up needs no reload
             try:
                 await self._store.save(circle_id, state.version, encode_state(new), durable,
                                        new.version)
             except VersionConflict:
+                self._saving.pop(circle_id, None)
                 if attempt:  # spread the writers that keep colliding
                     await asyncio.sleep(random.uniform(0, 0.0005 * min(attempt, 20)))
                 state, fresh = await self.load(circle_id), True
@@ -166,6 +169,7 @@ class RoomManager:
             log.warning("an ended circle could not be deleted now; it will expire")
         self._cache.pop(circle_id, None)
         self._locks.pop(circle_id, None)
+        self._saving.pop(circle_id, None)
         self._disarm(circle_id)
 
     # ---- subscriptions -----------------------------------------------------------------
@@ -234,6 +238,8 @@ class RoomManager:
         cached = self._cache.get(circle_id)
         if cached is not None and cached.version >= version:
             return
+        if self._saving.get(circle_id) == version:
+            return  # our own save: `_execute` re-arms the timer with the state it saved
         if circle_id not in self._refreshing:
             self._refreshing.add(circle_id)
             self._spawn(self._refresh(circle_id))
@@ -251,6 +257,7 @@ class RoomManager:
         self._know(circle_id, state)
 
     def _gone(self, circle_id: str) -> None:
+        self._saving.pop(circle_id, None)
         known = self._known.pop(circle_id, None)
         if known is not None and known.timer is not None:
             known.timer.cancel()
