@@ -309,6 +309,13 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
         "rooms": [report.room_summary(r) for r in raws],
     }
     rep["totals"] = report.totals(raws, cost)
+    if "media" in results and "media" in rep["totals"]:
+        base = report.summary(results["media"].get("direct_baseline_ms", []))
+        rep["totals"]["media"]["direct_path_without_relay_ms"] = base
+        relay = rep["totals"]["media"]["relay_latency_ms"]
+        if base["p50"] is not None and relay["p50"] is not None:
+            rep["totals"]["media"]["relay_share_p50_ms"] = round(relay["p50"] - base["p50"], 3)
+            rep["totals"]["media"]["relay_share_p99_ms"] = round(relay["p99"] - base["p99"], 3)
     history_path = out / "history.jsonl"
     media_tot = rep["totals"].get("media") or {}
     entry = {"rooms": args.rooms, "members": args.members, "store": args.store, "media_rooms": args.media_rooms,

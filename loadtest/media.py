@@ -24,7 +24,7 @@ from typing import Any
 
 from loadtest import procs
 from loadtest.client import Client, Closed
-from loadtest.peer import LoadPeer, MarkTrack
+from loadtest.peer import DirectPair, LoadPeer, MarkTrack
 from loadtest.signaling import (
     COUNTERS,
     DRAIN_SECONDS,
@@ -178,6 +178,12 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
         if not await wait_go(go, cfg["join_timeout"] + 60):
             raise RuntimeError("no go signal")
         ok = [room for room, r in zip(rooms, joined, strict=True) if not isinstance(r, BaseException)]
+        direct: DirectPair | None = DirectPair(65535)
+        try:
+            await asyncio.wait_for(direct.connect(), JOIN_TIMEOUT)
+        except Exception:  # noqa: BLE001 - the baseline is optional
+            await direct.close()
+            direct = None
         cpu0 = self_cpu()
         lag_stop = asyncio.Event()
         lag = asyncio.create_task(watch_loop_lag(lag_stop))
@@ -209,7 +215,10 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
             records.append(rec)
         server_window = {"seconds": (end - start) / 1e9,
                          "server_cpu_s": None if srv0 is None or srv1 is None else srv1 - srv0}
-        queue.put(("result", "media", {"rooms": records, "generator_cpu_s": cpu1 - cpu0, "loop_lag_ms": LOOP_LAG,
+        baseline = direct.window(start, end) if direct is not None else []
+        if direct is not None:
+            await direct.close()
+        queue.put(("result", "media", {"rooms": records, "direct_baseline_ms": baseline, "generator_cpu_s": cpu1 - cpu0, "loop_lag_ms": LOOP_LAG,
                                        "generator_pid": os.getpid(), "server_window": server_window,
                                        "errors": [repr(w)[:200] for w in started if isinstance(w, BaseException)]}))
     finally:

@@ -140,6 +140,42 @@ def _tap(receiver: Any, sink: Callable[[bytes], None]) -> None:
     receiver.receive = receive
 
 
+class DirectPair:
+    """The same path without the relay: a sending peer connected straight to a receiving
+    one in this process, so its latency is the client side's share (aiortc send + receive,
+    SRTP, loopback UDP, this event loop) of what the listeners measure through the relay."""
+
+    def __init__(self, room: int) -> None:
+        self.latencies: list[float] = []
+        self.sent_s: list[float] = []
+        self.track = MarkTrack(room, 0)
+        self.sender = LoadPeer(lambda *a: None, track=self.track, slots=0)
+        self.receiver = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+    def _on_payload(self, payload: bytes) -> None:
+        arrived = time.monotonic_ns()
+        marked = unmark(payload)
+        if marked is not None:
+            self.latencies.append((arrived - marked[3]) / 1e6)
+            self.sent_s.append(marked[3] / 1e9)
+
+    async def connect(self) -> None:
+        offer = await self.sender.offer()
+        await self.receiver.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        for transceiver in self.receiver.getTransceivers():
+            transceiver.direction = "recvonly"
+            _tap(transceiver.receiver, self._on_payload)
+        await self.receiver.setLocalDescription(await self.receiver.createAnswer())
+        await self.sender.accept(self.receiver.localDescription.sdp)
+
+    def window(self, start_ns: int, end_ns: int) -> list[float]:
+        return [ms for ms, t in zip(self.latencies, self.sent_s, strict=True) if start_ns <= t * 1e9 <= end_ns]
+
+    async def close(self) -> None:
+        await self.sender.close()
+        await self.receiver.close()
+
+
 class LoadPeer:
     """One member's browser, reduced to what the relay sees: a microphone (or none) and S
     slots whose packets go to `sink` with their arrival time."""

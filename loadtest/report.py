@@ -140,6 +140,7 @@ def table(report: dict[str, Any]) -> str:
                  f"{_f(t['admit_ms']['p99']):>8}")
     media = [r for r in report["rooms"] if r.get("media")]
     if media:
+        base = t["media"].get("direct_path_without_relay_ms") or {}
         lines.append("")
         lines.append("media relay latency (ms) per listener: speaker's send → listener's receive")
         lines.append(f"{'room':>4} {'lis':>3} {'role':<9} {'pkts':>6} {'p50':>6} {'p95':>6} {'p99':>6} {'max':>7} "
@@ -157,6 +158,9 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{'all':>4} {m['listeners']:>3} {'':<9} {lat['count']:>6} {_f(lat['p50']):>6} {_f(lat['p95']):>6} "
                      f"{_f(lat['p99']):>6} {_f(lat['max']):>7} {_f(loss, 2):>6} {_f(m['jitter_ms_max'], 2):>5} "
                      f"{m['leaked_from_non_holder']:>6}")
+        if base.get("count"):
+            lines.append(f"same path without the relay (peer to peer in the generator): p50/p95/p99 "
+                         f"{_f(base['p50'])}/{_f(base['p95'])}/{_f(base['p99'])} ms, n={base['count']}")
     c = report["cost"]
     lines.append("")
     lines.append(f"server: CPU {_f(c.get('server_cpu_s'), 2)} s over {_f(c.get('steady_seconds'))} s "
@@ -315,6 +319,9 @@ def _numbers(ax: Any, report: dict[str, Any]) -> None:
         lines += [f"media: {m['forwarded_streams']} streams, p50/p95/p99 {_f(lat['p50'])}/{_f(lat['p95'])}/"
                   f"{_f(lat['p99'])} ms", f"  loss {loss}, jitter max {_f(m['jitter_ms_max'], 2)} ms, "
                   f"leaked from non-holders {m['leaked_from_non_holder']}"]
+        base = m.get("direct_path_without_relay_ms") or {}
+        if base.get("count"):
+            lines.append(f"  without relay p50/p99 {_f(base['p50'])}/{_f(base['p99'])} ms")
         if "server_cpu_s_per_stream_s" in m:
             lines.append(f"  {m['server_cpu_s_per_stream_s'] * 1000:.2f} ms server CPU per stream-second")
     if c.get("server_cpu_s") is not None:
