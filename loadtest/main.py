@@ -28,17 +28,8 @@ JOIN_TIMEOUT = 60.0
 PROGRESS_WIDTH = 30
 
 
-def _undo_cli_split(argv: list[str]) -> list[str]:
-    """`server/cli.py` hands us ``[*remainder, *extras]``: argparse's REMAINDER starts at the
-    first value, so ``--rooms 2 --members 4`` arrives as ``2 --members 4 --rooms``. The option
-    that owned the leading value is the last token; put it back in front."""
-    if argv and not argv[0].startswith("-") and argv[-1].startswith("-") and "=" not in argv[-1]:
-        return [argv[-1], *argv[:-1]]
-    return argv
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    argv = _undo_cli_split(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="lingkar loadtest", description=__doc__.split("\n\n")[0])
     p.add_argument("--rooms", type=int, default=20, help="simultaneous circles (N)")
     p.add_argument("--members", type=int, default=8, help="people per circle, moderator included (M ≥ 3)")

@@ -54,16 +54,16 @@ class _Server:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["loadtest"]:  # its own flags, passed through untouched
+        from loadtest.main import main as loadtest_main
+
+        return loadtest_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lingkar", description="Lingkar: moderated peer-support circles")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    lt = sub.add_parser("loadtest", help="drive many circles and measure latency", add_help=False)
-    lt.add_argument("rest", nargs=argparse.REMAINDER)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "loadtest":
-        from loadtest.main import main as loadtest_main
-
-        return loadtest_main([*args.rest, *rest])
+    sub.add_parser("loadtest", help="drive many circles and measure latency (lingkar loadtest -h)")
+    args = parser.parse_args(argv)
     try:
         settings = load_settings(os.environ, {"host": args.host, "port": args.port, "store": args.store})
     except ConfigError as err:
