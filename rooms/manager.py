@@ -103,16 +103,19 @@ class RoomManager:
 
     # ---- writing -----------------------------------------------------------------------
 
-    async def execute(self, circle_id: str, command: Command) -> tuple[RoomState, list[Event]]:
+    async def execute(self, circle_id: str, command: Command, *, fence: int | None = None
+                      ) -> tuple[RoomState, list[Event]]:
         """Apply `command` and save the result. Returns the new state and every event, the
         ephemeral ones already published. Raises RoomError (nothing changed), NoSuchCircle,
         Busy, StoreUnavailable (the outcome of a save cut off mid-way is unknown; resume and
-        the version tell)."""
+        the version tell). With `fence` (this process's lease token, DESIGN §8) the save is
+        refused with StaleOwner once another process has taken the circle."""
         lock = self._locks.setdefault(circle_id, asyncio.Lock())
         async with lock:
-            return await self._execute(circle_id, command)
+            return await self._execute(circle_id, command, fence)
 
-    async def _execute(self, circle_id: str, command: Command) -> tuple[RoomState, list[Event]]:
+    async def _execute(self, circle_id: str, command: Command, fence: int | None = None
+                       ) -> tuple[RoomState, list[Event]]:
         state = self._cache.get(circle_id)
         fresh = state is None
         if state is None:
@@ -136,7 +139,7 @@ class RoomManager:
             self._saving[circle_id] = new.version  # its own wake-up needs no reload
             try:
                 await self._store.save(circle_id, state.version, encode_state(new), durable,
-                                       new.version)
+                                       new.version, fence)
             except VersionConflict:
                 self._saving.pop(circle_id, None)
                 if attempt:  # spread the writers that keep colliding
@@ -144,6 +147,7 @@ class RoomManager:
                 state, fresh = await self.load(circle_id), True
                 continue
             except StoreError:
+                self._saving.pop(circle_id, None)  # refused (stale owner) or unknown
                 self._cache.pop(circle_id, None)  # the outcome is unknown: reload next time
                 raise
             self._cache[circle_id] = new

@@ -18,7 +18,9 @@ from rooms.codec import state_version
 from rooms.store import (
     CircleExists,
     Ephemeral,
+    Lease,
     NoSuchCircle,
+    Owner,
     ReplayGap,
     Unsubscribe,
     VersionConflict,
@@ -94,7 +96,8 @@ class MemoryStore:
         return self._room(circle_id).blob
 
     async def save(self, circle_id: str, expected_version: int, blob: bytes,
-                   events: Sequence[bytes], new_version: int) -> None:
+                   events: Sequence[bytes], new_version: int, fence: int | None = None) -> None:
+        # `fence` needs no check: with one process, its lease is always its own.
         room = self._room(circle_id)
         async with room.lock:
             if self._rooms.get(circle_id) is not room:  # deleted while we waited
@@ -107,6 +110,19 @@ class MemoryStore:
             room.version, room.blob, room.touched = new_version, blob, self._clock()
             room.log.append((new_version, kept))
         self._wake(circle_id, new_version, kept)
+
+    # One process holds every lease, always: the same interface as Redis, trivially ours.
+
+    async def acquire(self, circle_id: str, owner_id: str, url: str, ttl_ms: int
+                      ) -> Lease | Owner:
+        self._room(circle_id)
+        return Lease(circle_id, owner_id, 0, taken_over=False)
+
+    async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> list[bool]:
+        return [True for _ in leases]
+
+    async def release(self, lease: Lease) -> None:
+        return None
 
     async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
         for sub in list(self._subscribers.get(circle_id, ())):

@@ -12,6 +12,13 @@ deletion, and pruned on read of ids whose state key is gone (expired). Listing i
 the organizer's dashboard, so a set read in one round trip beats a SCAN of the whole keyspace
 (which on a cluster would have to visit every node); a circle created by a process that died
 before its SADD is missing from the list until it ends, which the dashboard can live with.
+
+Home (DESIGN §8): `lk:{circle}:home` is the circle's lease — the owning process's id, its
+fencing token and its public URL — with a TTL of a few seconds that the owner keeps renewing.
+Tokens come from INCR on `lk:{circle}:fence`, so every new holder has a larger one. Acquire,
+renew and release are Lua scripts that act only if the lease is free or carries the caller's
+id (and token); the save script, given a token, refuses the write ('stale') unless the lease
+holds that token right now — a process that lost its lease cannot write, whatever it believes.
 """
 
 from __future__ import annotations
@@ -37,8 +44,11 @@ from rooms.memory_store import IDLE_SECONDS, MAX_VERSIONS
 from rooms.store import (
     CircleExists,
     Ephemeral,
+    Lease,
     NoSuchCircle,
+    Owner,
     ReplayGap,
+    StaleOwner,
     StoreUnavailable,
     Unsubscribe,
     VersionConflict,
@@ -53,6 +63,9 @@ EVENTS_KEY = "lk:{{{}}}:events"  # stream, one entry per saved version: id "<ver
 #                                  fields v = version, then "0", "1", … = that version's events
 WAKE_CHANNEL = "lk:{{{}}}:wake"  # pub/sub: b"w" + msgpack [version, [events]] after a save,
 #                                  b"w" + msgpack [-1, None] on deletion, b"e" + event (ephemeral)
+HOME_KEY = "lk:{{{}}}:home"  # hash: owner = process id, token = fencing token, url = its
+#                              public URL; PX = lease TTL, renewed by the owner (DESIGN §8)
+FENCE_KEY = "lk:{{{}}}:fence"  # counter: INCR gives each new lease holder its token
 CIRCLES_KEY = "lk:circles"  # set of circle ids, for listing only (see the module docstring)
 # -------------------------------------------------------------------------------------------
 
@@ -68,29 +81,64 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: state, events. ARGV: expected, new, blob, ttl ms, maxlen, channel, wake, events...
+# KEYS: state, events, home, fence. ARGV: expected, new, blob, ttl ms, maxlen, channel, wake,
+# fencing token ('' = none: compare-and-set only), events...
 _SAVE = """
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return 'missing' end
-if v ~= ARGV[1] then
-  -- a save retried after a lost reply finds its own write: it succeeded
-  if v == ARGV[2] and redis.call('HGET', KEYS[1], 'blob') == ARGV[3] then return 'ok' end
-  return 'conflict'
+-- a save retried after a lost reply finds its own write: it succeeded
+if v == ARGV[2] and v ~= ARGV[1] and redis.call('HGET', KEYS[1], 'blob') == ARGV[3] then
+  return 'ok'
 end
+if ARGV[8] ~= '' and redis.call('HGET', KEYS[3], 'token') ~= ARGV[8] then return 'stale' end
+if v ~= ARGV[1] then return 'conflict' end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'blob', ARGV[3])
 local entry = {'v', ARGV[2]}
-for i = 8, #ARGV do
-  entry[#entry + 1] = tostring(i - 8)
+for i = 9, #ARGV do
+  entry[#entry + 1] = tostring(i - 9)
   entry[#entry + 1] = ARGV[i]
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-0', unpack(entry))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[4], ARGV[4])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 'ok'
 """
 
+# KEYS: state, home, fence. ARGV: owner, url, lease ttl ms, idle ttl ms.
+# -> {1, token} taken (it was free), {2, token} already ours, {0, url} another's, {-1} missing
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local h = redis.call('HMGET', KEYS[2], 'owner', 'token', 'url')
+if h[1] and h[1] ~= ARGV[1] then return {0, h[3] or ''} end
+local how, token = 2, h[2]
+if not h[1] then
+  how, token = 1, redis.call('INCR', KEYS[3])
+  redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'token', token, 'url', ARGV[2])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {how, tonumber(token)}
+"""
+
+# KEYS: home. ARGV: owner, token, lease ttl ms (renew) -> 1 held and extended, 0 lost
+_RENEW = """
+local h = redis.call('HMGET', KEYS[1], 'owner', 'token')
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: home. ARGV: owner, token -> 1 released, 0 not ours (any more)
+_RELEASE = """
+local h = redis.call('HMGET', KEYS[1], 'owner', 'token')
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
 _DELETE = """
+redis.call('DEL', KEYS[3], KEYS[4])
 local n = redis.call('DEL', KEYS[1], KEYS[2])
 if n > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return n
@@ -101,6 +149,11 @@ def _keys(circle_id: str) -> list[str]:
     if not _ID.fullmatch(circle_id):
         raise ValueError(f"not a circle id: {circle_id!r}")
     return [STATE_KEY.format(circle_id), EVENTS_KEY.format(circle_id)]
+
+
+def _home_keys(circle_id: str) -> list[str]:
+    """state, home, fence (the lease scripts check the circle exists)."""
+    return [_keys(circle_id)[0], HOME_KEY.format(circle_id), FENCE_KEY.format(circle_id)]
 
 
 def _circle_of(channel: bytes) -> str:
@@ -148,6 +201,9 @@ class RedisStore:
         self._create_script = self._redis.register_script(_CREATE)
         self._save_script = self._redis.register_script(_SAVE)
         self._delete_script = self._redis.register_script(_DELETE)
+        self._acquire_script = self._redis.register_script(_ACQUIRE)
+        self._renew_script = self._redis.register_script(_RENEW)
+        self._release_script = self._redis.register_script(_RELEASE)
         self._subs: dict[str, list[_Subscriber]] = {}
         self._pubsub: PubSub | None = None
         self._confirmed: set[str] = set()  # circles whose SUBSCRIBE the current connection confirmed
@@ -177,16 +233,54 @@ class RedisStore:
         return blob
 
     async def save(self, circle_id: str, expected_version: int, blob: bytes,
-                   events: Sequence[bytes], new_version: int) -> None:
+                   events: Sequence[bytes], new_version: int, fence: int | None = None) -> None:
         wake = bytes([WAKE]) + msgpack.packb([new_version, list(events)], use_bin_type=True)
         args = [expected_version, new_version, blob, self._ttl_ms, self._max_versions,
-                WAKE_CHANNEL.format(circle_id), wake, *events]
+                WAKE_CHANNEL.format(circle_id), wake, "" if fence is None else fence, *events]
+        keys = [*_keys(circle_id), HOME_KEY.format(circle_id), FENCE_KEY.format(circle_id)]
         with _mapped("save"):
-            outcome = await self._save_script(keys=_keys(circle_id), args=args)
+            outcome = await self._save_script(keys=keys, args=args)
         if outcome == b"missing":
             raise NoSuchCircle(circle_id)
         if outcome == b"conflict":
             raise VersionConflict(f"{circle_id}: not at version {expected_version}")
+        if outcome == b"stale":
+            raise StaleOwner(f"{circle_id}: fencing token {fence} no longer holds the lease")
+
+    # ---- the circle's home (DESIGN §8) -------------------------------------------------
+
+    async def acquire(self, circle_id: str, owner_id: str, url: str, ttl_ms: int
+                      ) -> Lease | Owner:
+        with _mapped("acquire"):
+            answer = await self._acquire_script(keys=_home_keys(circle_id),
+                                                args=[owner_id, url, ttl_ms, self._ttl_ms])
+        try:
+            how = int(answer[0])
+            if how == -1:
+                raise NoSuchCircle(circle_id)
+            if how == 0:
+                held_by = answer[1]
+                return Owner(held_by.decode() if isinstance(held_by, bytes) else str(held_by))
+            return Lease(circle_id, owner_id, int(answer[1]), taken_over=how == 1)
+        except (ValueError, TypeError, IndexError):
+            raise CorruptState("unreadable lease") from None
+
+    async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> list[bool]:
+        if not leases:
+            return []
+        with _mapped("renew"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for lease in leases:
+                    await self._renew_script(keys=[HOME_KEY.format(lease.circle_id)],
+                                             args=[lease.owner_id, lease.token, ttl_ms],
+                                             client=pipe)
+                answers = await pipe.execute()
+        return [answer == 1 for answer in answers]
+
+    async def release(self, lease: Lease) -> None:
+        with _mapped("release"):
+            await self._release_script(keys=[HOME_KEY.format(lease.circle_id)],
+                                       args=[lease.owner_id, lease.token])
 
     async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
         _keys(circle_id)
@@ -220,7 +314,8 @@ class RedisStore:
     async def delete(self, circle_id: str) -> None:
         gone = bytes([WAKE]) + msgpack.packb([-1, None])
         with _mapped("delete"):
-            await self._delete_script(keys=_keys(circle_id),
+            await self._delete_script(keys=[*_keys(circle_id), HOME_KEY.format(circle_id),
+                                            FENCE_KEY.format(circle_id)],
                                       args=[WAKE_CHANNEL.format(circle_id), gone])
             await self._redis.srem(CIRCLES_KEY, circle_id)
 

@@ -8,6 +8,7 @@ and `rooms.redis_store.RedisStore` (several processes share circles). Stores dea
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -35,6 +36,31 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached; nothing changed."""
 
 
+class StaleOwner(StoreError):
+    """A fenced save from a process that no longer holds the circle's lease (DESIGN §8):
+    refused, nothing changed. Signaling answers `error unavailable`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """This process is the circle's home (DESIGN §8) until the lease expires unrenewed.
+    `token` is the fencing token: a save carrying it is refused once another process has
+    taken the lease. `taken_over`: the lease was free (new token), so members may still be
+    marked connected by a process that died; false when it was already ours."""
+
+    circle_id: str
+    owner_id: str
+    token: int
+    taken_over: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Another live process holds the circle's lease; `url` is its public URL."""
+
+    url: str
+
+
 # Called with (circle_id, version, events) after every save, where `events` are the encoded
 # events of that version (possibly none), and with (circle_id, -1, None) when the circle is
 # deleted. When the store cannot tell which events a wake-up stands for (once a subscription is
@@ -58,12 +84,31 @@ class Store(Protocol):
         """The current state blob. Raises NoSuchCircle."""
 
     async def save(self, circle_id: str, expected_version: int, blob: bytes,
-                   events: Sequence[bytes], new_version: int) -> None:
+                   events: Sequence[bytes], new_version: int, fence: int | None = None) -> None:
         """Compare-and-set: write `blob` (at `new_version`) only if the stored version is
         `expected_version`, append `events` (all of `new_version`) to the circle's capped event
         log and wake subscribers, atomically. Raises VersionConflict or NoSuchCircle. Saving
         the very blob that is already stored at `new_version` succeeds and does nothing, so a
-        save retried after a lost reply is harmless."""
+        save retried after a lost reply is harmless.
+
+        With `fence` (the token of this process's `Lease`), the save is also refused with
+        StaleOwner unless the circle's current lease carries that very token (none at all
+        counts as another's). Without it (the organizer API, timers, a disconnect) only the
+        version is compared: those commands are valid from any process."""
+
+    # ---- the circle's home (DESIGN §8) --------------------------------------------------
+
+    async def acquire(self, circle_id: str, owner_id: str, url: str, ttl_ms: int
+                      ) -> Lease | Owner:
+        """Take the circle's lease for `ttl_ms` if it is free or already `owner_id`'s
+        (atomically), announcing `url`; else say who holds it. Raises NoSuchCircle."""
+
+    async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> list[bool]:
+        """Extend each lease still held with its token, in one round trip; False for each
+        one lost (expired, or taken by another process)."""
+
+    async def release(self, lease: Lease) -> None:
+        """Give the lease up at once if it is still held with its token."""
 
     async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
         """Deliver an event live to subscribers without keeping it anywhere."""

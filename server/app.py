@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from rooms.clock import Clock
+from rooms.homes import Homes
 from rooms.manager import RoomManager
 from rooms.memory_store import MemoryStore
 from rooms.redis_store import RedisStore
@@ -46,6 +49,7 @@ class Parts:
     relay: MediaRelay
     local: LocalCircles
     ws: WebSocketEndpoint
+    homes: Homes
 
 
 def make_store(settings: Settings) -> Store:
@@ -66,8 +70,12 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
                        on_slots=lambda c, m, s: local.on_slots(c, m, s),
                        on_levels=lambda c, lv: local.on_levels(c, lv))
     local = LocalCircles(manager, relay)
+    # DESIGN §8: this process's id (unique per start) and public URL go into its leases.
+    homes = Homes(store, uuid.uuid4().hex, settings.public_url, ttl_ms=settings.lease_ms,
+                  in_use=local.in_use, on_takeover=local.take_over, on_lost=local.moved)
+    local.homes = homes
     ws = WebSocketEndpoint(settings, local, manager, limits, settings.max_per_address)
-    parts = Parts(settings, store, manager, relay, local, ws)
+    parts = Parts(settings, store, manager, relay, local, ws, homes)
     api = OrganizerApi(settings, manager)
 
     def client_config() -> dict[str, Any]:
@@ -91,6 +99,7 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         await drain(parts)
+        await homes.close()
         await relay.close()
         await manager.close()
         await store.close()
@@ -110,9 +119,18 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
     return app
 
 
+DRAIN_SECONDS = 2.0  # how long drain waits for the sockets it closed before it releases
+
+
 async def drain(parts: Parts) -> None:
-    """Graceful shutdown: refuse new sockets, close open ones with 1001. Members keep their
-    seats for the grace period, so with Redis a restarted process resumes them."""
+    """Graceful shutdown: refuse new sockets, close open ones with 1001, then give up this
+    process's leases (DESIGN §8) so another process takes its circles at once. Members keep
+    their seats for the grace period, so with Redis they resume on another process."""
     parts.ws.draining = True
     for session in parts.local.sessions():
         session.close(CloseCode.GOING_AWAY, "server restarting")
+    try:
+        await asyncio.wait_for(parts.local.idle.wait(), DRAIN_SECONDS)
+    except TimeoutError:
+        log.warning("sockets still open after the drain deadline; releasing leases anyway")
+    await parts.homes.release_all()

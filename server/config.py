@@ -40,6 +40,7 @@ ENV_NAMES: Final = {
     "slots": "LINGKAR_SLOTS",
     "grace_seconds": "LINGKAR_GRACE_SECONDS",
     "max_per_address": "LINGKAR_MAX_CONNECTIONS_PER_ADDRESS",
+    "lease_ms": "LINGKAR_LEASE_MS",
 }
 
 
@@ -97,6 +98,8 @@ class Settings:
     grace_seconds: int = 30
     max_per_address: int = 256
     """Open WebSockets allowed from one address (0: no cap)."""
+    lease_ms: int = 3000
+    """TTL of a circle's lease on its home process (DESIGN §8), renewed every third of it."""
 
     @property
     def uses_redis(self) -> bool:
@@ -135,6 +138,7 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, object] | None
         slots=_int(values, "slots", 3, 1, 8),
         grace_seconds=_int(values, "grace_seconds", 30, 0, 600),
         max_per_address=_int(values, "max_per_address", 256, 0, 1_000_000),
+        lease_ms=_int(values, "lease_ms", 3000, 300, 60_000),
     )
 
 

@@ -3,6 +3,12 @@
 For every circle with a connection here, one watcher follows the room's events and tells the
 relay who may be heard (`audible`) and whose media to close. Media frames (`media {slots}`,
 `levels`) reach the member's session through this registry.
+
+It is also what the process's leases (`rooms.homes.Homes`, DESIGN §8) ask about: a circle is
+in use while it has a session here; a circle whose lease went to another process has its
+sessions closed with 1013 (they reconnect and are redirected there, where the media runs);
+and a circle taken over from a process that died has the members that process still showed
+as connected put into their grace period, as that process would have on a disconnect.
 """
 
 from __future__ import annotations
@@ -13,14 +19,18 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from rooms import commands as c
+from rooms.errors import RoomError
 from rooms.events import Name
-from rooms.manager import RoomManager
+from rooms.homes import Homes
+from rooms.manager import Busy, RoomManager
 from rooms.rules import audible
 from rooms.store import StoreError
 from rooms.subscription import Closed, Resync
 from server import metrics
 from server.media.relay import MediaRelay
 from signaling import frames as f
+from signaling.close import CloseCode
 from signaling.session import Session
 
 log = logging.getLogger("lingkar.local")
@@ -41,6 +51,9 @@ class LocalCircles:
         self._circles: dict[str, _Circle] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # relay closes in progress
         self.connections = 0
+        self.homes: Homes | None = None  # set by the app once built (it calls back here)
+        self.idle = asyncio.Event()  # no session here (drain waits for it)
+        self.idle.set()
 
     # Observer ---------------------------------------------------------------------------
 
@@ -51,6 +64,7 @@ class LocalCircles:
             circle.watcher = asyncio.create_task(self._watch(session.circle_id))
             metrics.CIRCLES.set(len(self._circles))
         circle.sessions[session.member_id] = session
+        self.idle.clear()
 
     def gone(self, session: Session) -> bool:
         circle = self._circles.get(session.circle_id)
@@ -62,6 +76,8 @@ class LocalCircles:
             if circle.watcher is not None:
                 circle.watcher.cancel()
             metrics.CIRCLES.set(len(self._circles))
+            if not self._circles:
+                self.idle.set()
             # Nobody here follows the circle any more: the relay forgets it too (its gate
             # would go stale), unless someone came back in the meantime.
             self._spawn(self._forget(session.circle_id))
@@ -81,6 +97,32 @@ class LocalCircles:
 
     def command_took(self, name: str, seconds: float) -> None:
         metrics.COMMAND_SECONDS.labels(name).observe(seconds)
+
+    # Leases (DESIGN §8) -----------------------------------------------------------------
+
+    def in_use(self, circle_id: str) -> bool:
+        return circle_id in self._circles
+
+    def moved(self, circle_id: str) -> None:
+        """Another process holds the circle now: close its sessions here with 1013 (the
+        protocol's "try again"), so their clients reconnect with the resume secret and are
+        redirected there; the last one closing ends the circle's media here too."""
+        circle = self._circles.get(circle_id)
+        for session in list(circle.sessions.values()) if circle else []:
+            session.close(CloseCode.TRY_AGAIN_LATER, "the circle moved to another process")
+
+    async def take_over(self, circle_id: str) -> None:
+        """This process has just taken a free lease: members the previous home still shows
+        as connected (it died without saying) start their grace period now, unless their
+        session is here. Called before any session of the circle joins here."""
+        state = await self.manager.load(circle_id)
+        here = self._circles.get(circle_id)
+        for m in [*state.members.values(), *state.lobby.values()]:
+            if m.connected and (here is None or m.id not in here.sessions):
+                try:
+                    await self.manager.execute(circle_id, c.Disconnect(m.id, m.session))
+                except (RoomError, Busy):
+                    pass
 
     # Media ------------------------------------------------------------------------------
 

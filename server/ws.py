@@ -62,7 +62,8 @@ class WebSocketEndpoint:
         try:
             await ws.accept()
             session = Session(_StarletteTransport(ws), self.local.manager, secret=self.settings.secret,
-                              media=self.local.relay, observer=self.local, limits=self.limits)
+                              media=self.local.relay, observer=self.local, limits=self.limits,
+                              homes=self.local.homes)
             await session.run()
         finally:
             metrics.CONNECTIONS.dec()

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from rooms import commands as c
+from rooms.codec import CorruptState
 from rooms.errors import Code, RoomError
 from rooms.events import Event, Name
+from rooms.homes import Homes
 from rooms.manager import Busy, RoomManager
 from rooms.model import Role, RoomState
 from rooms.rules import joined_member_id, lobby_circle, snapshot
-from rooms.store import NoSuchCircle, StoreError
+from rooms.store import NoSuchCircle, Owner, StaleOwner, StoreError
 from rooms.subscription import Closed, Item, Resync, Subscription
 from signaling import frames as f
 from signaling import tokens
@@ -116,9 +118,10 @@ _CLOSE = object()
 class Session:
     def __init__(self, transport: Transport, manager: RoomManager, *, secret: str, media: Media,
                  observer: Observer, limits: Limits = DEFAULT_LIMITS,
-                 now_ms: Callable[[], int] = _now_ms) -> None:
+                 now_ms: Callable[[], int] = _now_ms, homes: Homes | None = None) -> None:
         self.transport = transport
         self.manager = manager
+        self.homes = homes  # None: no leases (every process may write every circle)
         self.secret = secret
         self.media = media
         self.observer = observer
@@ -276,13 +279,20 @@ class Session:
         self.circle_id = circle_id
         new_secret = secrets.token_urlsafe(32)
         try:
+            if self.homes is not None:  # DESIGN §8: the circle lives on one process
+                home = await self.homes.claim(circle_id)
+                if isinstance(home, Owner):
+                    await self.transport.send(f.encode_server_frame(f.Redirect(url=home.url + "/ws")))
+                    self.observer.frame_out()
+                    await self._close_now(CloseCode.REDIRECT, "the circle lives on another process")
+                    return False
             if hello.resume is not None:
                 state = await self._resume(hello.resume, claims.invite_id, new_secret)
             else:
                 cmd = c.Join(member_id=secrets.token_hex(8), invite_id=claims.invite_id,
                              role=Role(claims.role), name=hello.name,
                              listen_only=hello.listen_only, resume_hash=_hash(new_secret))
-                state, _ = await self.manager.execute(circle_id, cmd)
+                state, _ = await self.manager.execute(circle_id, cmd, fence=self._fence())
                 self.member_id = joined_member_id(state, cmd)
         except RoomError as err:
             log.info("join refused", extra={"code": err.code.value})
@@ -291,7 +301,7 @@ class Session:
         except NoSuchCircle:
             await self._close_now(CloseCode.NO_SUCH_CIRCLE, "no such circle")
             return False
-        except (StoreError, Busy):
+        except (StoreError, CorruptState, Busy):
             await self._close_now(CloseCode.TRY_AGAIN_LATER, "try again later")
             return False
         me = state.find(self.member_id)
@@ -321,8 +331,18 @@ class Session:
             raise RoomError(Code.BAD_RESUME, "unknown resume secret")
         self.member_id = found[0].id
         state, _ = await self.manager.execute(
-            self.circle_id, c.Resume(self.member_id, given, _hash(new_secret)))
+            self.circle_id, c.Resume(self.member_id, given, _hash(new_secret)), fence=self._fence())
         return state
+
+    def _fence(self) -> int | None:
+        """This process's lease token for the circle, or StaleOwner when it is not (or no
+        longer surely) the circle's home: then nothing is written (DESIGN §8)."""
+        if self.homes is None:
+            return None
+        token = self.homes.fence(self.circle_id)
+        if token is None:
+            raise StaleOwner("this process is not the circle's home now")
+        return token
 
     # --- events out ---------------------------------------------------------------------
 
@@ -446,7 +466,7 @@ class Session:
             self.close(CloseCode.LEFT, "left")
 
     async def _execute(self, ref: int | None, command: c.Command) -> None:
-        state, _ = await self.manager.execute(self.circle_id, command)
+        state, _ = await self.manager.execute(self.circle_id, command, fence=self._fence())
         self.send(f.Ack(ref=ref, version=state.version))
 
     async def _sync(self, ref: int | None) -> None:
@@ -481,7 +501,14 @@ class Session:
         except NoSuchCircle:
             self.gone = True
             self.close(CloseCode.ENDED, "ended")
-        except StoreError:
-            self.error(ref, f.ErrorCode.UNAVAILABLE, "the store cannot be reached; nothing changed")
+        except StoreError as err:
+            if isinstance(err, StaleOwner):
+                if self.homes is not None:  # lost? then `on_lost` moves the circle's sessions
+                    self.homes.recheck(self.circle_id)
+                self.error(ref, f.ErrorCode.UNAVAILABLE,
+                           "this process is not the circle's home now; nothing changed")
+            else:
+                self.error(ref, f.ErrorCode.UNAVAILABLE,
+                           "the store cannot be reached; nothing changed")
         return False
 

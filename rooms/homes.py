@@ -1,0 +1,228 @@
+"""A circle lives on one process at a time (DESIGN §8): this process's leases.
+
+`claim` makes this process a circle's home (or names the process that is); one renewal loop
+extends every lease held, in one round trip, every `ttl_ms / 3`. A lease is *valid* here only
+until `ttl_ms` after the last renewal that Redis confirmed (measured from when it was sent, so
+the local view always ends before Redis's): `fence` answers None past that, and the session
+refuses commands (`error unavailable`) rather than risk a split brain. The store's save script
+is the real guard — it refuses any fenced write whose token is not the current lease's.
+
+When a renewal finds the lease gone, the loop tries to take it again at once: if it is free
+(Redis restarted, or a slow renewal let it expire) the circle carries on here with a new
+token; if another process took it, `on_lost` closes the circle's sessions here so that their
+clients reconnect and are redirected. While Redis cannot be reached the lease is kept and
+retried on every round; the sessions stay open (nobody is dropped) but cannot write.
+
+A lease is given up when no session of the circle is left here (`in_use`) for a whole TTL,
+and all at once on drain (`release_all`), so another process can take the circles at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from rooms.codec import CorruptState
+from rooms.store import Lease, NoSuchCircle, Owner, Store, StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+LEASE_MS = 3000
+
+
+class Homes:
+    """The leases of one process. `owner_id` is unique per process start; `url` is its public
+    URL (a redirect sends clients there)."""
+
+    def __init__(self, store: Store, owner_id: str, url: str, *, ttl_ms: int = LEASE_MS,
+                 in_use: Callable[[str], bool] = lambda circle_id: False,
+                 on_takeover: Callable[[str], Awaitable[None]] | None = None,
+                 on_lost: Callable[[str], None] = lambda circle_id: None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.owner_id = owner_id
+        self.url = url
+        self.ttl_ms = ttl_ms
+        self._in_use = in_use
+        self._on_takeover = on_takeover
+        self._on_lost = on_lost
+        self._monotonic = monotonic
+        self._leases: dict[str, Lease] = {}
+        self._valid_until: dict[str, float] = {}  # monotonic s; 0: unconfirmed (retry)
+        self._claimed_at: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # claims and releases of one circle in turn
+        self._rechecking: set[str] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False  # stopped: no new claims
+
+    # ---- claiming ------------------------------------------------------------------------
+
+    async def claim(self, circle_id: str) -> Lease | Owner:
+        """Make this process the circle's home, or say which live process is. Raises
+        NoSuchCircle, StoreUnavailable (also once stopped)."""
+        if self.closed:
+            raise StoreUnavailable("this process is shutting down")
+        lock = self._locks.setdefault(circle_id, asyncio.Lock())
+        async with lock:
+            return await self._claim(circle_id)
+
+    async def _claim(self, circle_id: str) -> Lease | Owner:
+        sent = self._monotonic()
+        self._claimed_at[circle_id] = sent
+        try:
+            got = await self.store.acquire(circle_id, self.owner_id, self.url, self.ttl_ms)
+        except NoSuchCircle:
+            self._forget(circle_id)
+            raise
+        if isinstance(got, Owner):
+            self._forget(circle_id)
+            return got
+        self._leases[circle_id] = got
+        self._valid_until[circle_id] = sent + self.ttl_ms / 1000
+        self._start()
+        if got.taken_over and self._on_takeover is not None:
+            # Still under the circle's lock: no session here joins before this is done.
+            try:
+                await self._on_takeover(circle_id)
+            except (StoreError, CorruptState) as exc:
+                log.warning("taking a circle over: %s", type(exc).__name__)
+        return got
+
+    def fence(self, circle_id: str) -> int | None:
+        """The fencing token while this process is the circle's valid home, else None (and
+        a re-check starts, so a lease that can be had again is taken again soon)."""
+        lease = self._leases.get(circle_id)
+        if lease is not None and self._monotonic() < self._valid_until.get(circle_id, 0.0):
+            return lease.token
+        self.recheck(circle_id)
+        return None
+
+    def holds(self, circle_id: str) -> bool:
+        return circle_id in self._leases
+
+    def circles(self) -> list[str]:
+        return list(self._leases)
+
+    def recheck(self, circle_id: str) -> None:
+        """Find out now whether the lease is still ours (a save was refused as stale, or
+        the lease is no longer valid here); see `_reclaim`."""
+        if self.closed or circle_id in self._rechecking or not self._in_use(circle_id):
+            return
+        self._rechecking.add(circle_id)
+        self._spawn(self._reclaim(circle_id))
+
+    async def _reclaim(self, circle_id: str) -> None:
+        try:
+            lock = self._locks.setdefault(circle_id, asyncio.Lock())
+            async with lock:
+                if self.closed:
+                    return
+                try:
+                    got = await self._claim(circle_id)
+                except NoSuchCircle:
+                    return
+                except (StoreError, CorruptState):
+                    # Unreachable: keep the (unconfirmed) lease, the next round retries.
+                    old = self._leases.get(circle_id)
+                    if old is not None:
+                        self._valid_until[circle_id] = min(
+                            self._valid_until.get(circle_id, 0.0), self._monotonic())
+                    return
+            if isinstance(got, Owner):
+                log.warning("lost a circle's lease to another process; its sessions move")
+                self._on_lost(circle_id)
+        finally:
+            self._rechecking.discard(circle_id)
+
+    def _forget(self, circle_id: str) -> None:
+        self._leases.pop(circle_id, None)
+        self._valid_until.pop(circle_id, None)
+
+    # ---- renewing ------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._loop_task is None and not self.closed:
+            self._loop_task = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_ms / 3000)
+            try:
+                await self.renew_once()
+            except Exception:  # the loop must outlive any one round
+                log.exception("lease renewal failed")
+
+    async def renew_once(self) -> None:
+        """One round: give up idle leases, extend the rest, re-check the lost ones."""
+        now = self._monotonic()
+        for circle_id in list(self._leases):
+            idle = now - self._claimed_at.get(circle_id, now) > self.ttl_ms / 1000
+            if idle and not self._in_use(circle_id):
+                await self._release(circle_id)
+        leases = list(self._leases.values())
+        if not leases:
+            return
+        sent = self._monotonic()
+        try:
+            held = await self.store.renew(leases, self.ttl_ms)
+        except StoreError as exc:
+            log.warning("leases not renewed: %s", type(exc).__name__)
+            return  # they stay valid here until their time is up, then `fence` says None
+        for lease, ok in zip(leases, held, strict=True):
+            if self._leases.get(lease.circle_id) is not lease:
+                continue  # claimed again or released meanwhile
+            if ok:
+                self._valid_until[lease.circle_id] = sent + self.ttl_ms / 1000
+            else:
+                self._valid_until[lease.circle_id] = 0.0
+                if self._in_use(lease.circle_id):
+                    self.recheck(lease.circle_id)
+                else:
+                    self._forget(lease.circle_id)
+
+    # ---- giving up -------------------------------------------------------------------------
+
+    async def _release(self, circle_id: str) -> None:
+        lock = self._locks.setdefault(circle_id, asyncio.Lock())
+        async with lock:
+            lease = self._leases.get(circle_id)
+            if lease is None:
+                return
+            self._forget(circle_id)
+            self._claimed_at.pop(circle_id, None)
+            try:
+                await self.store.release(lease)
+            except StoreError:
+                pass  # it expires on its own within the TTL
+        if not lock.locked():
+            self._locks.pop(circle_id, None)
+
+    async def release_all(self) -> None:
+        """Drain: every lease given up now, so another process can take these circles at
+        once (their sessions were closed with 1001 first, and the endpoint refuses new ones)."""
+        await asyncio.gather(*(self._release(c) for c in list(self._leases)),
+                             return_exceptions=True)
+
+    def abandon(self) -> None:
+        """Stop renewing without releasing anything: what a killed process does (tests)."""
+        self.closed = True
+        self._leases.clear()
+        self._valid_until.clear()
+        for task in [*self._tasks, *([self._loop_task] if self._loop_task else [])]:
+            task.cancel()
+
+    async def close(self) -> None:
+        self.closed = True
+        tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
