@@ -43,6 +43,7 @@ export class Session {
   constructor({ hello, url = wsUrl(), callbacks, storage = null }) {
     this.hello = { ...hello };        // {token, name, listen_only}
     this.url = url;
+    this.entryUrl = url;              // a redirect is followed once; reconnects start here again
     this.cb = callbacks;
     this.storage = storage;           // {save(resume), load(), clear()}
     this.resume = storage?.load() ?? null;
@@ -180,6 +181,9 @@ export class Session {
       return;
     }
     // Dropped network, 1013 store unavailable, rate limits: try again, resuming our seat.
+    // Through the entry URL, not the process we were redirected to: that one may be gone,
+    // and the entry redirects us to wherever the circle lives now (DESIGN §8).
+    this.url = this.entryUrl;
     this.cb.onStatus('reconnecting', { code });
     const delay = Math.min(MAX_BACKOFF_MS, 500 * 2 ** this.attempt) * (0.75 + Math.random() / 2);
     this.attempt += 1;
