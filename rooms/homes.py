@@ -77,9 +77,11 @@ class Homes:
             got = await self.store.acquire(circle_id, self.owner_id, self.url, self.ttl_ms)
         except NoSuchCircle:
             self._forget(circle_id)
+            self._claimed_at.pop(circle_id, None)
             raise
         if isinstance(got, Owner):
             self._forget(circle_id)
+            self._claimed_at.pop(circle_id, None)
             return got
         self._leases[circle_id] = got
         self._valid_until[circle_id] = sent + self.ttl_ms / 1000

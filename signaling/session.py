@@ -281,6 +281,10 @@ class Session:
         try:
             if self.homes is not None:  # DESIGN §8: the circle lives on one process
                 home = await self.homes.claim(circle_id)
+                if isinstance(home, Owner) and home.url == self.homes.url:
+                    # An earlier run of this process (same URL, now gone) still holds it:
+                    # no redirect to ourselves; the client retries once the lease is out.
+                    raise StaleOwner("the lease of an earlier run has not run out yet")
                 if isinstance(home, Owner):
                     await self.transport.send(f.encode_server_frame(f.Redirect(url=home.url + "/ws")))
                     self.observer.frame_out()

@@ -208,6 +208,33 @@ async def test_a_stale_owner_writes_nothing_and_its_sessions_move(redis_url: str
         await ack_of(moved, "raise_hand")
 
 
+async def test_a_renewal_that_finds_the_lease_taken_moves_the_sessions(redis_url: str) -> None:
+    async with live_server(redis_url, lease_ms=60_000) as a, \
+            live_server(redis_url, lease_ms=60_000) as b:
+        circle = await a.create_circle()
+        m = await join(a, circle["links"]["member"], "Melati")
+        drop_home(redis_url, circle["id"])
+        assert isinstance(await b.parts.homes.claim(circle["id"]), Lease)
+        await a.parts.homes.renew_once()  # one round of A's renewal loop, without waiting
+        assert await m.closed() == 1013
+        assert not a.parts.homes.holds(circle["id"])
+
+
+async def test_a_lease_left_by_an_earlier_run_at_the_same_url_is_waited_out(
+        redis_url: str) -> None:
+    async with live_server(redis_url) as a:
+        circle = await a.create_circle()
+        with redis.Redis.from_url(redis_url) as r:
+            key = f"lk:{{{circle['id']}}}:home"
+            r.hset(key, mapping={"owner": "an-earlier-run", "token": 999, "url": a.url})
+            r.pexpire(key, 60_000)
+        client, first = await hello_at(a.url + "/ws", token_of(circle["links"]["member"]))
+        assert first is None and await client.closed() == 1013  # no redirect to itself
+        drop_home(redis_url, circle["id"])  # the old lease runs out
+        client, first = await hello_at(a.url + "/ws", token_of(circle["links"]["member"]))
+        assert first is not None and first["type"] == "welcome"
+
+
 async def test_drain_releases_the_leases_so_another_process_takes_over_at_once(
         redis_url: str) -> None:
     async with live_server(redis_url) as a, live_server(redis_url) as b:
