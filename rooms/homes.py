@@ -209,14 +209,6 @@ class Homes:
         await asyncio.gather(*(self._release(c) for c in list(self._leases)),
                              return_exceptions=True)
 
-    def abandon(self) -> None:
-        """Stop renewing without releasing anything: what a killed process does (tests)."""
-        self.closed = True
-        self._leases.clear()
-        self._valid_until.clear()
-        for task in [*self._tasks, *([self._loop_task] if self._loop_task else [])]:
-            task.cancel()
-
     async def close(self) -> None:
         self.closed = True
         tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
