@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import msgpack
 import websockets
 
 from loadtest.procs import RedisProcess, ServerProcess, cpu_seconds, http
+from server.gctune import tune_gc
 
 PERIOD = 0.2  # one command per circle every 200 ms
 WARMUP = 1.0  # seconds of commands before measuring
@@ -162,8 +162,7 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
             room.actor_id = joined[1][1]
             sockets.extend(room.sockets)
         connect_seconds = time.perf_counter() - started
-        gc.collect()
-        gc.freeze()  # the generator's own pauses must not pass for the server's latency
+        tune_gc()  # the generator's own pauses must not pass for the server's latency
         progress = Progress()
         for room in rooms:
             room.progress = progress

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.client import Client, Closed, Frame
+from server.gctune import tune_gc
 
 DRAIN_SECONDS = 1.0  # after the last command, wait this long for the last events
 JOIN_TIMEOUT = 15.0
@@ -388,6 +389,7 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
 
 def run_process(cfg: dict[str, Any], queue: Any, go: Any) -> None:
     """Entry point of the signaling generator process."""
+    tune_gc()
     try:
         asyncio.run(_main(cfg, queue, go))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which decides
