@@ -12,7 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
+import threading
 from pathlib import Path
 
 import redis
@@ -47,26 +47,32 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> None:
         assert self._proc is None, "already running"
+        # It logs to stdout; we read up to the line saying it is ready (or its exit), then a
+        # thread keeps draining the pipe so the server never blocks on a full one.
         self._proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--logfile", "redis.log"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:  # poll until it answers PING (not a blind sleep)
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode}; "
-                                   f"see {self.dir / 'redis.log'}")
-            try:
-                with self.client() as c:
-                    if c.ping():
-                        return
-            except redis.exceptions.BusyLoadingError:
-                pass
-            except redis.exceptions.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not answer PING in time")
-            time.sleep(0.01)
+             "--appendonly", "no", "--dir", str(self.dir), "--logfile", ""],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self._proc.stdout is not None
+        out = self._proc.stdout
+        lines: list[bytes] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            for line in out:
+                if not ready.is_set():
+                    lines.append(line)
+                    if b"Ready to accept connections" in line:
+                        ready.set()
+            ready.set()  # EOF: it exited
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(timeout):
+            raise RuntimeError("redis-server did not become ready in time")
+        if self._proc.poll() is not None or not any(b"Ready to accept" in ln for ln in lines):
+            self._proc.wait(timeout)
+            text = b"".join(lines[-5:]).decode(errors="replace")
+            raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {text}")
 
     def stop(self, save: bool = False) -> None:
         """Stop the server; with `save`, snapshot first so the next `start` has the data."""
