@@ -205,6 +205,7 @@ class RedisStore:
         self._renew_script = self._redis.register_script(_RENEW)
         self._release_script = self._redis.register_script(_RELEASE)
         self._subs: dict[str, list[_Subscriber]] = {}
+        self._local_saved: dict[str, int] = {}  # newest version this process saved, per circle
         self._pubsub: PubSub | None = None
         self._confirmed: set[str] = set()  # circles whose SUBSCRIBE the current connection confirmed
         self._reader: asyncio.Task[None] | None = None
@@ -246,6 +247,13 @@ class RedisStore:
             raise VersionConflict(f"{circle_id}: not at version {expected_version}")
         if outcome == b"stale":
             raise StaleOwner(f"{circle_id}: fencing token {fence} no longer holds the lease")
+        # This process's own subscribers hear of the save now, not after a round trip through
+        # pub/sub: the circle's sessions live here (DESIGN §8), so that is the hot fan-out path.
+        # The same wake-up arriving later from Redis is then skipped in `_dispatch`.
+        if self._local_saved.get(circle_id, -1) < new_version:
+            self._local_saved[circle_id] = new_version
+        for sub in list(self._subs.get(circle_id, ())):
+            _call(sub.on_wake, circle_id, new_version, list(events))
 
     # ---- the circle's home (DESIGN §8) -------------------------------------------------
 
@@ -318,6 +326,7 @@ class RedisStore:
                                             FENCE_KEY.format(circle_id)],
                                       args=[WAKE_CHANNEL.format(circle_id), gone])
             await self._redis.srem(CIRCLES_KEY, circle_id)
+        self._local_saved.pop(circle_id, None)
 
     async def circle_ids(self) -> list[str]:
         with _mapped("circle_ids"):
@@ -494,6 +503,8 @@ class RedisStore:
                 except (ValueError, TypeError, msgpack.UnpackException):
                     log.warning("unreadable wake-up on %s", channel)
                     return
+                if 0 <= version <= self._local_saved.get(circle_id, -1):
+                    return  # saved by this process: its subscribers already heard it
                 for sub in subs:
                     _call(sub.on_wake, circle_id, version, events)
 
