@@ -151,8 +151,13 @@ class Homes:
             self._loop_task = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:
-        while True:
+        # Stops on `closed`, not only on cancellation: on Python 3.11 a cancel that lands
+        # as a Redis call completes can be swallowed (asyncio.wait_for inside redis-py
+        # returns the result instead), and close() would then wait for this loop forever.
+        while not self.closed:
             await asyncio.sleep(self.ttl_ms / 3000)
+            if self.closed:
+                return
             try:
                 await self.renew_once()
             except Exception:  # the loop must outlive any one round

@@ -119,6 +119,7 @@ class CircleHub:
         self._stale = False  # a wake-up without events: fetch instead of trusting `_carried`
         self._deleted = False
         self._dirty = asyncio.Event()
+        self._closed = False
         self.live = asyncio.Event()  # the store has called back once: the subscription is on
         self._pump = asyncio.get_running_loop().create_task(self._run())
         self._unsubscribe = store.subscribe(circle_id, self._on_wake, self._on_ephemeral)
@@ -135,7 +136,9 @@ class CircleHub:
             self._subs.remove(sub)
 
     async def close(self) -> None:
+        self._closed = True
         self._unsubscribe()
+        self._dirty.set()  # the pump stops even if the cancel below is swallowed (see _run)
         self._pump.cancel()
         await asyncio.gather(self._pump, return_exceptions=True)
         for sub in list(self._subs):
@@ -172,8 +175,12 @@ class CircleHub:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        # Stops on `_closed`, not only on cancellation: on Python 3.11 a cancel that lands
+        # as a Redis call completes can be swallowed (asyncio.wait_for inside redis-py).
+        while not self._closed:
             await self._dirty.wait()
+            if self._closed:
+                return
             self._dirty.clear()
             try:
                 await self._deliver()
