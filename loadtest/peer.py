@@ -42,11 +42,8 @@ Sink = Callable[[int, int, int, int, int], None]
 _tone: list[bytes] | None = None
 
 
-def tone_packets(frames: int = 50, hz: float = 440.0) -> list[bytes]:
-    """`frames` 20 ms code-0 Opus packets of a sine tone (encoded once per process)."""
-    global _tone
-    if _tone is not None:
-        return _tone
+def encode_tone(hz: float, frames: int = 50) -> list[bytes]:
+    """`frames` 20 ms code-0 Opus packets of a sine tone (mono, 48 kHz)."""
     codec = av.CodecContext.create("libopus", "w")
     codec.bit_rate = 32000
     codec.sample_rate = CLOCK
@@ -65,9 +62,17 @@ def tone_packets(frames: int = 50, hz: float = 440.0) -> list[bytes]:
         frame.time_base = TIME_BASE
         packets += [bytes(p) for p in codec.encode(frame)]
     packets += [bytes(p) for p in codec.encode(None)]
-    _tone = [p for p in packets if p and p[0] & 3 == 0][:frames]
-    if not _tone:
+    tone = [p for p in packets if p and p[0] & 3 == 0][:frames]
+    if not tone:
         raise RuntimeError("libopus produced no code-0 packets")
+    return tone
+
+
+def tone_packets(frames: int = 50, hz: float = 440.0) -> list[bytes]:
+    """The generator's tone, encoded once per process."""
+    global _tone
+    if _tone is None:
+        _tone = encode_tone(hz, frames)
     return _tone
 
 

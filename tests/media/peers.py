@@ -24,11 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import av
-import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtp import RtpPacket
 
+from loadtest.peer import encode_tone  # one Opus tone encoder for tests and the load test
 from server.media.tap import install_tap
 
 CLOCK = 48000
@@ -36,30 +36,6 @@ FRAME = 960
 TIME_BASE = fractions.Fraction(1, CLOCK)
 MAGIC = b"LK"
 SILENCE = "<silence>"  # source name for the relay's unmarked Opus frames
-
-
-def encode_tone(hz: float, frames: int = 50) -> list[bytes]:
-    """`frames` 20 ms Opus packets of a sine tone (mono, 48 kHz), each a code-0 packet."""
-    codec = av.CodecContext.create("libopus", "w")
-    codec.bit_rate = 32000
-    codec.sample_rate = CLOCK
-    codec.layout = "mono"
-    codec.format = "s16"
-    codec.time_base = TIME_BASE
-    codec.options = {"application": "voip"}
-    t = np.arange(frames * FRAME) / CLOCK
-    pcm = (np.sin(2 * np.pi * hz * t) * 6000).astype(np.int16)
-    packets: list[bytes] = []
-    for i in range(frames):
-        frame = av.AudioFrame.from_ndarray(
-            pcm[None, i * FRAME : (i + 1) * FRAME], format="s16", layout="mono"
-        )
-        frame.sample_rate = CLOCK
-        frame.pts = i * FRAME
-        frame.time_base = TIME_BASE
-        packets += [bytes(p) for p in codec.encode(frame)]
-    packets += [bytes(p) for p in codec.encode(None)]
-    return [p for p in packets if p and p[0] & 3 == 0][:frames]
 
 
 def mark(packet: bytes, source: str, seq: int) -> bytes:
