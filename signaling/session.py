@@ -98,6 +98,8 @@ _ENCODED: dict[int, tuple[Event, bytes]] = {}
 def _encoded_event(event: Event) -> bytes:
     """An event's frame bytes, encoded once for all the members it reaches (the hub hands
     the same object to every subscriber; keeping it here keeps its id unique)."""
+    if event.ephemeral:  # a private note's text is not kept, not even in this cache
+        return f.encode_server_frame(event_frame(event))
     hit = _ENCODED.get(id(event))
     if hit is not None and hit[0] is event:
         return hit[1]
@@ -110,9 +112,6 @@ def _encoded_event(event: Event) -> bytes:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-_CLOSE = object()
 
 
 class Session:
@@ -140,6 +139,7 @@ class Session:
         self._deferred_close: tuple[int, str] | None = None
         self._out: asyncio.Queue[object] = asyncio.Queue(limits.send_queue)
         self._sub: Subscription | None = None
+        self._writer_task: asyncio.Task[None] | None = None
         self._held: list[Item] | None = None  # items that arrive while an admission loads
         self._admitting: asyncio.Future[None] | None = None
 
@@ -154,13 +154,13 @@ class Session:
         try:
             self._out.put_nowait(data)
         except asyncio.QueueFull:
+            # It does not read: drop it now (its seat waits out the grace period) rather than
+            # queue a close frame behind sends that never complete.
             log.info("slow client dropped", extra={"code": 1008})
             self._closing = True
-            self.transport_abort()
-
-    def transport_abort(self) -> None:
-        self._drain()
-        self._out.put_nowait((1008, "not reading"))
+            self._drain()
+            if self._writer_task is not None:
+                self._writer_task.cancel()
 
     def _drain(self) -> None:
         while not self._out.empty():
@@ -221,7 +221,7 @@ class Session:
         if not await self._hello(first):
             return
         self.observer.joined(self)
-        writer = asyncio.create_task(self._writer())
+        writer = self._writer_task = asyncio.create_task(self._writer())
         assert self._sub is not None
         self._sub.listen(self._on_item)
         reader = asyncio.create_task(self._reader())
@@ -408,7 +408,7 @@ class Session:
         for item in held:
             self._on_item(item)
 
-    def _send_snapshot(self, state: RoomState, ref: int | None = None) -> None:
+    def _send_snapshot(self, state: RoomState) -> None:
         self.last_version = max(self.last_version, state.version)
         if self.admitted:
             self.send(f.Snapshot(version=state.version,
@@ -477,7 +477,7 @@ class Session:
         if not self.admitted:
             raise RoomError(Code.FORBIDDEN, "not admitted yet")
         state = await self.manager.load(self.circle_id)
-        self._send_snapshot(state, ref)
+        self._send_snapshot(state)
 
     async def _offer(self, frame: f.Offer) -> None:
         if not self.admitted:
