@@ -32,12 +32,12 @@ from loadtest.signaling import (
     LOOP_LAG,
     RoomBase,
     report_progress,
+    run_generator,
     self_cpu,
     wait_go,
     watch_loop_lag,
 )
 from loadtest.stats import rfc3550_jitter
-from server.gctune import tune_gc
 
 HOLDER, LEAKER = 1, 2  # sender ids in the marks (0 is the moderator, who does not send)
 TAIL_SECONDS = 0.5
@@ -230,8 +230,4 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
 
 def run_process(cfg: dict[str, Any], queue: Any, go: Any) -> None:
     """Entry point of the media generator process."""
-    tune_gc()
-    try:
-        asyncio.run(_main(cfg, queue, go))
-    except BaseException as err:  # noqa: BLE001 - reported to the parent
-        queue.put(("failed", "media", repr(err)[:500]))
+    run_generator("media", _main, cfg, queue, go)

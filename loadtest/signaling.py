@@ -21,6 +21,7 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -387,10 +388,16 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
         await asyncio.gather(*(room.close() for room in rooms), return_exceptions=True)
 
 
-def run_process(cfg: dict[str, Any], queue: Any, go: Any) -> None:
-    """Entry point of the signaling generator process."""
+def run_generator(kind: str, main: Callable[[dict[str, Any], Any, Any], Coroutine[Any, Any, None]],
+                  cfg: dict[str, Any], queue: Any, go: Any) -> None:
+    """Run one generator process's `main`; a failure is reported to the parent, which decides."""
     tune_gc()
     try:
-        asyncio.run(_main(cfg, queue, go))
-    except BaseException as err:  # noqa: BLE001 - reported to the parent, which decides
-        queue.put(("failed", "signaling", repr(err)[:500]))
+        asyncio.run(main(cfg, queue, go))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent
+        queue.put(("failed", kind, repr(err)[:500]))
+
+
+def run_process(cfg: dict[str, Any], queue: Any, go: Any) -> None:
+    """Entry point of the signaling generator process."""
+    run_generator("signaling", _main, cfg, queue, go)
