@@ -115,6 +115,7 @@ class MediaRelay:
         self._peers: dict[tuple[str, str], _Peer] = {}
         self._level_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiters: list[asyncio.Future[None]] = []  # `wait_until` callers
         self.packets_in = 0
         self.packets_forwarded = 0
         self.packets_dropped_gated = 0
@@ -139,6 +140,7 @@ class MediaRelay:
                 del self._peers[(circle_id, member_id)]
             peer.closed = True
             await pc.close()
+            self._changed()
             raise
 
         circle = self._circles.setdefault(circle_id, Circle(circle_id))
@@ -148,6 +150,7 @@ class MediaRelay:
         changed = circle.reassign()
         changed.pop(member_id, None)  # its first view is read with slots()
         self._notify_slots(circle_id, changed)
+        self._changed()
 
         @pc.on("connectionstatechange")
         def _on_state() -> None:
@@ -260,6 +263,7 @@ class MediaRelay:
         circle = self._circles.setdefault(circle_id, Circle(circle_id))
         circle.set_audible(audible)
         self._notify_slots(circle_id, circle.reassign())
+        self._changed()
 
     def slots(self, circle_id: str, member_id: str) -> Slots | None:
         """The member's current slot view (None if the member has no PeerConnection)."""
@@ -294,6 +298,7 @@ class MediaRelay:
         if circle is not None:
             self._notify_slots(peer.circle_id, circle.remove(peer.member_id))
         await peer.pc.close()
+        self._changed()
 
     async def close_circle(self, circle_id: str) -> None:
         """Close every PeerConnection of the circle and forget it."""
@@ -310,6 +315,7 @@ class MediaRelay:
                 for slot in listener.slots:
                     slot.stop()
         await asyncio.gather(*(p.pc.close() for p in peers))
+        self._changed()
 
     async def close(self) -> None:
         """Close everything (graceful shutdown)."""
@@ -322,7 +328,29 @@ class MediaRelay:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._changed()
+
+    # -- waiting for the bookkeeping ---------------------------------------------------
+
+    def _changed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds. It is checked again whenever peers, circles or
+        the relay's own tasks change (an offer answered, audibility set, a close finished),
+        so a caller awaits the relay's bookkeeping instead of polling it."""
+        loop = asyncio.get_running_loop()
+        while not condition():
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
 
     # -- bookkeeping -------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,15 +176,31 @@ class SourceCounts:
 
     forwarded: collections.Counter[str] = field(default_factory=collections.Counter)
     gated: collections.Counter[str] = field(default_factory=collections.Counter)
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def counted(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = 15.0,
+                         what: str = "condition") -> None:
+        """Await `condition`, checked again on every packet the relay counts."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not condition():
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._waiters.append(waiter)
+                    await waiter
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def count_per_source(relay: Any, circle_id: str, timeout: float = 15.0) -> SourceCounts:
     """Wrap the relay's per-circle forward() (server/media/circle.py) to count per source.
     The relay has no per-source counters of its own; this reaches into its circle table."""
-    deadline = time.monotonic() + timeout
-    while circle_id not in relay._circles:
-        assert time.monotonic() < deadline, "the relay never saw this circle"
-        await asyncio.sleep(0.05)
+    await relay_settled(relay, lambda: circle_id in relay._circles, timeout, "the relay to see this circle")
     circle = relay._circles[circle_id]
     counts = SourceCounts()
     original = circle.forward
@@ -195,15 +211,18 @@ async def count_per_source(relay: Any, circle_id: str, timeout: float = 15.0) ->
             counts.gated[source] += 1
         else:
             counts.forwarded[source] += sent
+        counts.counted()
         return sent
 
     circle.forward = forward
     return counts
 
 
-async def until(check: Any, timeout: float = 15.0, what: str = "condition") -> None:
-    """Await a condition on server-side state (polled; the browser side uses Playwright waits)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+async def relay_settled(relay: Any, condition: Callable[[], bool], timeout: float = 15.0,
+                        what: str = "condition") -> None:
+    """Await a condition on the relay's bookkeeping, through its change notifications."""
+    try:
+        async with asyncio.timeout(timeout):
+            await relay.wait_until(condition)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None

@@ -21,9 +21,9 @@ from tests.e2e.helpers import (
     hear,
     my_id,
     neutral_title,
+    relay_settled,
     screen,
     shot,
-    until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -160,7 +160,8 @@ async def test_whole_circle(new_page: NewPage, screenshots: Path) -> None:
             }
         }""")
         before = counts.gated[ids["Kenanga"]]
-        await until(lambda: counts.gated[ids["Kenanga"]] >= before + 100, what="Kenanga's packets at the gate")
+        await counts.wait_until(lambda: counts.gated[ids["Kenanga"]] >= before + 100,
+                                what="Kenanga's packets at the gate")
         assert counts.forwarded[ids["Kenanga"]] == 0, "a member without the floor was forwarded"
         for page in (mod, melati, anggrek):
             carried = await page.eval_on_selector_all(
@@ -216,4 +217,5 @@ async def test_whole_circle(new_page: NewPage, screenshots: Path) -> None:
             await neutral_title(page, TITLE)
         await org.reload()
         await expect(org.locator("#circles [data-circle-id]")).to_have_count(0)
-        await until(lambda: server.parts.relay.stats()["peers"] == 0, what="the relay to close every peer")
+        await relay_settled(server.parts.relay, lambda: server.parts.relay.stats()["peers"] == 0,
+                            what="the relay to close every peer")

@@ -84,14 +84,11 @@ class Member:
         return str(answer["code"])
 
 
-async def until(condition: Callable[[], bool], limit: float = 10.0) -> None:
-    """The server's bookkeeping reaches `condition` (checked every 20 ms, at most `limit` s).
-
-    Only for state nothing announces (the relay's dictionaries after a close); anything a
-    frame, close code or packet shows is awaited through that instead."""
+async def settled(room: Room, condition: Callable[[dict[str, int]], bool], limit: float = 10.0) -> None:
+    """The relay's bookkeeping (its `stats()`) reaches `condition`, awaited through the relay's
+    own change notifications (at most `limit` s)."""
     async with asyncio.timeout(limit):
-        while not condition():  # noqa: ASYNC110 - nothing announces these counts
-            await asyncio.sleep(0.02)
+        await room.relay.wait_until(lambda: condition(room.stats()))
 
 
 class Room:
@@ -345,7 +342,7 @@ async def test_leave_removal_and_end_close_the_peer_connections(room: Room) -> N
     await mod.ack("remove", member_id=m2.id)
     assert await m2.client.closed() == 4403
     await wait_until(lambda: m2.peer.pc.connectionState == "closed")
-    await until(lambda: room.stats()["peers"] == 2)
+    await settled(room, lambda st: st["peers"] == 2)
     stats = room.stats()
     assert (stats["listeners"], stats["speakers"]) == (2, 2)
 
@@ -354,7 +351,7 @@ async def test_leave_removal_and_end_close_the_peer_connections(room: Room) -> N
     assert await mod.client.closed() == 4000
     # the relay's PeerConnections really closed (DTLS close_notify reached the clients)
     await wait_until(lambda: all(m.peer.pc.connectionState == "closed" for m in (mod, m3)))
-    await until(lambda: room.stats()["peers"] == 0 and room.stats()["circles"] == 0)
+    await settled(room, lambda st: st["peers"] == 0 and st["circles"] == 0)
     stats = room.stats()
     assert {k: stats[k] for k in ("peers", "circles", "speakers", "listeners", "routes",
                                   "level_timers", "tasks")} == dict.fromkeys(
@@ -369,8 +366,8 @@ async def test_last_member_leaving_leaves_nothing_in_the_relay(room: Room) -> No
     await m1.ack("leave")
     await mod.ack("leave")
     assert await mod.client.closed() == 4001
-    await until(lambda: room.stats()["peers"] == 0)
-    await until(lambda: room.stats()["circles"] == 0 and room.stats()["tasks"] == 0)
+    await settled(room, lambda st: st["peers"] == 0)
+    await settled(room, lambda st: st["circles"] == 0 and st["tasks"] == 0)
 
 
 async def test_a_resumed_connection_keeps_its_media_when_the_replaced_one_closes(room: Room) -> None:
