@@ -65,6 +65,7 @@ class FakeClock:
         self._now = start_ms
         self._timers: list[_FakeTimer] = []
         self._seq = itertools.count()
+        self._armed: list[asyncio.Future[None]] = []  # `wait_armed` callers
 
     def now(self) -> int:
         return self._now
@@ -72,7 +73,19 @@ class FakeClock:
     def call_at(self, when_ms: int, callback: TimerCallback) -> TimerHandle:
         timer = _FakeTimer(when_ms, next(self._seq), callback)
         heapq.heappush(self._timers, timer)
+        waiters, self._armed = self._armed, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         return timer
+
+    async def wait_armed(self, when_ms: int, count: int = 1) -> None:
+        """Return once `count` live timers are armed for `when_ms` (awaiting each arming)."""
+        loop = asyncio.get_running_loop()
+        while sum(1 for t in self._timers if t.when == when_ms and not t.cancelled) < count:
+            waiter = loop.create_future()
+            self._armed.append(waiter)
+            await waiter
 
     @property
     def pending(self) -> int:

@@ -260,8 +260,8 @@ async def test_a_tick_armed_in_two_processes_fires_once(
     await b.execute(circle_id, c.RaiseHand("m1"))  # b knows the circle too
     await a.execute(circle_id, c.GiveFloor("mod", "m1"))
     await take_until(sub, lambda i: getattr(i, "name", None) is Name.FLOOR_GIVEN)
-    for _ in range(100):  # let b's wake-up re-arm its timer from the new state
-        await asyncio.sleep(0)
+    warning_at = fake_clock.now() + 60_000 - 30_000
+    await asyncio.wait_for(fake_clock.wait_armed(warning_at, count=2), 10)  # a's and b's timers
     await fake_clock.advance(60_000)
     over = await take_until(sub, lambda i: getattr(i, "name", None) is Name.TURN_OVER)
     assert [getattr(i, "name", None) for i in over].count(Name.TURN_WARNING) == 2

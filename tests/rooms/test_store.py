@@ -233,10 +233,12 @@ async def test_subscribers_get_every_save_in_order_with_its_events(make_store: M
     await save_versions(store, circle_id, 20)
     for v in range(1, 21):
         assert await wakes.next_carrying() == (v, [event(v, 0), event(v, 1)])
+    witness = Wakes()  # still subscribed: once it hears version 21, so would have `wakes`
+    store.subscribe(circle_id, witness.on_wake, witness.on_ephemeral)
     unsubscribe()
     await save_versions(store, circle_id, 21, start=20)
-    await store.ping()  # a round trip: the wake-up of the save would have arrived by now
-    await asyncio.sleep(0)
+    while (await witness.next_carrying())[0] != 21:
+        pass
     assert wakes.queue.empty()
 
 
