@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import sys
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -264,31 +263,37 @@ async def serve_process(redis_url: str, lease_ms: int
     port = free_port()
     env = {**os.environ, "LINGKAR_STORE": redis_url, "LINGKAR_SECRET": SECRET,
            "LINGKAR_API_KEY": API_KEY, "LINGKAR_PORT": str(port), "LINGKAR_HOST": "127.0.0.1",
-           "LINGKAR_LEASE_MS": str(lease_ms), "LINGKAR_LOG_LEVEL": "WARNING"}
+           "LINGKAR_LEASE_MS": str(lease_ms), "LINGKAR_LOG_LEVEL": "INFO"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server.cli", "serve", cwd=REPO, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
+    drain: asyncio.Task[None] | None = None
     try:
-        await asyncio.wait_for(_until_healthy(url, proc), 30)
+        assert proc.stderr is not None
+        await asyncio.wait_for(_until_listening(proc.stderr), 30)
+        drain = asyncio.create_task(_drain(proc.stderr))  # its pipe must never fill up
         yield Live(url, None, None), proc  # type: ignore[arg-type]  # only the URL is used
     finally:
         if proc.returncode is None:
             proc.kill()
         await asyncio.wait_for(proc.wait(), 10)
+        if drain is not None:
+            await asyncio.wait_for(drain, 10)
 
 
-async def _until_healthy(url: str, proc: asyncio.subprocess.Process) -> None:
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=1) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+async def _until_listening(log: asyncio.StreamReader) -> None:
+    """Read the server's log up to uvicorn's line saying it listens (an event, not a poll)."""
+    while True:
+        line = await log.readline()
+        assert line, "lingkar serve exited before listening"
+        if b"Uvicorn running on" in line:
+            return
 
-    while not await asyncio.to_thread(healthy):
-        assert proc.returncode is None, "lingkar serve exited"
-        await asyncio.sleep(0.05)
+
+async def _drain(log: asyncio.StreamReader) -> None:
+    while await log.readline():
+        pass
 
 
 async def test_a_killed_process_circles_come_back_on_another_with_nothing_lost(
