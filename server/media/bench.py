@@ -324,6 +324,20 @@ async def _main(sizes: list[int], seconds: float, probe: bool) -> None:
     print("e2e: speaker send → listener receive (both in this process); relay: tap → datagram sent.")
 
 
+def _run(main: Any) -> None:
+    """Run the relay on the event loop `lingkar serve` gives it: uvicorn picks uvloop
+    when it is installed (LINGKAR_BENCH_LOOP=asyncio measures the standard loop)."""
+    if os.environ.get("LINGKAR_BENCH_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -343,10 +357,10 @@ def main() -> None:
             import cProfile
 
             profiler = cProfile.Profile(time.process_time)  # CPU time, not wall time
-            profiler.runcall(asyncio.run, _child(args.relay_delay))
+            profiler.runcall(_run, _child(args.relay_delay))
             profiler.dump_stats(profile)
         else:
-            asyncio.run(_child(args.relay_delay))
+            _run(_child(args.relay_delay))
     else:
         asyncio.run(_main([int(s) for s in args.sizes.split(",")], args.seconds, args.relay_delay))
 

@@ -6,24 +6,28 @@ async send chain (``RTCDtlsTransport._send_rtp`` → ``Connection.sendto`` →
 ``StunProtocol.send_data``). The relay instead sends each forwarded packet synchronously
 from the tap callback: it writes the RTP header itself (the SSRC, payload type and header
 extension ids of the *answer* SDP, its own sequence numbers), protects it with the DTLS
-transport's SRTP session and hands the datagram to the nominated ICE pair's transport —
-exactly what aiortc's chain ends up doing, minus the awaits.
+transport's SRTP session (in the session's own buffer, calling libsrtp directly) and hands
+the datagram to the nominated ICE pair's transport — exactly what aiortc's chain ends up
+doing, minus the awaits and the copies.
 
 aiortc keeps everything else: negotiation, ICE (consent checks included), DTLS, and RTCP —
 the slot's ``RTCRtpSender`` still runs its RTCP loop (sender reports carry the counters
 this module keeps up to date) but its RTP loop waits forever on an `IdleTrack`.
 
-Private names used (aiortc 1.16, aioice 0.13; ``tests/media/test_fastpath.py`` fails
-loudly if an upgrade moves any of them):
+Private names used (aiortc 1.16, aioice 0.13, pylibsrtp 1.0; ``tests/media/test_fastpath.py``
+fails loudly if an upgrade moves any of them):
 
 - ``RTCDtlsTransport._state`` (``State.CONNECTED``), ``._tx_srtp`` (a ``pylibsrtp.Session``)
   and the statistics counters ``__tx_bytes`` / ``__tx_packets``;
 - ``RTCIceTransport._connection`` (an ``aioice.Connection``) and its ``_nominated``
   ``{component: CandidatePair}``; ``CandidatePair.protocol.transport.sendto`` is a
   datagram transport (or aioice's ``TurnTransport``), both synchronous;
+- ``pylibsrtp.Session._srtp`` (the libsrtp context), ``._cdata`` (its 1500-byte buffer) and
+  ``._buffer`` (a cffi buffer over it), used as ``Session.protect`` uses them;
 - ``RTCRtpSender``'s sender-report counters ``__ntp_timestamp``, ``__rtp_timestamp``,
   ``__packet_count``, ``__octet_count``;
-- ``RTCRtpSender._run_rtcp`` (replaced per slot sender, see `slot_rtcp`), the events
+- ``RTCRtpSender._run_rtcp`` and ``getStats`` (replaced per slot sender: the counters above
+  are brought up to date lazily, at each RTCP tick and in ``getStats``), the events
   ``__rtcp_started`` / ``__rtcp_exited`` that ``stop()`` waits on, ``__cname``, ``__lsr``,
   ``__lsr_time`` (round-trip time from the listener's receiver reports) and ``_send_rtcp``.
 
@@ -44,6 +48,7 @@ import time
 from collections import deque
 from typing import Any
 
+import pylibsrtp
 from aiortc import RTCRtpSender, sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdtlstransport import RTCDtlsTransport, State
@@ -57,6 +62,7 @@ from aiortc.rtp import (
     RtcpSourceInfo,
     RtcpSrPacket,
 )
+from pylibsrtp import _binding as _srtp_binding
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,9 @@ _RTP_COMPONENT = 1
 PENDING = 10  # packets kept for a listener whose connection is not up yet
 RTCP_INTERVAL = 5.0  # seconds between a slot's sender reports (libwebrtc's audio default)
 _CONNECTED = State.CONNECTED
+_ffi = _srtp_binding.ffi
+_srtp_protect = _srtp_binding.lib.srtp_protect
+_SRTP_TRAILER = pylibsrtp.SRTP_MAX_TRAILER_LEN  # room libsrtp may add to a packet
 
 _DTLS_ATTRS = ("_state", "_tx_srtp", "_RTCDtlsTransport__tx_bytes", "_RTCDtlsTransport__tx_packets")
 _SENDER_ATTRS = (
@@ -102,6 +111,23 @@ def check_supported() -> None:
             (
                 "self._nominated.get(component)",
                 "active_pair.protocol.send_data(data, active_pair.remote_addr)",
+            ),
+        ),
+        "pylibsrtp Session keeps its context and a 1500-byte buffer": (
+            pylibsrtp.Session.__init__,
+            (
+                'self._cdata = ffi.new("char[]", 1500)',
+                "self._buffer = ffi.buffer(self._cdata)",
+                "self._srtp = ",
+            ),
+        ),
+        "pylibsrtp Session.protect is srtp_protect on that buffer": (
+            pylibsrtp.Session._Session__process,  # type: ignore[attr-defined]
+            (
+                "len_p[0] = len(data)",
+                "self._buffer[0 : len(data)] = data",
+                "func(self._srtp[0], self._cdata, len_p)",
+                "return self._buffer[0 : len_p[0]]",
             ),
         ),
         "aioice StunProtocol.send_data is transport.sendto": (
@@ -194,19 +220,33 @@ class RtpOut:
         self._ext: dict[int | None, tuple[int, bytes]] = {}
         self._seq = random.getrandbits(15)  # lower half: no early wrap (as aiortc does)
         self._origin = random.getrandbits(32)
+        self._dtls = sender.transport
+        self._nominated: dict[int, Any] = sender.transport.transport._connection._nominated
         self._pair: Any = None
         self._addr: tuple[str, int] = ("", 0)
         self._sendto: Any = None
+        self._session: Any = None
+        self._srtp: Any = None
+        self._cdata: Any = None
+        self._buffer: Any = None
+        self._room = 0
+        self._length = _ffi.new("int *")
         self.sent = 0
+        self._octets = 0  # payload bytes sent (sender reports' octet count)
+        self._bytes = 0  # datagram bytes sent (the DTLS transport's statistics)
+        self._synced = (0, 0, 0)  # (sent, octets, bytes) already copied into aiortc's counters
+        self._last_now = 0.0
+        self._last_timestamp = 0
         self._pending: deque[tuple[int, bytes, int | None, bool, float]] | None = deque(maxlen=PENDING)
         sender.transport.on("statechange", self._flush)
         # RTCRtpSender.send() starts self._run_rtcp(): this instance's replaces the class's
         self._rtcp_interval = rtcp_interval
         sender._run_rtcp = self._run_rtcp  # type: ignore[method-assign]
+        sender.getStats = self._get_stats  # type: ignore[method-assign]
 
     def _flush(self) -> None:
         pending = self._pending
-        if pending is None or self._sender.transport._state is not _CONNECTED:
+        if pending is None or self._dtls._state is not _CONNECTED:
             return
         self._pending = None
         for packet in pending:
@@ -226,40 +266,82 @@ class RtpOut:
         self._ext[level] = entry
         return entry
 
+    def _bind(self, dtls: RTCDtlsTransport, pair: Any) -> bool:
+        """Cache what `send` needs of the connected transport; False if it has no SRTP."""
+        session = dtls._tx_srtp
+        if session is None:
+            return False
+        self._session = session
+        self._srtp = session._srtp[0]
+        self._cdata = session._cdata
+        self._buffer = session._buffer
+        self._room = len(session._cdata) - _SRTP_TRAILER
+        self._pair = pair
+        self._addr = pair.remote_addr
+        self._sendto = pair.protocol.transport.sendto
+        return True
+
     def send(self, pts: int, payload: bytes, level: int | None, marker: bool, now: float) -> bool:
-        """Send one packet with RTP timestamp origin + `pts`; False if not sent."""
-        dtls = self._sender.transport
-        pair = dtls.transport._connection._nominated.get(_RTP_COMPONENT)
+        """Send one packet with RTP timestamp origin + `pts`; False if not sent.
+
+        The header, extensions and payload are written straight into the SRTP session's
+        buffer and protected there (``pylibsrtp.Session.protect`` does the same with a
+        copy and an allocation more); the datagram leaves as bytes, so a transport that
+        has to queue it (the socket is full) keeps its own copy."""
+        dtls = self._dtls
+        pair = self._nominated.get(_RTP_COMPONENT)
         if dtls._state is not _CONNECTED or pair is None:
             if self._pending is not None:
                 self._pending.append((pts, payload, level, marker, now))
             return False
         if self._pending is not None:
             self._flush()  # what waited for the connection goes first
-        if pair is not self._pair:
-            self._pair = pair
-            self._addr = pair.remote_addr
-            self._sendto = pair.protocol.transport.sendto
+        if (pair is not self._pair or dtls._tx_srtp is not self._session) and not self._bind(dtls, pair):
+            return False
         first, ext = self._ext.get(level) or self._extensions(level)
         timestamp = (self._origin + pts) & 0xFFFFFFFF
         seq = self._seq
-        data = dtls._tx_srtp.protect(
-            _HEADER.pack(first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc)
-            + ext
-            + payload
+        buffer = self._buffer
+        start = 12 + len(ext)
+        end = start + len(payload)
+        if end > self._room:
+            return False  # larger than any Opus packet (the relay only takes ≤ 1500 bytes in)
+        _HEADER.pack_into(
+            buffer, 0, first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc
         )
-        self._sendto(data, self._addr)
+        buffer[12:start] = ext
+        buffer[start:end] = payload
+        length = self._length
+        length[0] = end
+        if _srtp_protect(self._srtp, self._cdata, length):
+            return False
+        self._sendto(buffer[0 : length[0]], self._addr)
         self._seq = (seq + 1) & 0xFFFF
         self.sent += 1
-        # what aiortc's own send chain keeps for RTCP sender reports and getStats()
-        sender = self._sender
-        sender._RTCRtpSender__ntp_timestamp = int((now + _NTP_OFFSET) * 4294967296.0)
-        sender._RTCRtpSender__rtp_timestamp = timestamp
-        sender._RTCRtpSender__packet_count += 1
-        sender._RTCRtpSender__octet_count += len(payload)
-        dtls._RTCDtlsTransport__tx_bytes += len(data)
-        dtls._RTCDtlsTransport__tx_packets += 1
+        self._octets += len(payload)
+        self._bytes += length[0]
+        self._last_now = now
+        self._last_timestamp = timestamp
         return True
+
+    def sync_counters(self) -> None:
+        """Copy what was sent since the last call into aiortc's counters (sender reports
+        and ``getStats()`` read them): at every RTCP tick and in the sender's getStats."""
+        sender, dtls = self._sender, self._dtls
+        packets = self.sent - self._synced[0]
+        if packets:
+            sender._RTCRtpSender__packet_count += packets
+            sender._RTCRtpSender__octet_count += self._octets - self._synced[1]
+            dtls._RTCDtlsTransport__tx_packets += packets
+            dtls._RTCDtlsTransport__tx_bytes += self._bytes - self._synced[2]
+            sender._RTCRtpSender__ntp_timestamp = int((self._last_now + _NTP_OFFSET) * 4294967296.0)
+            sender._RTCRtpSender__rtp_timestamp = self._last_timestamp
+            self._synced = (self.sent, self._octets, self._bytes)
+
+    async def _get_stats(self) -> Any:
+        """The slot sender's ``getStats()``, counting what this fast path sent."""
+        self.sync_counters()
+        return await RTCRtpSender.getStats(self._sender)
 
     async def _run_rtcp(self) -> None:
         """The slot sender's RTCP loop (see the module's docstring)."""
@@ -269,6 +351,7 @@ class RtpOut:
         try:
             while True:
                 await asyncio.sleep(self._rtcp_interval * (0.5 + random.random()))
+                self.sync_counters()
                 count = sender._RTCRtpSender__packet_count
                 quiet = count == counts[0]
                 counts = [counts[1], count]
@@ -296,6 +379,7 @@ class RtpOut:
                 await sender._send_rtcp(packets)
         except asyncio.CancelledError:
             pass
+        self.sync_counters()
         if sender._RTCRtpSender__packet_count:
             await sender._send_rtcp([RtcpByePacket(sources=[self.ssrc])])
         sender._RTCRtpSender__rtcp_exited.set()
@@ -307,6 +391,10 @@ class RtpOut:
         for name in _DTLS_ATTRS:
             if not hasattr(dtls, name):
                 raise FastPathUnsupported(f"RTCDtlsTransport.{name} is gone")
+        session = dtls._tx_srtp
+        for name in ("_srtp", "_cdata", "_buffer"):
+            if not hasattr(session, name):
+                raise FastPathUnsupported(f"pylibsrtp.Session.{name} is gone")
         connection = getattr(dtls.transport, "_connection", None)
         if not isinstance(getattr(connection, "_nominated", None), dict):
             raise FastPathUnsupported("RTCIceTransport._connection._nominated is gone")

@@ -18,7 +18,8 @@ FRAME_SAMPLES = 960  # 20 ms
 OPUS_SILENCE = b"\xf8\xff\xfe"
 SILENCE_FRAMES = 3
 SILENT_LEVEL = 127  # RFC 6464 ssrc-audio-level of the silence frames
-_U32 = 1 << 32
+_HALF = 1 << 31
+_MASK = (1 << 32) - 1
 
 Output = Callable[[int, bytes, "int | None", bool, float], bool]
 """send(pts, payload, audio_level, marker, wall_time) -> sent; pts counts 1/48000 s from
@@ -37,10 +38,10 @@ class Slot:
     def __init__(self, out: Output | None = None) -> None:
         self._out: Output = out or _discard
         self._source: str | None = None
-        self._offset: int | None = None  # out_ts = in_ts + offset for the current source
-        self._last_in: int | None = None  # last incoming RTP timestamp (unwrapped)
+        self._offset = 0  # out_ts = in_ts + offset for the current source (set by its first packet)
+        self._last_in: int | None = None  # last incoming RTP timestamp (unwrapped); None: no packet yet
         self._last_out: int | None = None  # last outgoing pts
-        self._last_out_time = 0.0  # time.monotonic() of the last outgoing packet
+        self._last_out_time = 0.0  # time.time() of the last outgoing packet
         self._marker = True
         self._live = True
 
@@ -57,20 +58,20 @@ class Slot:
             for _ in range(SILENCE_FRAMES):
                 self._emit(self._last_out + FRAME_SAMPLES, OPUS_SILENCE, SILENT_LEVEL, now)
         self._source = source
-        self._offset = None
         self._last_in = None
         self._marker = True
 
     def push(self, timestamp: int, payload: bytes, level: int | None, now: float) -> None:
         """Send one packet of the current source (its RTP `timestamp`, encoded `payload`,
-        its ssrc-audio-level if any); `now` is ``time.time()``."""
+        its ssrc-audio-level if any); `now` is ``time.time()``. Runs once per listener
+        per forwarded packet: kept flat on purpose."""
         last_in = self._last_in
-        if self._offset is None or last_in is None:
+        if last_in is None:
             self._offset = self._start_offset(timestamp)
             in_ts = timestamp
         else:
             # Unwrap the 32-bit timestamp around the previous one (reordering allowed).
-            in_ts = last_in + (timestamp - last_in + _U32 // 2) % _U32 - _U32 // 2
+            in_ts = last_in + ((timestamp - last_in + _HALF) & _MASK) - _HALF
         self._last_in = in_ts
         self._emit(in_ts + self._offset, payload, level, now)
 
@@ -79,7 +80,7 @@ class Slot:
             return -timestamp
         # Continue after the last packet sent, leaving the real gap (whole frames) so the
         # listener's jitter buffer sees it as a pause, not as a burst.
-        gap = time.monotonic() - self._last_out_time
+        gap = time.time() - self._last_out_time
         frames = max(1, round(gap * OPUS_CLOCK / FRAME_SAMPLES))
         return self._last_out + frames * FRAME_SAMPLES - timestamp
 
@@ -87,12 +88,13 @@ class Slot:
         if not self._live:
             return
         marker = self._marker
-        self._marker = False
+        if marker:
+            self._marker = False
         self._out(pts, payload, level, marker, now)
         last_out = self._last_out
         if last_out is None or pts > last_out:
             self._last_out = pts
-        self._last_out_time = time.monotonic()
+        self._last_out_time = now
 
     def stop(self) -> None:
         """Send nothing more, ever."""

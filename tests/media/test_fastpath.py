@@ -8,6 +8,7 @@ before anything else.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 
 import aioice
 import av
@@ -22,6 +23,10 @@ from .peers import ClientPeer, encode_tone, mark, unmark, wait_until
 
 def test_aioice_minor_version_is_the_one_the_fast_path_was_written_for() -> None:
     assert aioice.__version__.startswith("0.13."), aioice.__version__
+
+
+def test_pylibsrtp_minor_version_is_the_one_the_fast_path_was_written_for() -> None:
+    assert importlib.metadata.version("pylibsrtp").startswith("1.0."), importlib.metadata.version("pylibsrtp")
 
 
 def test_private_send_path_has_the_expected_shape() -> None:
