@@ -3,18 +3,63 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.protocol import State as WsState
 
 from server import metrics
 from server.config import Settings, origin_allowed
 from server.local import LocalCircles
 from signaling.session import DEFAULT_LIMITS, Limits, Session
 
+_OPEN = WsState.OPEN
+
+try:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import (
+        WebSocketsSansIOProtocol as _SansIOProtocol,
+    )
+except ImportError:  # pragma: no cover - uvicorn without the websockets package
+    _SansIOProtocol = None  # type: ignore[assignment,misc]
+
+
+def _uvicorn_protocol(ws: WebSocket) -> Any:
+    """uvicorn's sans-I/O WebSocket protocol behind `ws`, or None (another server, or a
+    middleware between): its ASGI ``receive`` is the protocol's bound method."""
+    protocol = getattr(getattr(ws, "_receive", None), "__self__", None)
+    if _SansIOProtocol is not None and isinstance(protocol, _SansIOProtocol):
+        return protocol
+    return None
+
 
 class _StarletteTransport:
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
+        self._protocol = _uvicorn_protocol(ws)
+
+    def write_now(self, data: bytes) -> bool:
+        """What uvicorn's ASGI ``send`` does for a ``websocket.send`` of bytes, minus the
+        awaits: only when it would not have waited (the transport takes writes) and the
+        connection is open; otherwise False and the frame goes through `send`."""
+        protocol = self._protocol
+        if (
+            protocol is None
+            or not protocol.writable.is_set()
+            or protocol.disconnected
+            or protocol.close_sent
+            or protocol.initial_response is not None
+            or not protocol.handshake_complete
+        ):
+            return False
+        transport = protocol.transport
+        if transport.is_closing():
+            return False
+        conn = protocol.conn
+        if conn.state is not _OPEN:
+            return False
+        conn.send_binary(data)
+        transport.write(b"".join(conn.data_to_send()))
+        return True
 
     async def receive(self) -> bytes | str | None:
         try:

@@ -45,6 +45,10 @@ class Transport(Protocol):
 
     async def send(self, data: bytes) -> None: ...
 
+    def write_now(self, data: bytes) -> bool:
+        """Write one frame now, without awaiting, if the socket can take it at once (open,
+        and not pushing back); False: nothing written, `send` it instead."""
+
     async def close(self, code: int, reason: str = "") -> None: ...
 
 
@@ -140,6 +144,7 @@ class Session:
         self._out: asyncio.Queue[object] = asyncio.Queue(limits.send_queue)
         self._sub: Subscription | None = None
         self._writer_task: asyncio.Task[None] | None = None
+        self._writing = False  # the writer awaits a send: new frames queue behind it
         self._held: list[Item] | None = None  # items that arrive while an admission loads
         self._admitting: asyncio.Future[None] | None = None
 
@@ -150,6 +155,11 @@ class Session:
 
     def send_encoded(self, data: bytes) -> None:
         if self._closing:
+            return
+        # Nothing waiting ahead of it: written at once, from the caller's own step (a fan-out
+        # of one event to a circle's members costs no task switch per member).
+        if not self._writing and self._out.empty() and self.transport.write_now(data):
+            self.observer.frame_out()
             return
         try:
             self._out.put_nowait(data)
@@ -192,7 +202,11 @@ class Session:
         while True:
             item = await self._out.get()
             if isinstance(item, bytes):
-                await self.transport.send(item)
+                self._writing = True  # frames sent meanwhile queue behind this one
+                try:
+                    await self.transport.send(item)
+                finally:
+                    self._writing = False
                 self.observer.frame_out()
                 continue
             assert isinstance(item, tuple)
