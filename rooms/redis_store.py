@@ -102,7 +102,8 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-0', unpack(entr
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[4], ARGV[4])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
+-- a fenced save comes from the circle's home, where all its sessions live and hear it at once
+if ARGV[8] == '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
 return 'ok'
 """
 
@@ -235,7 +236,11 @@ class RedisStore:
 
     async def save(self, circle_id: str, expected_version: int, blob: bytes,
                    events: Sequence[bytes], new_version: int, fence: int | None = None) -> None:
-        wake = bytes([WAKE]) + msgpack.packb([new_version, list(events)], use_bin_type=True)
+        # A fenced save is the home's own (DESIGN §8: a circle's sessions all live on its home
+        # process, which wakes its subscribers below): no wake-up is published for it. Saves
+        # without a lease (timers, the organizer API, any process) publish one.
+        wake = b"" if fence is not None else (
+            bytes([WAKE]) + msgpack.packb([new_version, list(events)], use_bin_type=True))
         args = [expected_version, new_version, blob, self._ttl_ms, self._max_versions,
                 WAKE_CHANNEL.format(circle_id), wake, "" if fence is None else fence, *events]
         keys = [*_keys(circle_id), HOME_KEY.format(circle_id), FENCE_KEY.format(circle_id)]

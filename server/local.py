@@ -84,10 +84,10 @@ class LocalCircles:
         return True
 
     def frame_in(self) -> None:
-        metrics.FRAMES_IN.inc()
+        metrics.FRAMES.received += 1
 
     def frame_out(self) -> None:
-        metrics.FRAMES_OUT.inc()
+        metrics.FRAMES.sent += 1
 
     def error(self, code: str) -> None:
         metrics.ERRORS.labels(code).inc()
@@ -96,7 +96,7 @@ class LocalCircles:
         metrics.CLOSES.labels(str(code)).inc()
 
     def command_took(self, name: str, seconds: float) -> None:
-        metrics.COMMAND_SECONDS.labels(name).observe(seconds)
+        metrics.command_took(name, seconds)
 
     # Leases (DESIGN §8) -----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from rooms.redis_store import RedisStore
 from rooms.store import (
     CircleExists,
     NoSuchCircle,
+    Owner,
     ReplayGap,
     Store,
     VersionConflict,
@@ -271,3 +272,25 @@ async def test_two_stores_on_one_backend_see_each_others_saves(make_store: MakeS
 
 async def test_ping_answers_when_reachable(make_store: MakeStore) -> None:
     await make_store().ping()
+
+
+async def test_a_fenced_save_wakes_its_own_process_and_publishes_nothing(
+        make_store: MakeStore, store_kind: str, circle_id: str) -> None:
+    """The home's own saves reach its subscribers at once and cost no pub/sub message; a
+    save without a lease (a timer, the organizer API) still wakes every process."""
+    if store_kind != "redis":
+        pytest.skip("one memory store is one process")
+    home, other = make_store(), make_store()
+    await home.create(circle_id, blob(circle_id, 0))
+    lease = await home.acquire(circle_id, "home", "http://home", 5000)
+    assert not isinstance(lease, Owner)
+    here, there = Wakes(), Wakes()
+    home.subscribe(circle_id, here.on_wake, here.on_ephemeral)
+    other.subscribe(circle_id, there.on_wake, there.on_ephemeral)
+    await asyncio.wait_for(there.queue.get(), 10)  # subscribed (its catch-up call)
+    await home.save(circle_id, 0, blob(circle_id, 1), [event(1)], 1, fence=lease.token)
+    assert (await here.next_carrying())[0] == 1
+    await home.save(circle_id, 1, blob(circle_id, 2), [event(2)], 2)
+    # pub/sub keeps order: had version 1 been published, it would come first
+    assert (await there.next_carrying())[0] == 2
+    assert [decode_event(e).version for e in await other.events_since(circle_id, 0)] == [1, 2]

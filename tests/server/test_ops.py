@@ -65,8 +65,13 @@ async def test_metrics_count_without_names_or_titles(live: Live) -> None:
                  'lingkar_errors_total{code="unknown_type"}', "lingkar_command_seconds_bucket",
                  'command="RaiseHand"'):
         assert name in text, name
-    connections = [line for line in text.splitlines() if line.startswith("lingkar_connections ")]
-    assert float(connections[0].split()[1]) >= 2
+    def value(metric: str) -> float:
+        (line,) = [line for line in text.splitlines() if line.startswith(metric + " ")]
+        return float(line.split()[1])
+
+    assert value("lingkar_connections") >= 2
+    assert value("lingkar_frames_in_total") >= 5  # two hellos, a note, "fly", raise_hand
+    assert value("lingkar_frames_out_total") >= value("lingkar_frames_in_total")
     for secret in ("Rahasia", circle["id"], a.member_id, "127.0.0.1"):
         assert secret not in text, secret
 
