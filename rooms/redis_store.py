@@ -37,7 +37,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from rooms.codec import CorruptState, state_version
 from rooms.memory_store import IDLE_SECONDS, MAX_VERSIONS
@@ -205,8 +205,9 @@ class RedisStore:
         self._acquire_script = self._redis.register_script(_ACQUIRE)
         self._renew_script = self._redis.register_script(_RENEW)
         self._release_script = self._redis.register_script(_RELEASE)
+        self._saves: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []  # this loop turn's
         self._subs: dict[str, list[_Subscriber]] = {}
-        self._local_saved: dict[str, int] = {}  # newest version this process saved, per circle
+        self._woken: dict[str, int] = {}  # newest version this process's subscribers heard, per circle
         self._pubsub: PubSub | None = None
         self._confirmed: set[str] = set()  # circles whose SUBSCRIBE the current connection confirmed
         self._reader: asyncio.Task[None] | None = None
@@ -245,7 +246,7 @@ class RedisStore:
                 WAKE_CHANNEL.format(circle_id), wake, "" if fence is None else fence, *events]
         keys = [*_keys(circle_id), HOME_KEY.format(circle_id), FENCE_KEY.format(circle_id)]
         with _mapped("save"):
-            outcome = await self._save_script(keys=keys, args=args)
+            outcome = await self._batched_save(keys, args)
         if outcome == b"missing":
             raise NoSuchCircle(circle_id)
         if outcome == b"conflict":
@@ -254,11 +255,66 @@ class RedisStore:
             raise StaleOwner(f"{circle_id}: fencing token {fence} no longer holds the lease")
         # This process's own subscribers hear of the save now, not after a round trip through
         # pub/sub: the circle's sessions live here (DESIGN §8), so that is the hot fan-out path.
-        # The same wake-up arriving later from Redis is then skipped in `_dispatch`.
-        if self._local_saved.get(circle_id, -1) < new_version:
-            self._local_saved[circle_id] = new_version
+        # Each version wakes them once: whichever of this and its published wake-up (an
+        # unfenced save publishes one) comes second is skipped.
+        if self._woken.get(circle_id, -1) >= new_version:
+            return
+        self._woken[circle_id] = new_version
         for sub in list(self._subs.get(circle_id, ())):
             _call(sub.on_wake, circle_id, new_version, list(events))
+
+    # Saves asked for in one turn of the event loop (members of many circles speaking at
+    # once) go to Redis together, in one pipeline: one connection taken from the pool, one
+    # write, one read. A lone save is the script call it always was. Under load the batches
+    # grow by themselves, and the cost per save shrinks when the process is busiest.
+
+    async def _batched_save(self, keys: list[str], args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._saves.append((keys, args, answer))
+        if len(self._saves) == 1:
+            loop.call_soon(self._flush_saves)
+        return await answer
+
+    def _flush_saves(self) -> None:
+        batch, self._saves = self._saves, []
+        if batch:
+            self._spawn(self._send_saves(batch))
+
+    async def _send_saves(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        results: list[Any]
+        try:
+            if len(batch) == 1:
+                keys, args, _ = batch[0]
+                results = [await self._save_script(keys=keys, args=args)]
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for keys, args, _ in batch:
+                        pipe.evalsha(self._save_script.sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+                for i, result in enumerate(results):
+                    if isinstance(result, NoScriptError):  # Redis restarted: loaded again
+                        keys, args, _ = batch[i]
+                        try:
+                            results[i] = await self._save_script(keys=keys, args=args)
+                        except (RedisError, OSError, TimeoutError) as exc:
+                            results[i] = exc
+        except asyncio.CancelledError:
+            for _, _, answer in batch:
+                answer.cancel()
+            raise
+        except BaseException as exc:  # the connection failed: every save of the batch did
+            for _, _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for (_, _, answer), result in zip(batch, results, strict=True):
+            if answer.done():
+                continue  # its caller gave up waiting (the save may still have happened)
+            if isinstance(result, BaseException):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
 
     # ---- the circle's home (DESIGN §8) -------------------------------------------------
 
@@ -331,7 +387,7 @@ class RedisStore:
                                             FENCE_KEY.format(circle_id)],
                                       args=[WAKE_CHANNEL.format(circle_id), gone])
             await self._redis.srem(CIRCLES_KEY, circle_id)
-        self._local_saved.pop(circle_id, None)
+        self._woken.pop(circle_id, None)
 
     async def circle_ids(self) -> list[str]:
         with _mapped("circle_ids"):
@@ -508,8 +564,10 @@ class RedisStore:
                 except (ValueError, TypeError, msgpack.UnpackException):
                     log.warning("unreadable wake-up on %s", channel)
                     return
-                if 0 <= version <= self._local_saved.get(circle_id, -1):
-                    return  # saved by this process: its subscribers already heard it
+                if version >= 0:
+                    if version <= self._woken.get(circle_id, -1):
+                        return  # heard already (saved by this process)
+                    self._woken[circle_id] = version
                 for sub in subs:
                     _call(sub.on_wake, circle_id, version, events)
 
