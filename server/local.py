@@ -26,7 +26,7 @@ from rooms.homes import Homes
 from rooms.manager import Busy, RoomManager
 from rooms.rules import audible
 from rooms.store import StoreError
-from rooms.subscription import Closed, Resync
+from rooms.subscription import Closed, Item, Resync
 from server import metrics
 from server.media.relay import MediaRelay
 from signaling import frames as f
@@ -154,36 +154,37 @@ class LocalCircles:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _close(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run a relay close to its end even if the watcher is cancelled meanwhile (the last
-        session going cancels it): a PeerConnection interrupted in `close()` never tells the
-        client and keeps its ICE transport."""
-        await asyncio.shield(self._spawn(work))
-
     def sessions(self) -> list[Session]:
         return [s for circle in self._circles.values() for s in circle.sessions.values()]
 
     async def _watch(self, circle_id: str) -> None:
-        """Keep the relay's gate equal to the rules' audible set (invariant 2)."""
+        """Keep the relay's gate equal to the rules' audible set (invariant 2). Events are
+        handed over synchronously as they are delivered (no task switch per event): the gate
+        moves in the same step as the event that moves it; closing connections runs on."""
         try:
             state = await self.manager.load(circle_id)
         except StoreError:
             return
         self.relay.set_audible(circle_id, audible(state))
         sub = self.manager.subscribe(circle_id, state.version)
+        finished = asyncio.get_running_loop().create_future()
+
+        def on_item(item: Item) -> None:
+            if isinstance(item, Closed):
+                self._spawn(self.relay.close_circle(circle_id))
+                if not finished.done():
+                    finished.set_result(None)
+            elif isinstance(item, Resync):
+                self.relay.set_audible(circle_id, audible(item.state))
+            elif item.name is Name.AUDIBLE:
+                self.relay.set_audible(circle_id, item.data["members"])
+            elif item.name in (Name.LEFT, Name.REMOVED, Name.DECLINED):
+                self._spawn(self.relay.close_member(circle_id, item.data["member_id"]))
+            elif item.name is Name.ENDED:
+                self._spawn(self.relay.close_circle(circle_id))
+
         try:
-            async for item in sub:
-                if isinstance(item, Closed):
-                    await self._close(self.relay.close_circle(circle_id))
-                    return
-                if isinstance(item, Resync):
-                    self.relay.set_audible(circle_id, audible(item.state))
-                    continue
-                if item.name is Name.AUDIBLE:
-                    self.relay.set_audible(circle_id, item.data["members"])
-                elif item.name in (Name.LEFT, Name.REMOVED, Name.DECLINED):
-                    await self._close(self.relay.close_member(circle_id, item.data["member_id"]))
-                elif item.name is Name.ENDED:
-                    await self._close(self.relay.close_circle(circle_id))
+            sub.listen(on_item)
+            await finished
         finally:
             sub.close()

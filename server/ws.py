@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from typing import Any
 
@@ -14,6 +15,8 @@ from server.local import LocalCircles
 from signaling.session import DEFAULT_LIMITS, Limits, Session
 
 _OPEN = WsState.OPEN
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
 
 try:
     from uvicorn.protocols.websockets.websockets_sansio_impl import (
@@ -21,6 +24,26 @@ try:
     )
 except ImportError:  # pragma: no cover - uvicorn without the websockets package
     _SansIOProtocol = None  # type: ignore[assignment,misc]
+
+
+_last_framed: list[Any] = [None, b""]  # (payload, frame): an event goes to every member in turn
+
+
+def _framed(data: bytes) -> bytes:
+    """`data` as one unmasked binary WebSocket frame (RFC 6455 §5.2), as websockets would
+    serialize it without extensions; built once for all the members an event goes to."""
+    if data is _last_framed[0]:
+        return _last_framed[1]
+    n = len(data)
+    if n < 126:
+        head = bytes((0x82, n))
+    elif n < 65536:
+        head = _HEAD16.pack(0x82, 126, n)
+    else:
+        head = _HEAD64.pack(0x82, 127, n)
+    frame = head + data
+    _last_framed[0], _last_framed[1] = data, frame
+    return frame
 
 
 def _uvicorn_protocol(ws: WebSocket) -> Any:
@@ -52,13 +75,14 @@ class _StarletteTransport:
         ):
             return False
         transport = protocol.transport
-        if transport.is_closing():
-            return False
         conn = protocol.conn
-        if conn.state is not _OPEN:
+        if transport.is_closing() or conn.state is not _OPEN:
             return False
-        conn.send_binary(data)
-        transport.write(b"".join(conn.data_to_send()))
+        if conn.extensions or conn.expect_continuation_frame:  # never negotiated here; kept right
+            conn.send_binary(data)
+            transport.write(b"".join(conn.data_to_send()))
+        else:
+            transport.write(_framed(data))
         return True
 
     async def receive(self) -> bytes | str | None:

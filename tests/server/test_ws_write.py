@@ -1,0 +1,40 @@
+"""The `/ws` write path: frames go straight to uvicorn's protocol when nothing is queued."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from websockets.frames import Frame, Opcode
+
+from server import ws
+from tests.live import Live, join
+from tests.server.conftest import ack_of
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_a_frame_is_framed_as_websockets_would(size: int) -> None:
+    data = os.urandom(size)
+    assert ws._framed(data) == Frame(Opcode.BINARY, data).serialize(mask=False, extensions=[])
+    assert ws._framed(data) is ws._framed(data)  # built once for every member it goes to
+
+
+async def test_events_reach_members_through_the_direct_write(live: Live,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a real uvicorn: the direct path is found and used (an upgrade of uvicorn or
+    websockets that moves what it reads makes this fail, not the circle go silent)."""
+    written: list[bool] = []
+    original = ws._StarletteTransport.write_now
+
+    def counting(self: ws._StarletteTransport, data: bytes) -> bool:
+        done = original(self, data)
+        written.append(done)
+        return done
+
+    monkeypatch.setattr(ws._StarletteTransport, "write_now", counting)
+    circle = await live.create_circle(title="t")
+    mod = await join(live, circle["links"]["moderator"], "Pendamping")
+    a = await join(live, circle["links"]["member"], "Melati")
+    await ack_of(a, "raise_hand")
+    await mod.event("hand_raised", member_id=a.member_id)
+    assert written and all(written)
