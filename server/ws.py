@@ -60,7 +60,7 @@ class _StarletteTransport:
         self.ws = ws
         self._protocol = _uvicorn_protocol(ws)
 
-    def write_now(self, data: bytes) -> bool:
+    def write_now(self, *frames: bytes) -> bool:
         """What uvicorn's ASGI ``send`` does for a ``websocket.send`` of bytes, minus the
         awaits: only when it would not have waited (the transport takes writes) and the
         connection is open; otherwise False and the frame goes through `send`."""
@@ -79,10 +79,13 @@ class _StarletteTransport:
         if transport.is_closing() or conn.state is not _OPEN:
             return False
         if conn.extensions or conn.expect_continuation_frame:  # never negotiated here; kept right
-            conn.send_binary(data)
+            for data in frames:
+                conn.send_binary(data)
             transport.write(b"".join(conn.data_to_send()))
+        elif len(frames) == 1:
+            transport.write(_framed(frames[0]))
         else:
-            transport.write(_framed(data))
+            transport.write(b"".join([_framed(data) for data in frames]))
         return True
 
     async def receive(self) -> bytes | str | None:

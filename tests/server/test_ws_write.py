@@ -23,12 +23,12 @@ async def test_events_reach_members_through_the_direct_write(live: Live,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Against a real uvicorn: the direct path is found and used (an upgrade of uvicorn or
     websockets that moves what it reads makes this fail, not the circle go silent)."""
-    written: list[bool] = []
+    written: list[tuple[bool, int]] = []
     original = ws._StarletteTransport.write_now
 
-    def counting(self: ws._StarletteTransport, data: bytes) -> bool:
-        done = original(self, data)
-        written.append(done)
+    def counting(self: ws._StarletteTransport, *frames: bytes) -> bool:
+        done = original(self, *frames)
+        written.append((done, len(frames)))
         return done
 
     monkeypatch.setattr(ws._StarletteTransport, "write_now", counting)
@@ -37,4 +37,6 @@ async def test_events_reach_members_through_the_direct_write(live: Live,
     a = await join(live, circle["links"]["member"], "Melati")
     await ack_of(a, "raise_hand")
     await mod.event("hand_raised", member_id=a.member_id)
-    assert written and all(written)
+    assert written and all(done for done, _ in written)
+    # the member's own event and the ack of its command left in one write
+    assert (True, 2) in written
