@@ -119,6 +119,7 @@ class CircleHub:
         self._stale = False  # a wake-up without events: fetch instead of trusting `_carried`
         self._deleted = False
         self._dirty = asyncio.Event()
+        self._pumping = False  # the pump is delivering (it may be waiting for the store)
         self._closed = False
         self.live = asyncio.Event()  # the store has called back once: the subscription is on
         self._pump = asyncio.get_running_loop().create_task(self._run())
@@ -160,7 +161,25 @@ class CircleHub:
                 except CorruptState:
                     self._stale = True  # fetch instead
         self._on_version(version)
-        self._dirty.set()
+        if not self._deliver_now(version):
+            self._dirty.set()
+
+    def _deliver_now(self, version: int) -> bool:
+        """The common case, handled in the caller's step (the save that made `version`, on
+        this process): every subscriber is at the version before, the wake-up carried the
+        events, and the pump has nothing pending. Anything else is the pump's."""
+        if (self._pumping or self._dirty.is_set() or self._stale or self._deleted
+                or version != self._latest):
+            return False
+        events = self._carried.get(version)
+        if events is None or any(s.last != version - 1 for s in self._subs):
+            return False
+        for s in list(self._subs):
+            for e in events:
+                s.push(e)
+            s.last = version
+        del self._carried[version]
+        return True
 
     def _on_ephemeral(self, circle_id: str, blob: bytes) -> None:
         try:
@@ -182,6 +201,7 @@ class CircleHub:
             if self._closed:
                 return
             self._dirty.clear()
+            self._pumping = True
             try:
                 await self._deliver()
             except StoreError as exc:  # unavailable or corrupt: try again soon
@@ -190,6 +210,8 @@ class CircleHub:
             except Exception:
                 log.exception("event delivery failed")
                 loop.call_later(RETRY_SECONDS, self._dirty.set)
+            finally:
+                self._pumping = False
             if self._deleted and not self._dirty.is_set():
                 for sub in list(self._subs):
                     sub.push(Closed())
