@@ -205,7 +205,9 @@ class RedisStore:
         self._acquire_script = self._redis.register_script(_ACQUIRE)
         self._renew_script = self._redis.register_script(_RENEW)
         self._release_script = self._redis.register_script(_RELEASE)
-        self._saves: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []  # this loop turn's
+        self._saves: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []  # the next batch
+        self._saving = False  # a batch is being sent (saves asked for meanwhile wait for the next)
+        self._save_conn: Any = None  # the connection saves are pipelined on (made, not pooled)
         self._subs: dict[str, list[_Subscriber]] = {}
         self._woken: dict[str, int] = {}  # newest version this process's subscribers heard, per circle
         self._pubsub: PubSub | None = None
@@ -263,47 +265,55 @@ class RedisStore:
         for sub in list(self._subs.get(circle_id, ())):
             _call(sub.on_wake, circle_id, new_version, list(events))
 
-    # Saves asked for in one turn of the event loop (members of many circles speaking at
-    # once) go to Redis together, in one pipeline: one connection taken from the pool, one
-    # write, one read. A lone save is the script call it always was. Under load the batches
-    # grow by themselves, and the cost per save shrinks when the process is busiest.
+    # Saves are pipelined on one connection of their own: whatever was asked for while the
+    # previous batch was in flight (members of many circles speaking at once) goes out as the
+    # next batch, in one write, and its answers are read in order. A quiet process sends each
+    # save alone; a busy one sends them by the dozen, so the cost per save shrinks when the
+    # process is busiest. Batches are redis-py's own packing and parsing on a redis-py
+    # connection, without the pool and client layers that cost more than the round trip.
 
     async def _batched_save(self, keys: list[str], args: list[Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Any] = loop.create_future()
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._saves.append((keys, args, answer))
-        if len(self._saves) == 1:
-            loop.call_soon(self._flush_saves)
+        if not self._saving:
+            self._saving = True
+            self._spawn(self._save_loop())
         return await answer
 
-    def _flush_saves(self) -> None:
-        batch, self._saves = self._saves, []
-        if batch:
-            self._spawn(self._send_saves(batch))
+    async def _save_loop(self) -> None:
+        try:
+            while self._saves and not self._closed:
+                batch, self._saves = self._saves, []
+                await self._send_saves(batch)
+        finally:
+            self._saving = False
+            if self._closed:
+                batch, self._saves = self._saves, []
+                for _, _, answer in batch:
+                    answer.cancel()
 
     async def _send_saves(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
         results: list[Any]
         try:
-            if len(batch) == 1:
-                keys, args, _ = batch[0]
-                results = [await self._save_script(keys=keys, args=args)]
-            else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for keys, args, _ in batch:
-                        pipe.evalsha(self._save_script.sha, len(keys), *keys, *args)
-                    results = await pipe.execute(raise_on_error=False)
-                for i, result in enumerate(results):
-                    if isinstance(result, NoScriptError):  # Redis restarted: loaded again
-                        keys, args, _ = batch[i]
-                        try:
-                            results[i] = await self._save_script(keys=keys, args=args)
-                        except (RedisError, OSError, TimeoutError) as exc:
-                            results[i] = exc
+            try:
+                results = await self._pipelined(batch)
+            except (RedisConnectionError, OSError):
+                # A broken connection (Redis restarted): once more on a new one. Saves are
+                # idempotent (a save that finds its own write succeeded), so a batch that
+                # partly ran is safe to send again. Never after a timeout.
+                results = await self._pipelined(batch)
+            for i, result in enumerate(results):
+                if isinstance(result, NoScriptError):  # Redis restarted: loaded again
+                    keys, args, _ = batch[i]
+                    try:
+                        results[i] = await self._save_script(keys=keys, args=args)
+                    except (RedisError, OSError, TimeoutError) as exc:
+                        results[i] = exc
         except asyncio.CancelledError:
             for _, _, answer in batch:
                 answer.cancel()
             raise
-        except BaseException as exc:  # the connection failed: every save of the batch did
+        except Exception as exc:  # the connection failed: every save of the batch did
             for _, _, answer in batch:
                 if not answer.done():
                     answer.set_exception(exc)
@@ -315,6 +325,28 @@ class RedisStore:
                 answer.set_exception(result)
             else:
                 answer.set_result(result)
+
+    async def _pipelined(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        conn = self._save_conn
+        if conn is None:
+            conn = self._save_conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        sha = self._save_script.sha
+        try:
+            await conn.send_packed_command(
+                conn.pack_commands([("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]),
+                check_health=False)
+            results: list[Any] = []
+            for _ in batch:
+                try:
+                    results.append(await conn.read_response())
+                except ResponseError as exc:  # this save's own answer; the rest follow
+                    results.append(exc)
+            return results
+        except BaseException:
+            # Half a batch read (or none): the connection cannot be trusted any more.
+            self._save_conn = None
+            await conn.disconnect(nowait=True)
+            raise
 
     # ---- the circle's home (DESIGN §8) -------------------------------------------------
 
@@ -418,6 +450,9 @@ class RedisStore:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._subs.clear()
+        if self._save_conn is not None:
+            await self._save_conn.disconnect(nowait=True)
+            self._save_conn = None
         for client in (self._sub_redis, self._redis):
             try:
                 await client.aclose()
