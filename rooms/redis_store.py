@@ -189,6 +189,7 @@ class RedisStore:
                  socket_timeout: float = 5.0, idle_seconds: float = IDLE_SECONDS,
                  max_versions: int = MAX_VERSIONS) -> None:
         self._ttl_ms = int(idle_seconds * 1000)
+        self._socket_timeout = socket_timeout
         self._max_versions = max_versions
         # One quick retry on a broken connection (a pooled socket after a Redis restart);
         # never on a timeout, whose command may have run. Saves are idempotent anyway.
@@ -297,6 +298,8 @@ class RedisStore:
         try:
             try:
                 results = await self._pipelined(batch)
+            except TimeoutError:
+                raise  # it may have run: the callers are told the store did not answer
             except (RedisConnectionError, OSError):
                 # A broken connection (Redis restarted): once more on a new one. Saves are
                 # idempotent (a save that finds its own write succeeded), so a batch that
@@ -329,18 +332,21 @@ class RedisStore:
     async def _pipelined(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
         conn = self._save_conn
         if conn is None:
-            conn = self._save_conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
+            # No per-read timeout (redis-py wraps each in a timer, each send in a task): the
+            # whole batch has one, below.
+            options = {**self._pool.connection_kwargs, "socket_timeout": None}
+            conn = self._save_conn = self._pool.connection_class(**options)
         sha = self._save_script.sha
+        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
         try:
-            await conn.send_packed_command(
-                conn.pack_commands([("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]),
-                check_health=False)
-            results: list[Any] = []
-            for _ in batch:
-                try:
-                    results.append(await conn.read_response())
-                except ResponseError as exc:  # this save's own answer; the rest follow
-                    results.append(exc)
+            async with asyncio.timeout(self._socket_timeout):
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                results: list[Any] = []
+                for _ in batch:
+                    try:
+                        results.append(await conn.read_response())
+                    except ResponseError as exc:  # this save's own answer; the rest follow
+                        results.append(exc)
             return results
         except BaseException:
             # Half a batch read (or none): the connection cannot be trusted any more.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import signal
 import subprocess
 import tempfile
 import threading
@@ -89,6 +90,15 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def pause(self) -> None:
+        """Stop the server answering (SIGSTOP): its sockets stay open, nothing comes back."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop(save=True)

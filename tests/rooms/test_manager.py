@@ -297,3 +297,27 @@ async def test_redis_restart_fails_closed_then_resumes(own_redis: RedisServer) -
     finally:
         await manager.close()
         await store.close()
+
+
+async def test_a_redis_that_stops_answering_fails_the_save_in_time_then_recovers(
+        own_redis: RedisServer) -> None:
+    """A save waits for a silent Redis no longer than the store's timeout (its batch's one
+    timer), answers StoreUnavailable, and the next save after Redis wakes goes through."""
+    store = RedisStore(own_redis.url, socket_timeout=0.5)
+    manager = RoomManager(store, clock=FakeClock())
+    try:
+        await manager.create(circle("p1"), INVITES)
+        await manager.execute("p1", join("m1"))
+        own_redis.pause()
+        try:
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(manager.execute("p1", c.RaiseHand("m1")), 10)
+        finally:
+            own_redis.resume()
+        # the save may have run before Redis froze: the state says which, and the next one works
+        state = await manager.load("p1")
+        state, _ = await manager.execute("p1", c.LowerHand("m1") if state.version == 2 else c.RaiseHand("m1"))
+        assert state.version in (2, 3)
+    finally:
+        await manager.close()
+        await store.close()

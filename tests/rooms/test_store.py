@@ -294,3 +294,25 @@ async def test_a_fenced_save_wakes_its_own_process_and_publishes_nothing(
     # pub/sub keeps order: had version 1 been published, it would come first
     assert (await there.next_carrying())[0] == 2
     assert [decode_event(e).version for e in await other.events_since(circle_id, 0)] == [1, 2]
+
+
+async def test_saves_at_once_across_circles_each_get_their_own_answer(make_store: MakeStore,
+                                                                      circle_id: str) -> None:
+    """Many saves in one turn of the loop (on Redis: one pipelined batch): each is answered on
+    its own, a conflict refuses only its own save, and every saved version is kept."""
+    store = make_store()
+    ids = [f"{circle_id}-{i}" for i in range(30)]
+    for cid in ids:
+        await store.create(cid, blob(cid, 0))
+    racing = ids[0]
+    other = RoomState.new(Circle(id=racing, title="another"))
+    other.version = 1
+    outcomes = await asyncio.gather(
+        *(store.save(cid, 0, blob(cid, 1), [event(1)], 1) for cid in ids),
+        store.save(racing, 0, encode_state(other), [event(1, 9)], 1),  # another version 1
+        return_exceptions=True)
+    assert outcomes[:-1] == [None] * len(ids)
+    assert isinstance(outcomes[-1], VersionConflict)
+    for cid in ids:
+        assert decode_state(await store.load(cid)).version == 1
+        assert [decode_event(e).data for e in await store.events_since(cid, 0)] == [{"n": 0}]
