@@ -9,8 +9,8 @@ is how the fault tests restart Redis mid-circle.
 from __future__ import annotations
 
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
