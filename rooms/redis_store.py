@@ -605,9 +605,11 @@ class RedisStore:
                 except (ValueError, TypeError, msgpack.UnpackException):
                     log.warning("unreadable wake-up on %s", channel)
                     return
-                if version >= 0:
-                    if version <= self._woken.get(circle_id, -1):
-                        return  # heard already (saved by this process)
+                if version < 0:
+                    self._woken.pop(circle_id, None)  # deleted (by any process)
+                elif version <= self._woken.get(circle_id, -1):
+                    return  # heard already (saved by this process)
+                else:
                     self._woken[circle_id] = version
                 for sub in subs:
                     _call(sub.on_wake, circle_id, version, events)
