@@ -316,3 +316,12 @@ async def test_saves_at_once_across_circles_each_get_their_own_answer(make_store
     for cid in ids:
         assert decode_state(await store.load(cid)).version == 1
         assert [decode_event(e).data for e in await store.events_since(cid, 0)] == [{"n": 0}]
+
+
+def test_the_save_path_packs_commands_as_redis_py_does() -> None:
+    from redis.asyncio.connection import Connection
+
+    from rooms.redis_store import resp_command
+
+    args = ("EVALSHA", "ab" * 20, 4, "lk:{c}:state", b"\x00\xffblob" * 100, 0, 7, "", "é", b"")
+    assert resp_command(*args) == b"".join(Connection().pack_command(*args))
