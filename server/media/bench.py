@@ -27,6 +27,8 @@ import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from server.gctune import tune_gc
+
 from . import circle, fastpath, tap
 from .relay import MediaRelay
 
@@ -325,8 +327,10 @@ async def _main(sizes: list[int], seconds: float, probe: bool) -> None:
 
 
 def _run(main: Any) -> None:
-    """Run the relay on the event loop `lingkar serve` gives it: uvicorn picks uvloop
-    when it is installed (LINGKAR_BENCH_LOOP=asyncio measures the standard loop)."""
+    """Run the relay as `lingkar serve` runs it: with its garbage-collector settings, and on
+    the event loop uvicorn picks, uvloop when it is installed (LINGKAR_BENCH_LOOP=asyncio
+    measures the standard loop)."""
+    tune_gc()
     if os.environ.get("LINGKAR_BENCH_LOOP", "uvloop") == "uvloop":
         try:
             import uvloop
