@@ -26,6 +26,7 @@ fails loudly if an upgrade moves any of them):
   ``._buffer`` (a cffi buffer over it), used as ``Session.protect`` uses them;
 - ``RTCRtpSender``'s sender-report counters ``__ntp_timestamp``, ``__rtp_timestamp``,
   ``__packet_count``, ``__octet_count``;
+- ``aioice.Connection.data_received`` (replaced per listen-only peer: see `ignore_rtcp`);
 - ``RTCRtpSender._run_rtcp`` and ``getStats`` (replaced per slot sender: the counters above
   are brought up to date lazily, at each RTCP tick and in ``getStats``), the events
   ``__rtcp_started`` / ``__rtcp_exited`` that ``stop()`` waits on, ``__cname``, ``__lsr``,
@@ -129,6 +130,14 @@ def check_supported() -> None:
                 "func(self._srtp[0], self._cdata, len_p)",
                 "return self._buffer[0 : len_p[0]]",
             ),
+        ),
+        "aioice Connection.data_received queues every datagram that is not STUN": (
+            ice.Connection.data_received,
+            ("self._queue.put_nowait((data, component))",),
+        ),
+        "aioice StunProtocol hands what is not STUN to its receiver's data_received": (
+            ice.StunProtocol.datagram_received,
+            ("self.receiver.data_received(data, self.local_candidate.component)",),
         ),
         "aioice StunProtocol.send_data is transport.sendto": (
             ice.StunProtocol.send_data,
@@ -401,6 +410,26 @@ class RtpOut:
         for name in _SENDER_ATTRS:
             if not hasattr(self._sender, name):
                 raise FastPathUnsupported(f"RTCRtpSender.{name} is gone")
+
+
+def ignore_rtcp(connection: Any) -> None:
+    """Drop the RTCP a listen-only member's connection receives, before it is decrypted.
+
+    All it carries is the listener's receiver reports on our slots (and SDES, BYE): aiortc
+    would decrypt and parse each, route it to the slot's sender and build statistics objects
+    from it, for a round-trip time nobody reads; the relay does no retransmission or rate
+    control for audio it passes through. At 300 listen-only members that was a third of the
+    relay's idle CPU (`python -m server.media.bench`). RTP, DTLS and STUN (consent) are
+    untouched; `connection` is the peer's ``aioice.Connection`` (RFC 5761 §4 demultiplexing:
+    RTCP packet types 192-223, RFC 7983 first-byte range 128-191)."""
+    queue = connection.data_received
+
+    def data_received(data: bytes, component: int) -> None:
+        if len(data) > 1 and 127 < data[0] < 192 and 191 < data[1] < 224:
+            return
+        queue(data, component)
+
+    connection.data_received = data_received
 
 
 def wall_clock() -> float:

@@ -194,6 +194,8 @@ class MediaRelay:
             if codec is None or codec.mimeType.lower() != OPUS:
                 raise OfferError(OfferProblem.UNSUPPORTED)
             tap.install_tap(mic.receiver, self._sink(peer, codec.payloadType))
+        if mic is None and senders:  # listening only: its RTCP is about our slots only
+            fastpath.ignore_rtcp(next(iter(senders.values())).transport.transport._connection)
         slots = []
         for mid in shape.slot_mids:
             if mid in senders:

@@ -123,3 +123,27 @@ async def test_packets_sent_through_the_fast_path_reach_a_real_peer_and_decode()
     finally:
         await listener.close()
         await relay_pc.close()
+
+
+def test_a_listen_only_connection_drops_rtcp_and_keeps_everything_else() -> None:
+    """RFC 5761/7983 demultiplexing: RTCP (packet types 192-223) is dropped before it is
+    decrypted; RTP, DTLS and anything else still reach aiortc."""
+
+    class Connection:
+        def __init__(self) -> None:
+            self.queued: list[bytes] = []
+
+        def data_received(self, data: bytes, component: int) -> None:
+            self.queued.append(data)
+
+    connection = Connection()
+    fastpath.ignore_rtcp(connection)
+    receiver_report = bytes([0x81, 201]) + bytes(30)
+    sender_report = bytes([0x80, 200]) + bytes(26)
+    sdes = bytes([0x81, 202]) + bytes(10)
+    rtp = bytes([0x80, 111]) + bytes(30)
+    rtp_with_marker = bytes([0x90, 0x80 | 111]) + bytes(30)
+    dtls = bytes([22, 0xFE, 0xFD]) + bytes(20)
+    for data in (receiver_report, sender_report, sdes, rtp, rtp_with_marker, dtls, b"\x80"):
+        connection.data_received(data, 1)
+    assert connection.queued == [rtp, rtp_with_marker, dtls, b"\x80"]
