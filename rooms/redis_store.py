@@ -281,8 +281,9 @@ class RedisStore:
     # previous batch was in flight (members of many circles speaking at once) goes out as the
     # next batch, in one write, and its answers are read in order. A quiet process sends each
     # save alone; a busy one sends them by the dozen, so the cost per save shrinks when the
-    # process is busiest. Batches are redis-py's own packing and parsing on a redis-py
-    # connection, without the pool and client layers that cost more than the round trip.
+    # process is busiest. Commands are packed here (`resp_command`), answers parsed by
+    # redis-py's connection, without the pool and client layers that cost more than the
+    # round trip.
 
     async def _batched_save(self, keys: list[str], args: list[Any]) -> Any:
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
