@@ -23,6 +23,7 @@ bench: setup system web
 	$(PY) -m rooms.bench
 	$(PY) -m server.media.bench
 	$(PY) -m loadtest.fanout
+	$(PY) -m loadtest.fanout --store redis --rooms 400
 
 loadtest: setup system web
 	$(VENV)/bin/lingkar loadtest --rooms 20 --members 8 --duration 30 --media-rooms 2 --out loadtest-out
