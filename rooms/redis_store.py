@@ -219,7 +219,7 @@ class RedisStore:
         self._release_script = self._redis.register_script(_RELEASE)
         self._saves: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []  # the next batch
         self._saving = False  # a batch is being sent (saves asked for meanwhile wait for the next)
-        self._save_conn: Any = None  # the connection saves are pipelined on (made, not pooled)
+        self._conns: dict[str, Any] = {}  # connections of saves and renewals (made, not pooled)
         self._subs: dict[str, list[_Subscriber]] = {}
         self._woken: dict[str, int] = {}  # newest version this process's subscribers heard, per circle
         self._pubsub: PubSub | None = None
@@ -342,27 +342,34 @@ class RedisStore:
                 answer.set_result(result)
 
     async def _pipelined(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        conn = self._save_conn
-        if conn is None:
-            # No per-read timeout (redis-py wraps each in a timer, each send in a task): the
-            # whole batch has one, below.
-            options = {**self._pool.connection_kwargs, "socket_timeout": None}
-            conn = self._save_conn = self._pool.connection_class(**options)
         sha = self._save_script.sha
         packed = b"".join([resp_command("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch])
+        return await self._exchange("saves", packed, len(batch))
+
+    async def _exchange(self, name: str, packed: bytes, count: int) -> list[Any]:
+        """Send `count` packed commands in one write on the connection called `name` (one of
+        this store's own, made on first use) and read their `count` answers in order; an
+        error answer is returned in its place, a broken connection raises."""
+        conn: Any = self._conns.get(name)
+        if conn is None:
+            # No per-read timeout (redis-py wraps each in a timer, each send in a task): the
+            # whole exchange has one, below.
+            options = {**self._pool.connection_kwargs, "socket_timeout": None}
+            conn = self._conns[name] = self._pool.connection_class(**options)
         try:
             async with asyncio.timeout(self._socket_timeout):
                 await conn.send_packed_command(packed, check_health=False)
                 results: list[Any] = []
-                for _ in batch:
+                for _ in range(count):
                     try:
                         results.append(await conn.read_response())
-                    except ResponseError as exc:  # this save's own answer; the rest follow
+                    except ResponseError as exc:  # this command's own answer; the rest follow
                         results.append(exc)
             return results
         except BaseException:
-            # Half a batch read (or none): the connection cannot be trusted any more.
-            self._save_conn = None
+            # Half the answers read (or none): the connection cannot be trusted any more.
+            if self._conns.get(name) is conn:
+                del self._conns[name]
             await conn.disconnect(nowait=True)
             raise
 
@@ -385,15 +392,32 @@ class RedisStore:
             raise CorruptState("unreadable lease") from None
 
     async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> list[bool]:
+        """Every lease in one write on a connection of its own, packed here: with hundreds of
+        circles, redis-py's pipeline (packing, and a SCRIPT EXISTS first) held the event
+        loop for milliseconds every second."""
         if not leases:
             return []
+        sha = self._renew_script.sha
+        calls: list[tuple[list[str], list[str | int]]] = [
+            ([HOME_KEY.format(lease.circle_id)], [lease.owner_id, lease.token, ttl_ms]) for lease in leases]
+        packed = b"".join([resp_command("EVALSHA", sha, 1, *keys, *args) for keys, args in calls])
         with _mapped("renew"):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for lease in leases:
-                    await self._renew_script(keys=[HOME_KEY.format(lease.circle_id)],
-                                             args=[lease.owner_id, lease.token, ttl_ms],
-                                             client=pipe)
-                answers = await pipe.execute()
+            try:
+                answers = await self._exchange("renewals", packed, len(calls))
+            except TimeoutError:
+                raise
+            except (RedisConnectionError, OSError):  # a new connection; renewing is idempotent
+                answers = await self._exchange("renewals", packed, len(calls))
+            missing = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+            if missing:  # Redis restarted and forgot the script: load it, send those again
+                await self._redis.script_load(_RENEW)
+                again = await self._exchange("renewals", b"".join(
+                    [resp_command("EVALSHA", sha, 1, *calls[i][0], *calls[i][1]) for i in missing]), len(missing))
+                for i, answer in zip(missing, again, strict=True):
+                    answers[i] = answer
+            for answer in answers:
+                if isinstance(answer, ResponseError):
+                    raise answer
         return [answer == 1 for answer in answers]
 
     async def release(self, lease: Lease) -> None:
@@ -468,9 +492,9 @@ class RedisStore:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._subs.clear()
-        if self._save_conn is not None:
-            await self._save_conn.disconnect(nowait=True)
-            self._save_conn = None
+        for conn in list(self._conns.values()):
+            await conn.disconnect(nowait=True)
+        self._conns.clear()
         for client in (self._sub_redis, self._redis):
             try:
                 await client.aclose()

@@ -325,3 +325,25 @@ def test_the_save_path_packs_commands_as_redis_py_does() -> None:
 
     args = ("EVALSHA", "ab" * 20, 4, "lk:{c}:state", b"\x00\xffblob" * 100, 0, 7, "", "é", b"")
     assert resp_command(*args) == b"".join(Connection().pack_command(*args))
+
+
+async def test_renewing_leases_survives_redis_forgetting_its_scripts(make_store: MakeStore, store_kind: str,
+                                                                   circle_id: str) -> None:
+    """Renewals go out in one write; after Redis lost its script cache (a restart) they are
+    loaded again and the same renewals answered, not failed."""
+    if store_kind != "redis":
+        pytest.skip("Redis only")
+    store = make_store()
+    assert isinstance(store, RedisStore)
+    ids = [f"{circle_id}-{i}" for i in range(5)]
+    leases = []
+    for cid in ids:
+        await store.create(cid, blob(cid, 0))
+        lease = await store.acquire(cid, "p1", "http://one", 5000)
+        assert not isinstance(lease, Owner)
+        leases.append(lease)
+    assert await store.renew(leases, 5000) == [True] * 5
+    await store._redis.script_flush()
+    assert await store.renew(leases, 5000) == [True] * 5
+    stranger = await store.acquire(ids[0], "p2", "http://two", 5000)
+    assert stranger == Owner("http://one")  # still held by the first process
