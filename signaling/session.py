@@ -59,7 +59,9 @@ class Media(Protocol):
 
     def slots(self, circle_id: str, member_id: str) -> list[str | None] | None: ...
 
-    async def close_member(self, circle_id: str, member_id: str) -> None: ...
+    def close_member(self, circle_id: str, member_id: str) -> Awaitable[None]:
+        """Take the member out of the media at once (nothing forwarded from or to it from the
+        call on); the awaitable closes its connection."""
 
 
 class Observer(Protocol):

@@ -284,26 +284,38 @@ class MediaRelay:
 
     # -- closing -----------------------------------------------------------------------
 
-    async def close_member(self, circle_id: str, member_id: str) -> None:
-        """Close the member's PeerConnection now; safe to call twice or for strangers."""
+    def close_member(self, circle_id: str, member_id: str) -> Coroutine[Any, Any, None]:
+        """Take the member out of the circle's media at once: from this call on nothing is
+        forwarded from or to it. The returned coroutine closes its PeerConnection (await or
+        spawn it). Safe to call twice or for strangers."""
         peer = self._peers.get((circle_id, member_id))
-        if peer is not None:
-            await self._close_peer(peer)
+        if peer is None or not self._detach(peer):
+            return self._finish([])
+        return self._finish([peer.pc])
 
-    async def _close_peer(self, peer: _Peer) -> None:
+    def _detach(self, peer: _Peer) -> bool:
+        """The synchronous half of closing a peer; False if it was closed already."""
         if self._peers.get((peer.circle_id, peer.member_id)) is peer:
             del self._peers[(peer.circle_id, peer.member_id)]
         if peer.closed:
-            return
+            return False
         peer.closed = True
         circle = self._circles.get(peer.circle_id)
         if circle is not None:
             self._notify_slots(peer.circle_id, circle.remove(peer.member_id))
-        await peer.pc.close()
+        return True
+
+    async def _finish(self, pcs: list[RTCPeerConnection]) -> None:
+        await asyncio.gather(*(pc.close() for pc in pcs))
         self._changed()
 
-    async def close_circle(self, circle_id: str) -> None:
-        """Close every PeerConnection of the circle and forget it."""
+    async def _close_peer(self, peer: _Peer) -> None:
+        if self._detach(peer):
+            await self._finish([peer.pc])
+
+    def close_circle(self, circle_id: str) -> Coroutine[Any, Any, None]:
+        """Take every member of the circle out of its media at once and forget the circle;
+        the returned coroutine closes their PeerConnections (await or spawn it)."""
         peers = [p for p in self._peers.values() if p.circle_id == circle_id]
         circle = self._circles.pop(circle_id, None)
         timer = self._level_timers.pop(circle_id, None)
@@ -316,8 +328,7 @@ class MediaRelay:
             for listener in circle.listeners.values():
                 for slot in listener.slots:
                     slot.stop()
-        await asyncio.gather(*(p.pc.close() for p in peers))
-        self._changed()
+        return self._finish([p.pc for p in peers])
 
     async def close(self) -> None:
         """Close everything (graceful shutdown)."""

@@ -207,7 +207,11 @@ async def test_close_member_closes_their_peer_and_leaves_nothing_behind(room: Ro
     room.relay.set_audible(CIRCLE, ["m1"])
     await wait_until(lambda: heard(room, "m2", "m1") >= ENOUGH)
 
-    await room.relay.close_member(CIRCLE, "m1")
+    closing = room.relay.close_member(CIRCLE, "m1")
+    # taken out at the call, before anything awaits: its slots and routes are gone already
+    assert room.views["m2"] == [None, None, None]
+    assert room.relay.slots(CIRCLE, "m1") is None
+    await closing
     await room.relay.close_member(CIRCLE, "m1")  # twice is safe
 
     assert room.views["m2"] == [None, None, None]
