@@ -306,24 +306,11 @@ class RedisStore:
                     answer.cancel()
 
     async def _send_saves(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
-        results: list[Any]
         try:
-            try:
-                results = await self._pipelined(batch)
-            except TimeoutError:
-                raise  # it may have run: the callers are told the store did not answer
-            except (RedisConnectionError, OSError):
-                # A broken connection (Redis restarted): once more on a new one. Saves are
-                # idempotent (a save that finds its own write succeeded), so a batch that
-                # partly ran is safe to send again. Never after a timeout.
-                results = await self._pipelined(batch)
-            for i, result in enumerate(results):
-                if isinstance(result, NoScriptError):  # Redis restarted: loaded again
-                    keys, args, _ = batch[i]
-                    try:
-                        results[i] = await self._save_script(keys=keys, args=args)
-                    except (RedisError, OSError, TimeoutError) as exc:
-                        results[i] = exc
+            # Saves are idempotent (a save that finds its own write succeeded): a batch that
+            # partly ran before a connection broke is safe to send again.
+            results = await self._evalsha_all("saves", self._save_script,
+                                              [(keys, args) for keys, args, _ in batch])
         except asyncio.CancelledError:
             for _, _, answer in batch:
                 answer.cancel()
@@ -341,10 +328,31 @@ class RedisStore:
             else:
                 answer.set_result(result)
 
-    async def _pipelined(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        sha = self._save_script.sha
-        packed = b"".join([resp_command("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch])
-        return await self._exchange("saves", packed, len(batch))
+    async def _evalsha_all(self, name: str, script: Any,
+                           calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run the idempotent `script` once per (keys, args) of `calls`, all in one write on
+        the connection called `name`; the answers in order, an error answer in its place.
+        A broken connection (Redis restarted) is tried once more on a new one, never after a
+        timeout (the calls may have run); a script Redis forgot is loaded again once and the
+        calls that missed it are sent again."""
+
+        def packed(items: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> bytes:
+            return b"".join([resp_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                             for keys, args in items])
+
+        try:
+            answers = await self._exchange(name, packed(calls), len(calls))
+        except TimeoutError:
+            raise
+        except (RedisConnectionError, OSError):
+            answers = await self._exchange(name, packed(calls), len(calls))
+        missing = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+        if missing:
+            await self._redis.script_load(script.script)
+            again = await self._exchange(name, packed([calls[i] for i in missing]), len(missing))
+            for i, answer in zip(missing, again, strict=True):
+                answers[i] = answer
+        return answers
 
     async def _exchange(self, name: str, packed: bytes, count: int) -> list[Any]:
         """Send `count` packed commands in one write on the connection called `name` (one of
@@ -397,24 +405,10 @@ class RedisStore:
         loop for milliseconds every second."""
         if not leases:
             return []
-        sha = self._renew_script.sha
-        calls: list[tuple[list[str], list[str | int]]] = [
-            ([HOME_KEY.format(lease.circle_id)], [lease.owner_id, lease.token, ttl_ms]) for lease in leases]
-        packed = b"".join([resp_command("EVALSHA", sha, 1, *keys, *args) for keys, args in calls])
+        calls = [([HOME_KEY.format(lease.circle_id)], [lease.owner_id, lease.token, ttl_ms])
+                 for lease in leases]
         with _mapped("renew"):
-            try:
-                answers = await self._exchange("renewals", packed, len(calls))
-            except TimeoutError:
-                raise
-            except (RedisConnectionError, OSError):  # a new connection; renewing is idempotent
-                answers = await self._exchange("renewals", packed, len(calls))
-            missing = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
-            if missing:  # Redis restarted and forgot the script: load it, send those again
-                await self._redis.script_load(_RENEW)
-                again = await self._exchange("renewals", b"".join(
-                    [resp_command("EVALSHA", sha, 1, *calls[i][0], *calls[i][1]) for i in missing]), len(missing))
-                for i, answer in zip(missing, again, strict=True):
-                    answers[i] = answer
+            answers = await self._evalsha_all("renewals", self._renew_script, calls)
             for answer in answers:
                 if isinstance(answer, ResponseError):
                     raise answer
