@@ -163,10 +163,7 @@ class Session:
         if self._corked is not None:
             self._corked.append(data)
             return
-        # Nothing waiting ahead of it: written at once, from the caller's own step (a fan-out
-        # of one event to a circle's members costs no task switch per member).
-        if not self._writing and self._out.empty() and self.transport.write_now(data):
-            self.observer.frame_out()
+        if self._write_now(data):
             return
         try:
             self._out.put_nowait(data)
@@ -500,13 +497,18 @@ class Session:
         finally:
             self._uncork()
 
+    def _write_now(self, *frames: bytes) -> bool:
+        """Nothing waiting ahead of them: written at once, from the caller's own step (a
+        fan-out of one event to a circle's members costs no task switch per member)."""
+        if self._writing or not self._out.empty() or not self.transport.write_now(*frames):
+            return False
+        for _ in frames:
+            self.observer.frame_out()
+        return True
+
     def _uncork(self) -> None:
         corked, self._corked = self._corked, None
-        if not corked or self._closing:
-            return
-        if not self._writing and self._out.empty() and self.transport.write_now(*corked):
-            for _ in corked:
-                self.observer.frame_out()
+        if not corked or self._closing or self._write_now(*corked):
             return
         for data in corked:
             self.send_encoded(data)
