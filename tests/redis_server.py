@@ -52,7 +52,8 @@ class RedisServer:
         # thread keeps draining the pipe so the server never blocks on a full one.
         self._proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--logfile", ""],
+             "--appendonly", "no", "--dir", str(self.dir), "--logfile", "",
+             "--notify-keyspace-events", "Ex"],  # tests can await a key's expiry
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert self._proc.stdout is not None
         out = self._proc.stdout

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 import websockets
 
 from rooms.codec import encode_state
@@ -65,21 +66,30 @@ async def hello_at(url: str, token: str, name: str = "Melati", resume: str | Non
     return client, first
 
 
-async def welcome_once_the_lease_is_free(url: str, token: str, name: str, resume: str | None,
-                                         timeout: float = 10.0) -> tuple[Client, dict[str, Any]]:
-    """Repeat the `hello` at this process until it is the circle's home (the dead owner's
-    lease has expired) and answers `welcome`; every earlier try must be a redirect."""
-    async def attempt() -> tuple[Client, dict[str, Any]]:
-        while True:
-            client, first = await hello_at(url, token, name, resume)
-            assert first is not None, f"closed with {await client.closed()}"
-            if first["type"] == "welcome":
-                return client, first
-            assert first["type"] == "redirect", first
-            assert await client.closed() == 4300
-            await asyncio.sleep(0.02)  # poll interval while the old lease runs out
+@asynccontextmanager
+async def lease_expiry(redis_url: str, circle_id: str) -> AsyncIterator[asyncio.Future[None]]:
+    """A future set when Redis expires the circle's lease key (a keyspace event; the test
+    servers publish them). Listening starts before the block runs, so no expiry is missed."""
+    client = aioredis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe("__keyevent@0__:expired")
+    expired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    home = f"lk:{{{circle_id}}}:home".encode()
 
-    return await asyncio.wait_for(attempt(), timeout)
+    async def listen() -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "message" and message["data"] == home:
+                expired.set_result(None)
+                return
+
+    listener = asyncio.create_task(listen())
+    try:
+        yield expired
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await pubsub.aclose()
+        await client.aclose()
 
 
 # ---- the store's lease scripts --------------------------------------------------------------
@@ -317,17 +327,23 @@ async def test_a_killed_process_circles_come_back_on_another_with_nothing_lost(
         before = (await settle(mod))["state"]
         assert before["floor"]["holder"] == m1.member_id and before["queue"] == [m2.member_id]
 
-        proc.send_signal(signal.SIGKILL)  # no drain, no release, no goodbye
-        await asyncio.wait_for(proc.wait(), 10)
-        for old in (mod, m1, m2):
-            await old.closed()
+        async with lease_expiry(redis_url, circle["id"]) as expired:
+            # While its lease lives, B sends members to the (now dead) home.
+            client, first = await hello_at(b.url + "/ws", token_of(links["moderator"]), "x", mod.resume)
+            assert first is not None and first["type"] == "redirect", first
+            assert await client.closed() == 4300
+            proc.send_signal(signal.SIGKILL)  # no drain, no release, no goodbye
+            await asyncio.wait_for(proc.wait(), 10)
+            for old in (mod, m1, m2):
+                await old.closed()
+            await asyncio.wait_for(expired, 10)
 
-        # Everyone resumes at B once the dead process's lease has expired.
+        # Everyone resumes at B now that the dead process's lease has expired.
         back: dict[str, Client] = {}
         welcomes: dict[str, dict[str, Any]] = {}
         for old, link in ((mod, links["moderator"]), (m1, links["member"]), (m2, links["member"])):
-            client, welcome = await welcome_once_the_lease_is_free(
-                b.url + "/ws", token_of(link), "x", resume=old.resume)
+            client, welcome = await hello_at(b.url + "/ws", token_of(link), "x", old.resume)
+            assert welcome is not None and welcome["type"] == "welcome", welcome
             assert welcome["member_id"] == old.member_id
             back[old.member_id], welcomes[old.member_id] = client, welcome
             if old is mod:  # B took the circle over: those the dead process showed as
