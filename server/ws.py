@@ -135,7 +135,7 @@ class WebSocketEndpoint:
             await ws.accept()
             session = Session(_StarletteTransport(ws), self.local.manager, secret=self.settings.secret,
                               media=self.local.relay, observer=self.local, limits=self.limits,
-                              homes=self.local.homes)
+                              homes=self.local.homes, address=address)
             await session.run()
         finally:
             metrics.CONNECTIONS.dec()

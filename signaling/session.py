@@ -124,8 +124,10 @@ def _now_ms() -> int:
 class Session:
     def __init__(self, transport: Transport, manager: RoomManager, *, secret: str, media: Media,
                  observer: Observer, limits: Limits = DEFAULT_LIMITS,
-                 now_ms: Callable[[], int] = _now_ms, homes: Homes | None = None) -> None:
+                 now_ms: Callable[[], int] = _now_ms, homes: Homes | None = None,
+                 address: str = "") -> None:
         self.transport = transport
+        self.address = address  # the client's address, as the limits see it (never logged)
         self.manager = manager
         self.homes = homes  # None: no leases (every process may write every circle)
         self.secret = secret
