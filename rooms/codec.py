@@ -13,7 +13,7 @@ import msgpack
 from rooms.events import Audience, AudienceKind, Event, Name
 from rooms.model import Circle, Floor, FloorMode, Invite, Language, Member, Role, RoomState
 
-FORMAT = 1  # bump when the layout below changes
+FORMAT = 1  # bump when the layout below changes (fields added at the end keep it: see decode)
 
 
 class CorruptState(Exception):
@@ -27,13 +27,13 @@ def _circle(c: Circle) -> list[Any]:
 
 def _member(m: Member) -> list[Any]:
     return [m.id, m.name, m.role.value, m.invite_id, m.listen_only, m.seat, m.muted,
-            m.connected, m.grace_deadline, m.session, m.resume_hash]
+            m.connected, m.grace_deadline, m.session, m.resume_hash, m.knock_tag]
 
 
 def _unmember(v: list[Any]) -> Member:
     return Member(id=v[0], name=v[1], role=Role(v[2]), invite_id=v[3], listen_only=v[4],
                   seat=v[5], muted=v[6], connected=v[7], grace_deadline=v[8], session=v[9],
-                  resume_hash=v[10])
+                  resume_hash=v[10], knock_tag=v[11] if len(v) > 11 else "")
 
 
 def encode_state(s: RoomState) -> bytes:
@@ -44,13 +44,15 @@ def encode_state(s: RoomState) -> bytes:
         [_member(m) for m in s.lobby.values()],
         [f.holder, f.since, f.deadline, f.warned, f.over] if f else None,
         s.queue,
-        [[i.id, i.role.value, i.personal] for i in s.invites.values()],
+        [[i.id, i.role.value, i.personal, i.label] for i in s.invites.values()],
         sorted(s.revoked),
         s.invite_holders,
         s.screen_shared_links,
         s.airtime,
         s.next_seat,
         s.ended,
+        s.knocks,
+        s.declined,
     ], use_bin_type=True)
     return blob
 
@@ -58,7 +60,8 @@ def encode_state(s: RoomState) -> bytes:
 def decode_state(blob: bytes) -> RoomState:
     try:
         v = msgpack.unpackb(blob, raw=False, strict_map_key=True)
-        if not isinstance(v, list) or len(v) != 16 or v[0] != FORMAT:
+        # 16 fields: states saved before the lobby's knocks and declines were kept (read on)
+        if not isinstance(v, list) or len(v) not in (16, 18) or v[0] != FORMAT:
             raise CorruptState(f"not a room state of format {FORMAT}")
         c = v[2]
         circle = Circle(id=c[0], title=c[1], topic=c[2], language=Language(c[3]), capacity=c[4],
@@ -76,13 +79,16 @@ def decode_state(blob: bytes) -> RoomState:
             lobby={m.id: m for m in lobby},
             floor=Floor(f[0], f[1], f[2], f[3], f[4]) if f else None,
             queue=list(v[8]),
-            invites={i[0]: Invite(i[0], Role(i[1]), bool(i[2])) for i in v[9]},
+            invites={i[0]: Invite(i[0], Role(i[1]), bool(i[2]), str(i[3]) if len(i) > 3 else "")
+                     for i in v[9]},
             revoked=set(v[10]),
             invite_holders=dict(v[11]),
             screen_shared_links=bool(v[12]),
             airtime=dict(v[13]),
             next_seat=int(v[14]),
             ended=bool(v[15]),
+            knocks=[int(t) for t in v[16]] if len(v) > 16 else [],
+            declined={str(k): int(t) for k, t in v[17].items()} if len(v) > 16 else {},
         )
     except CorruptState:
         raise

@@ -1,7 +1,7 @@
 """Commands: what someone asks the room to do, as imperative frozen dataclasses.
 
 `actor` is the member id of whoever sent the command. Commands without an actor come from the
-server itself (`Join`, `Resume`, `Disconnect`, `Tick`, `CreateInvite`, `EndByOrganizer`).
+server itself (`Join`, `Resume`, `Disconnect`, `Tick`, `CreateInvite`, `RevokeInvite`, `EndByOrganizer`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ class Join:
     name: str
     listen_only: bool
     resume_hash: str
+    knock_tag: str = ""  # a keyed tag of the client's address (signaling.addresses.keyed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,15 @@ class CreateInvite:
     invite_id: str
     role: Role
     personal: bool
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeInvite:
+    """The organizer revokes an invite: it is refused from now on, and whoever holds a seat
+    or a lobby place through it is out (F10)."""
+
+    invite_id: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,9 @@ class Code(enum.StrEnum):
     BAD_RESUME = "bad_resume"  # 4401: wrong or dead resume secret
     BANNED = "banned"  # 4403: a removed member's personal invite
     LOCKED = "locked"  # 4403
-    FULL = "full"  # 4409
+    FULL = "full"  # 4409: capacity reached, or the lobby is full
+    KNOCKS = "too_many_knocks"  # 4429: the lobby took 10 new knocks in the last minute
+    DECLINED = "declined"  # 4403: this address was declined from this lobby a moment ago
     ENDED = "ended"  # 4404
 
 

@@ -53,6 +53,12 @@ class Invite:
     id: str
     role: Role
     personal: bool = False
+    label: str = ""  # the organizer's own note ("Bu Sari"), never shown in the circle
+
+    @property
+    def for_one_person(self) -> bool:
+        """A moderator invite is always for one person (F10), whatever it was made as."""
+        return self.personal or self.role is Role.MODERATOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,7 @@ class Member:
     grace_deadline: int | None = None  # set while disconnected
     session: int = 1  # bumped when a newer connection takes the seat over
     resume_hash: str = ""  # sha256 hex of the current resume secret
+    knock_tag: str = ""  # while in the lobby: a keyed tag of the address it knocked from
 
     def with_(self, **changes: object) -> Member:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -101,6 +108,8 @@ class RoomState:
     airtime: dict[str, int] = field(default_factory=dict)  # member id -> ms spoken
     next_seat: int = 1
     ended: bool = False
+    knocks: list[int] = field(default_factory=list)  # times of the lobby knocks of the last minute
+    declined: dict[str, int] = field(default_factory=dict)  # knock tag -> refused until (epoch ms)
 
     @classmethod
     def new(cls, circle: Circle) -> RoomState:
@@ -124,6 +133,8 @@ class RoomState:
             airtime=dict(self.airtime),
             next_seat=self.next_seat,
             ended=self.ended,
+            knocks=list(self.knocks),
+            declined=dict(self.declined),
         )
 
     # Derived facts, never stored, so they cannot drift from what they describe.
@@ -131,6 +142,11 @@ class RoomState:
     @property
     def moderator_present(self) -> bool:
         return any(m.role is Role.MODERATOR and m.connected for m in self.members.values())
+
+    @property
+    def seated(self) -> int:
+        """Admitted members and guests: what `capacity` counts (moderators do not)."""
+        return sum(1 for m in self.members.values() if m.role is not Role.MODERATOR)
 
     @property
     def holder(self) -> str | None:

@@ -23,6 +23,9 @@ WARNING_MS = 30_000  # the gentle warning before a turn ends (F5)
 NOTE_MAX = 500
 NAME_MAX = 32
 EXTEND_MAX = 600
+KNOCKS_PER_MINUTE = 10  # new lobby knocks a circle takes in a minute (DESIGN §5 "Who gets in")
+KNOCK_WINDOW_MS = 60_000
+DECLINED_FOR_MS = 10 * 60_000  # a declined address may not knock on the circle again for this long
 
 
 class _Step:
@@ -161,6 +164,7 @@ def next_deadline(state: RoomState) -> int | None:
             due.append(f.deadline - WARNING_MS)
         elif not f.over:
             due.append(f.deadline)
+    due.extend(state.declined.values())  # a declined address is forgotten on time
     return min(due) if due else None
 
 
@@ -277,7 +281,7 @@ def _join(step: _Step, cmd: c.Join) -> None:
         raise RoomError(Code.BAD_INVITE, "this invite is not valid for this circle")
     if invite.id in s.revoked:
         raise RoomError(Code.BANNED, "this invite was revoked")
-    holder_id = s.invite_holders.get(invite.id) if invite.personal else None
+    holder_id = s.invite_holders.get(invite.id) if invite.for_one_person else None
     if holder_id is not None:  # the same person again: the newest connection takes the seat
         _take_over(step, s.find(holder_id), cmd.resume_hash)  # type: ignore[arg-type]
         return
@@ -288,20 +292,39 @@ def _join(step: _Step, cmd: c.Join) -> None:
         raise RoomError(Code.NOT_ALLOWED, "a pseudonym is 1-32 characters, no control characters")
     if cmd.member_id in s.members or cmd.member_id in s.lobby:
         raise RoomError(Code.NOT_ALLOWED, "member id already in use")
-    if len(s.members) + len(s.lobby) >= s.circle.capacity:
+    # Moderators are never kept out by capacity nor kept waiting (F10): the lobby, bounded
+    # on its own, can never lock the moderator out of their circle.
+    screened = cmd.role is Role.GUEST or (
+        cmd.role is Role.MEMBER and (s.circle.lobby or (s.screen_shared_links and not invite.personal)))
+    if screened:
+        _knock(step, cmd.knock_tag)
+    elif cmd.role is not Role.MODERATOR and s.seated >= s.circle.capacity:
         raise RoomError(Code.FULL, "the circle is full")
     m = Member(id=cmd.member_id, name=name, role=cmd.role, invite_id=invite.id,
                listen_only=cmd.listen_only, muted=cmd.role is not Role.MODERATOR,
-               resume_hash=cmd.resume_hash)
-    if invite.personal:
+               resume_hash=cmd.resume_hash, knock_tag=cmd.knock_tag if screened else "")
+    if invite.for_one_person:
         s.invite_holders[invite.id] = m.id
-    screened = cmd.role is Role.GUEST or (
-        cmd.role is Role.MEMBER and (s.circle.lobby or (s.screen_shared_links and not invite.personal)))
     if screened:
         s.lobby[m.id] = m
         step.emit(Name.LOBBY_WAITING, {"member": lobby_view(m)}, MODERATORS)
     else:
         _seat(step, m)
+
+
+def _knock(step: _Step, tag: str) -> None:
+    """A new knock on the lobby: refused when this address was just declined, when the
+    lobby is full (`capacity` waiting), or when it took its 10 knocks of the last minute."""
+    s = step.state
+    now = step.now
+    if tag and s.declined.get(tag, 0) > now:
+        raise RoomError(Code.DECLINED, "declined from this circle a moment ago")
+    if len(s.lobby) >= s.circle.capacity:
+        raise RoomError(Code.FULL, "the lobby is full")
+    recent = [t for t in s.knocks if t > now - KNOCK_WINDOW_MS]
+    if len(recent) >= KNOCKS_PER_MINUTE:
+        raise RoomError(Code.KNOCKS, "too many people knocked in the last minute")
+    s.knocks = [*recent, now]
 
 
 def _seat(step: _Step, m: Member) -> None:
@@ -342,6 +365,9 @@ def _disconnect(step: _Step, cmd: c.Disconnect) -> None:
 
 def _tick(step: _Step, cmd: c.Tick) -> None:
     s = step.state
+    if any(until <= step.now for until in s.declined.values()):
+        s.declined = {tag: until for tag, until in s.declined.items() if until > step.now}
+        step.changed = True
     for m in [*s.members.values(), *s.lobby.values()]:
         if m.grace_deadline is not None and step.now >= m.grace_deadline:
             _leave(step, m, quietly=True, need_support=False)  # F12: grace over, leaves quietly
@@ -363,7 +389,8 @@ def _tick(step: _Step, cmd: c.Tick) -> None:
 def _create_invite(step: _Step, cmd: c.CreateInvite) -> None:
     if cmd.invite_id in step.state.invites:
         raise RoomError(Code.NOT_ALLOWED, "invite id already in use")
-    step.state.invites[cmd.invite_id] = Invite(cmd.invite_id, cmd.role, cmd.personal)
+    personal = cmd.personal or cmd.role is Role.MODERATOR  # moderator invites: one person each
+    step.state.invites[cmd.invite_id] = Invite(cmd.invite_id, cmd.role, personal, cmd.label)
     step.changed = True
 
 
@@ -524,8 +551,10 @@ def _admit(step: _Step, cmd: c.Admit) -> None:
     m = s.lobby.pop(cmd.member_id, None)
     if m is None:
         raise RoomError(Code.NO_SUCH_MEMBER, "nobody with that id is waiting")
+    if s.seated >= s.circle.capacity:
+        raise RoomError(Code.NOT_ALLOWED, "the circle is full")
     step.emit(Name.LOBBY_LEFT, {"member_id": m.id}, MODERATORS)
-    _seat(step, m)
+    _seat(step, m.with_(knock_tag=""))
     step.emit(Name.ADMITTED, {"member_id": m.id}, SERVER)
 
 
@@ -535,6 +564,8 @@ def _decline(step: _Step, cmd: c.Decline) -> None:
     if m is None:
         raise RoomError(Code.NO_SUCH_MEMBER, "nobody with that id is waiting")
     _drop(step, m)
+    if m.knock_tag:  # the same address cannot knock again at once (DESIGN §5)
+        step.state.declined[m.knock_tag] = step.now + DECLINED_FOR_MS
     step.emit(Name.LOBBY_LEFT, {"member_id": m.id}, MODERATORS)
     step.emit(Name.DECLINED, {"member_id": m.id}, SERVER)
 
@@ -547,17 +578,36 @@ def _remove(step: _Step, cmd: c.Remove) -> None:
         raise RoomError(Code.NO_SUCH_MEMBER, "no such member in this circle")
     if m.id == cmd.actor:
         raise RoomError(Code.NOT_ALLOWED, "use leave to leave")
+    invite = s.invites.get(m.invite_id)
+    if invite is not None and invite.for_one_person:
+        s.revoked.add(invite.id)  # the ban sticks (F10): a removed moderator's link is dead too
+    _out(step, m)
+
+
+def _out(step: _Step, m: Member) -> None:
+    """A member put out of the circle (removed, or their invite revoked): every trace gone,
+    and from now on shared links go through the lobby (F10)."""
+    s = step.state
     admitted = m.id in s.members
     _drop(step, m)
-    invite = s.invites.get(m.invite_id)
-    if invite is not None and invite.personal:
-        s.revoked.add(invite.id)  # the ban sticks (F10)
-    s.screen_shared_links = True  # from now on shared links go through the lobby
+    s.screen_shared_links = True
     if admitted:
         step.emit(Name.MEMBER_REMOVED, {"member_id": m.id}, EVERYONE)
     else:
         step.emit(Name.LOBBY_LEFT, {"member_id": m.id}, MODERATORS)
     step.emit(Name.REMOVED, {"member_id": m.id}, SERVER)
+
+
+def _revoke_invite(step: _Step, cmd: c.RevokeInvite) -> None:
+    s = step.state
+    if cmd.invite_id not in s.invites:
+        raise RoomError(Code.BAD_INVITE, "no such invite in this circle")
+    if cmd.invite_id not in s.revoked:
+        s.revoked.add(cmd.invite_id)
+        step.changed = True
+    for m in [*s.members.values(), *s.lobby.values()]:
+        if m.invite_id == cmd.invite_id:
+            _out(step, m)
 
 
 def _set_lock(step: _Step, actor: str, locked: bool) -> None:
@@ -589,6 +639,7 @@ _HANDLERS: dict[type, Callable[[_Step, Any], None]] = {
     c.Disconnect: _disconnect,
     c.Tick: _tick,
     c.CreateInvite: _create_invite,
+    c.RevokeInvite: _revoke_invite,
     c.EndByOrganizer: lambda step, cmd: _end(step),
     c.RaiseHand: _raise_hand,
     c.LowerHand: _lower_hand,

@@ -12,7 +12,7 @@ from rooms.codec import decode_state, encode_state
 from rooms.errors import Code, RoomError
 from rooms.events import AudienceKind, Event, Name
 from rooms.model import FloorMode, Role, RoomState
-from rooms.rules import apply, audible, joined_member_id
+from rooms.rules import DECLINED_FOR_MS, apply, audible, joined_member_id
 from tests.rules.room import SHARED, Room
 
 MODERATOR_ONLY = (c.GiveFloor, c.Next, c.Mute, c.MuteAll, c.AskUnmute, c.Admit, c.Decline,
@@ -28,6 +28,7 @@ class RoomMachine(RuleBasedStateMachine):
         self.revoked_invites: set[str] = set()
         self.raised_at: dict[str, int] = {}
         self.step_no = 0
+        self.declined_until: dict[str, int] = {}  # knock tag -> when it may knock again
 
     @initialize(lobby=st.booleans(), mode=st.sampled_from(list(FloorMode)),
                 capacity=st.integers(2, 10), turn=st.sampled_from([30, 60, 180]))
@@ -35,6 +36,8 @@ class RoomMachine(RuleBasedStateMachine):
         self.room = Room.new(lobby=lobby, mode=mode, capacity=capacity, turn_seconds=turn)
         for n in range(3):
             self.room.do(c.CreateInvite(f"p{n}", Role.MEMBER, personal=True))
+        for n in range(2):  # asked for as shared: moderator invites are personal all the same
+            self.room.do(c.CreateInvite(f"pm{n}", Role.MODERATOR, personal=False))
         self.ids.append(self.room.join("Pendamping", Role.MODERATOR))
         for name in ("Melati", "Kenanga")[: capacity - 1]:
             self.ids.append(self.room.join(name))
@@ -68,6 +71,15 @@ class RoomMachine(RuleBasedStateMachine):
                 assert err.code is Code.FORBIDDEN
         if isinstance(command, c.Join) and command.invite_id in self.revoked_invites:
             assert err.code is Code.BANNED or before.ended
+        # Who gets in (DESIGN §5): a moderator is never refused for capacity, the lobby or
+        # its knocks; a knock is refused as declined only within ten minutes of a decline.
+        if isinstance(command, c.Join) and command.role is Role.MODERATOR:
+            assert err.code not in (Code.FULL, Code.KNOCKS, Code.DECLINED), err
+        if isinstance(command, c.Join) and err.code is Code.DECLINED:
+            assert self.room.now < self.declined_until.get(command.knock_tag, 0)
+        if isinstance(command, c.Join) and err.code is Code.FULL:
+            lobby_full = len(before.lobby) >= before.circle.capacity
+            assert lobby_full or before.seated >= before.circle.capacity
 
     def track(self, before: RoomState, after: RoomState, command: c.Command,
               events: list[Event]) -> None:
@@ -77,10 +89,18 @@ class RoomMachine(RuleBasedStateMachine):
             if e.name is Name.REMOVED:
                 removed = before.find(e.data["member_id"])
                 assert removed is not None
-                if before.invites[removed.invite_id].personal:
+                if before.invites[removed.invite_id].for_one_person or isinstance(command, c.RevokeInvite):
                     self.revoked_invites.add(removed.invite_id)
             if e.name is Name.HAND_RAISED:
                 self.raised_at[e.data["member_id"]] = self.step_no
+            if e.name is Name.DECLINED:
+                tag = before.lobby[e.data["member_id"]].knock_tag
+                if tag:
+                    self.declined_until[tag] = self.room.now + DECLINED_FOR_MS
+        if isinstance(command, c.RevokeInvite):
+            self.revoked_invites.add(command.invite_id)
+            assert not [m for m in (*after.members.values(), *after.lobby.values())
+                        if m.invite_id == command.invite_id], "a revoked invite's holders are out"
         if isinstance(command, c.Join):
             mid = joined_member_id(after, command)
             if mid not in self.ids:
@@ -89,6 +109,8 @@ class RoomMachine(RuleBasedStateMachine):
     def check_step(self, before: RoomState, after: RoomState, command: c.Command,
                    events: list[Event]) -> None:
         changed = after is not before
+        if isinstance(command, c.Join) and command.member_id in after.lobby and command.knock_tag:
+            assert self.room.now >= self.declined_until.get(command.knock_tag, 0), "a declined address knocked"
         # 9. every change increments the version by exactly one; every event carries it
         if changed:
             assert after.version == before.version + 1
@@ -149,15 +171,28 @@ class RoomMachine(RuleBasedStateMachine):
             self.run(kind(actor))
 
     @rule(data=st.data(), role=st.sampled_from(list(Role)), listen_only=st.booleans(),
-          personal=st.sampled_from([None, "p0", "p1", "p2"]),
-          name=st.sampled_from(["Melati", " Kenanga ", "Mawar", "Anggrek", "", "x" * 33, "a\x01"]))
+          personal=st.sampled_from([None, "p0", "p1", "p2", "pm0", "pm1"]),
+          name=st.sampled_from(["Melati", " Kenanga ", "Mawar", "Anggrek", "", "x" * 33, "a\x01"]),
+          tag=st.sampled_from(["", "addr-a", "addr-b", "addr-c"]))
     def join(self, data: st.DataObject, role: Role, listen_only: bool, personal: str | None,
-             name: str) -> None:
+             name: str, tag: str) -> None:
         mid = f"m{len(self.ids) + 1}-{self.step_no}"
         invite = personal or SHARED[role]
         if personal:
-            role = Role.MEMBER
-        self.run(c.Join(mid, invite, role, name, listen_only, f"h-{mid}"))
+            role = Role.MODERATOR if personal.startswith("pm") else Role.MEMBER
+        self.run(c.Join(mid, invite, role, name, listen_only, f"h-{mid}", tag))
+
+    @rule(data=st.data(), count=st.integers(1, 14))
+    def lobby_flood(self, data: st.DataObject, count: int) -> None:
+        """Guest-link knocks in a burst, as a hostile holder of the link would send them."""
+        for n in range(count):
+            mid = f"g{len(self.ids) + 1}-{self.step_no}-{n}"
+            self.run(c.Join(mid, SHARED[Role.GUEST], Role.GUEST, "Tamu", False, f"h-{mid}",
+                            data.draw(st.sampled_from(["addr-a", "addr-b", "flood"]))))
+
+    @rule(invite=st.sampled_from(["p0", "p1", "pm0", "pm1", "inv-member", "inv-guest", "nope"]))
+    def revoke_invite(self, invite: str) -> None:
+        self.run(c.RevokeInvite(invite))
 
     @rule(data=st.data())
     def resume(self, data: st.DataObject) -> None:
@@ -254,7 +289,14 @@ class RoomMachine(RuleBasedStateMachine):
         assert all(m.seat > 0 for m in s.members.values())
         assert all(m.seat == 0 for m in s.lobby.values())
         assert not set(s.members) & set(s.lobby)
-        assert len(s.members) + len(s.lobby) <= s.circle.capacity
+
+    @invariant()
+    def capacity_counts_members_and_guests_and_bounds_the_lobby(self) -> None:
+        s = self.room.state
+        assert s.seated <= s.circle.capacity
+        assert len(s.lobby) <= s.circle.capacity
+        assert all(m.role is not Role.MODERATOR for m in s.lobby.values()), "moderators never wait"
+        assert all(not m.knock_tag for m in s.members.values()), "an address tag only while waiting"
 
 
 RoomMachine.TestCase.settings = settings(

@@ -280,7 +280,101 @@ def test_full_circle_refuses_joins(room: Room) -> None:
     room = Room.new(capacity=2)
     room.join("Mod", Role.MODERATOR)
     room.join("A")
-    assert room.refused(c.Join("m9", "inv-member", Role.MEMBER, "B", False, "h")).code is Code.FULL
+    room.join("B")  # the moderator does not count: capacity is members and guests
+    assert room.refused(c.Join("m9", "inv-member", Role.MEMBER, "C", False, "h")).code is Code.FULL
+
+
+def test_a_full_circle_still_takes_a_moderator(room: Room) -> None:
+    room = Room.new(capacity=2)
+    room.join("A")
+    room.join("B")
+    room.do(c.CreateInvite("pm2", Role.MODERATOR, personal=True))
+    for invite in ("inv-mod", "pm2"):
+        mod = room.join("Pendamping", Role.MODERATOR, invite=invite)
+        assert mod in room.state.members
+    assert room.state.seated == 2
+
+
+def test_a_lobby_flood_cannot_keep_a_moderator_out(room: Room) -> None:
+    room = Room.new(capacity=3, lobby=True)
+    for n in range(3):
+        assert room.join(f"Tamu{n}", Role.GUEST) in room.state.lobby
+    assert room.refused(c.Join("m9", "inv-guest", Role.GUEST, "Lagi", False, "h")).code is Code.FULL
+    mod = room.join("Pendamping", Role.MODERATOR)
+    assert mod in room.state.members  # never kept in the lobby, never refused for it
+
+
+def test_the_lobby_takes_ten_new_knocks_a_minute(room: Room) -> None:
+    room = Room.new(capacity=50, lobby=True)
+    for n in range(10):
+        room.join(f"Tamu{n}", Role.GUEST)
+    assert room.refused(c.Join("m99", "inv-guest", Role.GUEST, "X", False, "h")).code is Code.KNOCKS
+    room.now += 60_001
+    assert room.join("Tamu10", Role.GUEST) in room.state.lobby
+
+
+def test_a_declined_address_cannot_knock_again_for_ten_minutes(room: Room) -> None:
+    room = Room.new(lobby=True)
+    mod = room.join("Pendamping", Role.MODERATOR)
+    room.do(c.Join("m90", "inv-guest", Role.GUEST, "Mawar", False, "h90", "tag-a"))
+    assert room.state.lobby["m90"].knock_tag == "tag-a"
+    room.do(c.Decline(mod, "m90"))
+    again = c.Join("m91", "inv-guest", Role.GUEST, "Mawar", False, "h91", "tag-a")
+    assert room.refused(again).code is Code.DECLINED
+    room.do(c.Join("m92", "inv-guest", Role.GUEST, "Melati", False, "h92", "tag-b"))  # others may
+    room.now += 10 * 60_000 - 1
+    assert room.refused(again).code is Code.DECLINED
+    room.now += 1
+    room.do(c.Tick())  # the tag is forgotten on time, not only on the next knock
+    assert room.state.declined == {}
+    room.do(again)
+    assert "m91" in room.state.lobby
+
+
+def test_an_admitted_member_keeps_no_address_tag(room: Room) -> None:
+    room = Room.new(lobby=True)
+    mod = room.join("Pendamping", Role.MODERATOR)
+    room.do(c.Join("m90", "inv-member", Role.MEMBER, "Mawar", False, "h90", "tag-a"))
+    room.do(c.Admit(mod, "m90"))
+    assert room.state.members["m90"].knock_tag == ""
+
+
+def test_admitting_into_a_full_circle_is_refused(room: Room) -> None:
+    room = Room.new(capacity=2, lobby=True)
+    mod = room.join("Pendamping", Role.MODERATOR)
+    for name in ("A", "B"):
+        room.do(c.Admit(mod, room.join(name)))
+    waiting = room.join("C")
+    assert room.refused(c.Admit(mod, waiting)).code is Code.NOT_ALLOWED
+
+
+def test_moderator_invites_are_always_personal(room: Room) -> None:
+    room.do(c.CreateInvite("pm9", Role.MODERATOR, personal=False))
+    assert room.state.invites["pm9"].personal
+
+
+def test_a_removed_moderators_link_is_dead(room: Room) -> None:
+    boss = room.join("Pendamping", Role.MODERATOR)
+    room.do(c.CreateInvite("pm2", Role.MODERATOR, personal=True))
+    other = room.join("Pendamping2", Role.MODERATOR, invite="pm2")
+    room.do(c.Remove(boss, other))
+    back = c.Join("m99", "pm2", Role.MODERATOR, "Pendamping2", False, "h")
+    assert room.refused(back).code is Code.BANNED
+    assert other not in room.state.members
+
+
+def test_a_revoked_invite_puts_out_whoever_holds_it(room: Room) -> None:
+    mod, a, b = circle_with_two(room)
+    room.do(c.CreateInvite("pm2", Role.MODERATOR, personal=True))
+    co = room.join("Pendamping2", Role.MODERATOR, invite="pm2")
+    events = room.do(c.RevokeInvite("pm2"))
+    assert [(e.name, e.data) for e in events if e.name in (Name.MEMBER_REMOVED, Name.REMOVED)] == [
+        (Name.MEMBER_REMOVED, {"member_id": co}), (Name.REMOVED, {"member_id": co})]
+    assert co not in room.state.members and {mod, a, b} <= set(room.state.members)
+    assert room.refused(c.Join("m99", "pm2", Role.MODERATOR, "X", False, "h")).code is Code.BANNED
+    room.do(c.RevokeInvite("inv-member"))  # a shared link: everyone who came through it
+    assert set(room.state.members) == {mod}
+    assert room.refused(c.RevokeInvite("nope")).code is Code.BAD_INVITE
 
 
 def test_invite_with_other_role_or_unknown_is_refused(room: Room) -> None:
