@@ -56,13 +56,19 @@ class Localized(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Helpline(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """One safety resource shown in the room's help panel (F13)."""
+    """One safety resource shown in the room's help panel (F13).
+
+    ``source`` is the URL of the organisation's own (or an official government) page that
+    confirms the contact, ``checked`` the ISO date it was checked against that page. Every
+    built-in line carries both; a deployment's own LINGKAR_HELPLINES file may omit them."""
 
     name: str
     contact: str
     description: Localized
     hours: str | None = None
     note: Localized | None = None
+    source: str | None = None
+    checked: str | None = None
 
 
 class IceServer(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import msgspec
 import pytest
 
 from server.config import (
@@ -178,8 +181,32 @@ def test_bad_ice_servers_are_refused(value: str) -> None:
 def test_builtin_helplines_are_indonesian_and_bilingual() -> None:
     helplines = load_settings({}).helplines
     contacts = {helpline.contact for helpline in helplines}
-    assert "119 ext 8" in contacts  # SEJIWA, Kementerian Kesehatan
+    # Each confirmed on the organisation's own or an official government page (issue 16).
+    assert {"healing119.id", "129", "112"} <= contacts
     assert all(helpline.description.id and helpline.description.en for helpline in helplines)
+    assert all(not h.note or (h.note.id and h.note.en) for h in helplines)
+
+
+def test_builtin_helplines_name_the_page_that_confirms_them() -> None:
+    for helpline in load_settings({}).helplines:
+        source = urlsplit(helpline.source or "")
+        assert source.scheme == "https" and source.netloc, helpline.name
+        assert " " not in (helpline.source or ""), helpline.name
+        assert helpline.checked, helpline.name
+        checked = date.fromisoformat(helpline.checked)
+        assert checked.isoformat() == helpline.checked  # YYYY-MM-DD
+        assert date(2020, 1, 1) <= checked <= date(2026, 12, 6)
+
+
+def test_builtin_helplines_drop_the_unconfirmed_lines() -> None:
+    # 119 ext 8 (SEJIWA) and the LISA numbers could not be confirmed on their own pages.
+    contacts = {helpline.contact for helpline in load_settings({}).helplines}
+    assert contacts.isdisjoint({"119 ext 8", "+62 811 3855 472", "+62 811 3815 472"})
+
+
+def test_client_config_carries_source_and_checked() -> None:
+    builtins = [msgspec.to_builtins(h) for h in load_settings({}).helplines]
+    assert all(item["source"].startswith("https://") and item["checked"] for item in builtins)
 
 
 def test_helplines_file_is_read(tmp_path: Path) -> None:
@@ -187,6 +214,23 @@ def test_helplines_file_is_read(tmp_path: Path) -> None:
     path.write_text(json.dumps([{"name": "Line", "contact": "123", "description": {"id": "a", "en": "b"}}]))
     helplines = load_settings({"LINGKAR_HELPLINES": str(path)}).helplines
     assert helplines == (Helpline(name="Line", contact="123", description=Localized(id="a", en="b")),)
+    # A deployment's own file may omit source and checked; they are then left out of /client-config.
+    assert helplines[0].source is None and helplines[0].checked is None
+    assert set(msgspec.to_builtins(helplines[0])) == {"name", "contact", "description"}
+
+
+def test_helplines_file_may_give_source_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "help.json"
+    entry = {
+        "name": "Line",
+        "contact": "123",
+        "description": {"id": "a", "en": "b"},
+        "source": "https://example.org/help",
+        "checked": "2026-01-02",
+    }
+    path.write_text(json.dumps([entry]))
+    (helpline,) = load_settings({"LINGKAR_HELPLINES": str(path)}).helplines
+    assert (helpline.source, helpline.checked) == ("https://example.org/help", "2026-01-02")
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,25 @@ function contactLink(contact) {
   return document.createTextNode(text);
 }
 
+/** "Source · checked 2025-08-07": the page that confirms the line (linked only if https). */
+function sourceLine(h) {
+  const small = document.createElement('small');
+  const source = String(h.source ?? '');
+  if (/^https:\/\//.test(source)) {
+    const a = document.createElement('a');
+    a.href = source;
+    a.rel = 'noopener noreferrer';
+    a.target = '_blank';
+    a.textContent = t('help.source');
+    small.append(a);
+  }
+  if (h.checked) {
+    if (small.firstChild) small.append(' · ');
+    small.append(t('help.checked', { date: String(h.checked) }));
+  }
+  return small.firstChild ? small : null;
+}
+
 export function renderHelplines(list, helplines) {
   const draw = () => {
     if (!helplines.length) {
@@ -58,6 +77,8 @@ export function renderHelplines(list, helplines) {
         small.textContent = [h.hours, note].filter(Boolean).join(' · ');
         li.append(document.createElement('br'), small);
       }
+      const source = sourceLine(h);
+      if (source) li.append(document.createElement('br'), source);
       return li;
     }));
   };
