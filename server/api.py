@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rooms import commands as c
-from rooms.errors import RoomError
+from rooms.errors import Code, RoomError
 from rooms.manager import Busy, RoomManager
 from rooms.model import Circle, FloorMode, Invite, Language, Role, RoomState
 from rooms.store import CircleExists, NoSuchCircle, StoreError
@@ -24,6 +24,11 @@ from server.config import Settings
 from signaling import tokens
 
 LINK_TTL_SECONDS = 7 * 24 * 3600
+# A moderator's link hears everything, reads private notes and can end the circle: it lives a
+# day (enough to be sent the evening before a meeting), and the organizer page mints a new,
+# named one at any time. Member and guest links keep the week a circle's members need.
+MODERATOR_LINK_TTL_SECONDS = 24 * 3600
+_INVITE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CIRCLE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_BODY = 16 * 1024
 
@@ -41,6 +46,9 @@ class NewCircle(msgspec.Struct, forbid_unknown_fields=True):
 class NewInvite(msgspec.Struct, forbid_unknown_fields=True):
     role: Literal["moderator", "member", "guest"]
     personal: bool = True
+    """Ignored for moderators: a moderator invite is always for one person (F10)."""
+    label: Annotated[str, msgspec.Meta(max_length=40)] = ""
+    """The organizer's own note of whom the link is for; never shown in the circle."""
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -61,6 +69,8 @@ class OrganizerApi:
             Route("/api/circles/{id}", self._guard(self.get), methods=["GET"]),
             Route("/api/circles/{id}", self._guard(self.end), methods=["DELETE"]),
             Route("/api/circles/{id}/invites", self._guard(self.invite), methods=["POST"]),
+            Route("/api/circles/{id}/invites", self._guard(self.invites), methods=["GET"]),
+            Route("/api/circles/{id}/invites/{invite}", self._guard(self.revoke), methods=["DELETE"]),
         ]
 
     def _guard(self, handler: Any) -> Any:
@@ -99,8 +109,9 @@ class OrganizerApi:
         return str(cid)
 
     def link(self, circle_id: str, invite: Invite, language: Language) -> str:
+        ttl = MODERATOR_LINK_TTL_SECONDS if invite.role is Role.MODERATOR else LINK_TTL_SECONDS
         token = tokens.issue(self.settings.secret, circle_id, invite.role.value, invite.id,
-                             LINK_TTL_SECONDS, language=language.value)
+                             ttl, language=language.value)
         return f"{self.settings.public_url}/c/{circle_id}#t={token}"
 
     def summary(self, state: RoomState) -> dict[str, Any]:
@@ -133,14 +144,15 @@ class OrganizerApi:
                         floor_mode=FloorMode(body.floor_mode), lobby=body.lobby,
                         grace_seconds=self.settings.grace_seconds,
                         created_at=int(time.time() * 1000))
-        invites = [Invite(secrets.token_urlsafe(9), role) for role in
-                   (Role.MODERATOR, Role.MEMBER, Role.GUEST)]
+        invites = [Invite(secrets.token_urlsafe(9), role, personal=role is Role.MODERATOR)
+                   for role in (Role.MODERATOR, Role.MEMBER, Role.GUEST)]
         try:
             state = await self.manager.create(circle, invites)
         except CircleExists:
             return _error(409, "conflict", "try again")
         links = {inv.role.value: self.link(circle.id, inv, circle.language) for inv in invites}
-        return JSONResponse({**self.summary(state), "links": links}, status_code=201)
+        ids = {inv.role.value: inv.id for inv in invites}
+        return JSONResponse({**self.summary(state), "links": links, "invites": ids}, status_code=201)
 
     async def list(self, request: Request) -> Response:
         states = await self.manager.circles()
@@ -163,14 +175,44 @@ class OrganizerApi:
             body: NewInvite = await self._body(request, NewInvite)
         except _Refused as r:
             return r.response
-        invite = Invite(secrets.token_urlsafe(9), Role(body.role), body.personal)
+        role = Role(body.role)
+        personal = body.personal or role is Role.MODERATOR
+        invite = Invite(secrets.token_urlsafe(9), role, personal, body.label.strip())
         try:
             state, _ = await self.manager.execute(
-                circle_id, c.CreateInvite(invite.id, invite.role, invite.personal))
+                circle_id, c.CreateInvite(invite.id, invite.role, invite.personal, invite.label))
         except RoomError:
             return _error(404, "not_found", "no such circle")
-        return JSONResponse({"link": self.link(circle_id, invite, state.circle.language), "role": invite.role.value,
-                             "personal": invite.personal}, status_code=201)
+        return JSONResponse({"id": invite.id, "link": self.link(circle_id, invite, state.circle.language),
+                             "role": invite.role.value, "personal": invite.personal,
+                             "label": invite.label}, status_code=201)
+
+    async def invites(self, request: Request) -> Response:
+        """The circle's invites with how many people hold a place through each: counts and
+        the organizer's own labels, never a member's name."""
+        state = await self.manager.load(self._circle_id(request))
+        holders: dict[str, int] = {}
+        for m in (*state.members.values(), *state.lobby.values()):
+            holders[m.invite_id] = holders.get(m.invite_id, 0) + 1
+        return JSONResponse({"invites": [
+            {"id": i.id, "role": i.role.value, "personal": i.for_one_person, "label": i.label,
+             "revoked": i.id in state.revoked, "holders": holders.get(i.id, 0)}
+            for i in state.invites.values()]})
+
+    async def revoke(self, request: Request) -> Response:
+        """Revoke an invite: refused from now on; whoever holds a place through it is out,
+        their sockets closed with 4403 (F10)."""
+        circle_id = self._circle_id(request)
+        invite_id = request.path_params["invite"]
+        if not _INVITE_ID.fullmatch(invite_id):
+            return _error(404, "not_found", "no such invite")
+        try:
+            await self.manager.execute(circle_id, c.RevokeInvite(invite_id))
+        except RoomError as err:
+            if err.code is Code.ENDED:
+                raise NoSuchCircle(circle_id) from None
+            return _error(404, "not_found", "no such invite")
+        return Response(status_code=204)
 
     async def openapi(self, request: Request) -> Response:
         return Response(json.dumps(openapi_document()), media_type="application/json")
@@ -191,6 +233,12 @@ def openapi_document() -> dict[str, Any]:
     summary = {"$ref": "#/components/schemas/CircleSummary"}
     circle_id = {"name": "id", "in": "path", "required": True,
                  "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
+    invite_id = {"name": "invite", "in": "path", "required": True,
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
+    invite_view = {"type": "object", "required": ["id", "role", "personal", "label", "revoked", "holders"],
+                   "properties": {"id": {"type": "string"}, "role": {"type": "string"},
+                                  "personal": {"type": "boolean"}, "label": {"type": "string"},
+                                  "revoked": {"type": "boolean"}, "holders": {"type": "integer"}}}
     _, components = msgspec.json.schema_components([NewCircle, NewInvite],
                                                           ref_template="#/components/schemas/{name}")
     return {
@@ -217,6 +265,7 @@ def openapi_document() -> dict[str, Any]:
                         "moderator_present": {"type": "boolean"},
                         "running_seconds": {"type": "integer"},
                         "links": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "invites": {"type": "object", "additionalProperties": {"type": "string"}},
                     },
                 },
             },
@@ -256,10 +305,24 @@ def openapi_document() -> dict[str, Any]:
                         "schema": {"$ref": "#/components/schemas/NewInvite"}}}},
                     "responses": {"201": {"description": "a link", "content": {"application/json": {
                         "schema": {"type": "object", "properties": {
-                            "link": {"type": "string"}, "role": {"type": "string"},
-                            "personal": {"type": "boolean"}}}}}},
+                            "id": {"type": "string"}, "link": {"type": "string"},
+                            "role": {"type": "string"}, "personal": {"type": "boolean"},
+                            "label": {"type": "string"}}}}}},
                         **errors(400, 401, 404, 413, 415, 422, 503)},
                 },
+                "get": {
+                    "operationId": "listInvites",
+                    "responses": {"200": {"description": "the circle's invites, counts only", "content": {
+                        "application/json": {"schema": {"type": "object", "properties": {
+                            "invites": {"type": "array", "items": invite_view}}}}}},
+                        **errors(401, 404, 503)},
+                },
+            },
+            "/api/circles/{id}/invites/{invite}": {
+                "parameters": [circle_id, invite_id],
+                "delete": {"operationId": "revokeInvite",
+                           "responses": {"204": {"description": "revoked; its holders closed with 4403"},
+                                         **errors(401, 404, 503)}},
             },
         },
     }

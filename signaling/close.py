@@ -25,12 +25,14 @@ class CloseCode(enum.IntEnum):
     BAD_TOKEN = 4401
     """Bad, expired or forged token, or a dead resume secret."""
     REFUSED = 4403
-    """Removed, declined, or the circle is locked."""
+    """Removed, declined (also a new knock from a just-declined address), an invite revoked,
+    or the circle is locked."""
     NO_SUCH_CIRCLE = 4404
     """No such circle, or it has ended."""
     HELLO_TIMEOUT = 4408
     """No ``hello`` within 10 s."""
     FULL = 4409
-    """The circle is at capacity."""
+    """The circle is at capacity, or its lobby is full."""
     FLOOD = 4429
-    """Far over the rate limit (see ``signaling.ratelimit``)."""
+    """Far over the rate limit (see ``signaling.ratelimit``), or the lobby took its 10 new
+    knocks of the last minute."""

@@ -30,6 +30,7 @@ from rooms.store import NoSuchCircle, Owner, StaleOwner, StoreError
 from rooms.subscription import Closed, Item, Resync, Subscription
 from signaling import frames as f
 from signaling import tokens
+from signaling.addresses import keyed
 from signaling.close import CloseCode
 from signaling.ratelimit import RateLimiter, Verdict
 from signaling.translate import error_code, event_frame, join_close_code, to_command, visible_to
@@ -315,7 +316,8 @@ class Session:
             else:
                 cmd = c.Join(member_id=secrets.token_hex(8), invite_id=claims.invite_id,
                              role=Role(claims.role), name=hello.name,
-                             listen_only=hello.listen_only, resume_hash=_hash(new_secret))
+                             listen_only=hello.listen_only, resume_hash=_hash(new_secret),
+                             knock_tag=keyed(self.secret, circle_id, self.address) if self.address else "")
                 state, _ = await self.manager.execute(circle_id, cmd, fence=self._fence())
                 self.member_id = joined_member_id(state, cmd)
         except RoomError as err:

@@ -58,6 +58,8 @@ _JOIN_CLOSES = {
     Code.BANNED: CloseCode.REFUSED,
     Code.LOCKED: CloseCode.REFUSED,
     Code.FULL: CloseCode.FULL,
+    Code.KNOCKS: CloseCode.FLOOD,
+    Code.DECLINED: CloseCode.REFUSED,
     Code.ENDED: CloseCode.NO_SUCH_CIRCLE,
     Code.NOT_ALLOWED: CloseCode.BAD_FIRST_FRAME,  # a pseudonym the rules refuse
 }

@@ -181,8 +181,10 @@ class Client:
 
 
 async def join(live: Live, link: str, name: str = "Melati", *, listen_only: bool = False,
-               expect: str = "welcome") -> Client:
-    client = await Client.connect(live)
+               expect: str = "welcome", source: str | None = None) -> Client:
+    """Join through `link`; `source` is the loopback address to connect from (127.0.0.0/8:
+    another "address", for the limits that count per address)."""
+    client = await Client.connect(live, **({"local_addr": (source, 0)} if source else {}))
     await client.send({"type": "hello", "token": token_of(link), "name": name, "listen_only": listen_only})
     first = await client.wait(lambda fr: fr.get("type") in ("welcome", "lobby"))
     assert first["type"] == expect, first

@@ -144,7 +144,8 @@ async def test_list_shows_counts_only_never_a_pseudonym(live: Live) -> None:
 async def test_openapi_document_is_served(live: Live) -> None:
     status, doc = await raw(live, "GET", "/api/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/api/circles", "/api/circles/{id}", "/api/circles/{id}/invites"}
+    assert set(doc["paths"]) == {"/api/circles", "/api/circles/{id}", "/api/circles/{id}/invites",
+                                 "/api/circles/{id}/invites/{invite}"}
 
 
 @pytest.fixture
@@ -161,7 +162,7 @@ def test_schemathesis_finds_no_server_error(threaded: ThreadedLive) -> None:
     auth = {"Authorization": f"Bearer {API_KEY}"}
     failures: list[str] = []
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 5
+    assert len(operations) == 7
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             path_parameters = {"id": circle["id"]} if "{id}" in operation.path and mode is GenerationMode.POSITIVE \

@@ -354,11 +354,14 @@ async def test_lock_refuses_joins_4403_and_unlock_allows(live: Live) -> None:
 
 
 async def test_full_circle_refuses_with_4409(live: Live) -> None:
-    circle = await live.create_circle(capacity=2)
+    circle = await live.create_circle(capacity=2, lobby=False)
     mod = await join(live, circle["links"]["moderator"], "Pendamping")
     await join(live, circle["links"]["member"], "Melati")
-    assert await hello_close(live, token_of(circle["links"]["member"]), "Kenanga") == 4409
+    await join(live, circle["links"]["member"], "Kenanga")  # capacity counts members, not moderators
+    assert await hello_close(live, token_of(circle["links"]["member"]), "Mawar") == 4409
     await mod.event("member_joined")
+    second = await live.api("POST", f"/api/circles/{circle['id']}/invites", {"role": "moderator"})
+    await join(live, second[1]["link"], "Pendamping2")  # a moderator is never refused for capacity
 
 
 async def test_end_closes_everyone_4000_and_the_circle_is_gone(live: Live) -> None:
