@@ -587,7 +587,7 @@ class RedisStore:
                 self._pubsub = None
                 self._confirmed.clear()
                 try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
                 except (RedisError, OSError):
                     pass
             if not self._closed:

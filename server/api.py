@@ -22,6 +22,8 @@ from rooms.model import Circle, FloorMode, Invite, Language, Role, RoomState
 from rooms.store import CircleExists, NoSuchCircle, StoreError
 from server.config import Settings
 from signaling import tokens
+from signaling.addresses import prefix
+from signaling.ratelimit import Window
 
 LINK_TTL_SECONDS = 7 * 24 * 3600
 # A moderator's link hears everything, reads private notes and can end the circle: it lives a
@@ -31,6 +33,7 @@ MODERATOR_LINK_TTL_SECONDS = 24 * 3600
 _INVITE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CIRCLE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_BODY = 16 * 1024
+WRONG_KEYS_PER_MINUTE = 10  # per address (an IPv6 /64 counts as one), then 429 (DESIGN §10)
 
 
 class NewCircle(msgspec.Struct, forbid_unknown_fields=True):
@@ -60,6 +63,7 @@ class OrganizerApi:
         self.settings = settings
         self.manager = manager
         self._key = settings.api_key.encode()
+        self._wrong_keys = Window(WRONG_KEYS_PER_MINUTE, 60.0)
 
     def routes(self) -> list[Route]:
         return [
@@ -73,12 +77,30 @@ class OrganizerApi:
             Route("/api/circles/{id}/invites/{invite}", self._guard(self.revoke), methods=["DELETE"]),
         ]
 
+    def authorized(self, request: Request) -> Response | None:
+        """None when the request carries the organizer key as a Bearer token; else the answer:
+        401, or 429 once its address sent 10 wrong keys in a minute (then even the right key
+        waits, or guessing would go on unhindered behind the 429s)."""
+        address = prefix(request.client.host) if request.client else ""
+        now = time.monotonic()
+        if self._wrong_keys.exceeded(address, now):
+            return JSONResponse({"error": "too_many_requests",
+                                 "message": "too many wrong organizer keys; wait a minute"},
+                                status_code=429, headers={"Retry-After": "60"})
+        auth = request.headers.get("authorization")
+        if auth is None:
+            return _error(401, "unauthorized", "a valid organizer key is needed")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self._key):
+            self._wrong_keys.strike(address, now)
+            return _error(401, "unauthorized", "a valid organizer key is needed")
+        return None
+
     def _guard(self, handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
-            auth = request.headers.get("authorization", "")
-            scheme, _, key = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self._key):
-                return _error(401, "unauthorized", "a valid organizer key is needed")
+            refused = self.authorized(request)
+            if refused is not None:
+                return refused
             try:
                 response: Response = await handler(request)
                 return response
@@ -227,6 +249,8 @@ def openapi_document() -> dict[str, Any]:
     error = {"$ref": "#/components/schemas/Error"}
 
     def errors(*codes: int) -> dict[str, Any]:
+        if 401 in codes:  # wrong keys are throttled per address
+            codes = (*codes, 429)
         return {str(code): {"description": "error", "content": {"application/json": {"schema": error}}}
                 for code in codes}
 

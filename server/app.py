@@ -14,9 +14,11 @@ from typing import Any
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rooms.clock import Clock
 from rooms.homes import Homes
@@ -93,6 +95,11 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
         return JSONResponse({"status": "ready"})
 
     async def metrics_endpoint(request: Request) -> Response:
+        # Behind the organizer key (DESIGN §10): counts of a small deployment say when
+        # something happens in a circle.
+        refused = api.authorized(request)
+        if refused is not None:
+            return refused
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
@@ -114,6 +121,9 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
             *page_routes(WEB_DIR, client_config),
         ],
         lifespan=lifespan,
+        # The client's address (the per-address limits) from X-Forwarded-For, when a trusted
+        # proxy (LINGKAR_TRUSTED_PROXIES) says so; uvicorn's own copy is off (server.cli).
+        middleware=[Middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies))],
     )
     app.state.parts = parts
     return app

@@ -19,8 +19,17 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--store", help="memory, or redis://host:port/db")
 
 
-def _organizer_link(settings: Settings) -> str:
-    return f"{settings.public_url}/organizer"
+def banner(settings: Settings) -> list[str]:
+    """What `lingkar serve` prints at start. A key generated for this run is shown once, in
+    the organizer link; a configured key never is (it would land in journald or a
+    container's log): its holder knows it already."""
+    lines = [f"Lingkar is running at {settings.public_url}/"]
+    if settings.api_key_generated:
+        lines.append(f"Organizer link (its key is generated for this run): "
+                     f"{settings.public_url}/organizer#key={settings.api_key}")
+    else:
+        lines.append(f"Organizer page: {settings.public_url}/organizer (the key is LINGKAR_API_KEY)")
+    return lines
 
 
 class _Server:
@@ -38,7 +47,8 @@ class _Server:
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=log_config,
                                 access_log=False, ws="websockets-sansio", ws_max_size=64 * 1024,
                                 ws_per_message_deflate=False, lifespan="on",
-                                timeout_graceful_shutdown=5, server_header=False)
+                                timeout_graceful_shutdown=5, server_header=False,
+                                proxy_headers=False)  # the app believes X-Forwarded-For (build_app)
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig: int, frame: Any) -> None:
@@ -47,11 +57,8 @@ class _Server:
 
         server = Server(config)
         tune_gc()
-        print(f"Lingkar is running at {settings.public_url}/", flush=True)
-        print(f"Organizer page: {_organizer_link(settings)}", flush=True)
-        if settings.api_key_generated:
-            print(f"Organizer key (generated for this run): {settings.api_key}", flush=True)
-        print(f"Organizer link: {settings.public_url}/organizer#key={settings.api_key}", flush=True)
+        for line in banner(settings):
+            print(line, flush=True)
         server.run()
 
 

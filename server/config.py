@@ -7,6 +7,7 @@ variable, fit to print instead of a traceback. Secret values are never echoed.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ import msgspec
 
 BUILTIN_HELPLINES: Final = Path(__file__).with_name("helplines.json")
 MIN_SECRET_BYTES: Final = 32
+MIN_API_KEY_CHARS: Final = 24
+DEFAULT_TRUSTED_PROXIES: Final = ("127.0.0.1", "::1")
 LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
@@ -41,6 +44,7 @@ ENV_NAMES: Final = {
     "grace_seconds": "LINGKAR_GRACE_SECONDS",
     "max_per_address": "LINGKAR_MAX_CONNECTIONS_PER_ADDRESS",
     "lease_ms": "LINGKAR_LEASE_MS",
+    "trusted_proxies": "LINGKAR_TRUSTED_PROXIES",
 }
 
 
@@ -102,10 +106,13 @@ class Settings:
     log_level: str = "INFO"
     slots: int = 3
     grace_seconds: int = 30
-    max_per_address: int = 256
-    """Open WebSockets allowed from one address (0: no cap)."""
+    max_per_address: int = 32
+    """Open WebSockets allowed from one address, an IPv6 /64 counted as one (0: no cap)."""
     lease_ms: int = 3000
     """TTL of a circle's lease on its home process (DESIGN §8), renewed every third of it."""
+    trusted_proxies: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES
+    """Addresses and networks whose ``X-Forwarded-For`` is believed (the client's address
+    for the per-address limits); everyone else's is ignored."""
 
     @property
     def uses_redis(self) -> bool:
@@ -143,8 +150,9 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, object] | None
         log_level=_log_level(values.get("log_level", "INFO")),
         slots=_int(values, "slots", 3, 1, 8),
         grace_seconds=_int(values, "grace_seconds", 30, 0, 600),
-        max_per_address=_int(values, "max_per_address", 256, 0, 1_000_000),
+        max_per_address=_int(values, "max_per_address", 32, 0, 1_000_000),
         lease_ms=_int(values, "lease_ms", 3000, 300, 60_000),
+        trusted_proxies=_trusted_proxies(values.get("trusted_proxies")),
     )
 
 
@@ -239,9 +247,25 @@ def _secret(raw: str | None, store: str) -> tuple[str, bool]:
 def _api_key(raw: str | None) -> tuple[str, bool]:
     if raw is None:
         return secrets.token_urlsafe(24), True
-    if not raw or raw != raw.strip() or any(not char.isprintable() for char in raw):
-        raise ConfigError("LINGKAR_API_KEY must be non-empty printable text without surrounding spaces")
+    if not raw or raw != raw.strip() or any(not char.isprintable() or char.isspace() for char in raw):
+        raise ConfigError("LINGKAR_API_KEY must be printable text without spaces")
+    if len(raw) < MIN_API_KEY_CHARS:
+        raise ConfigError(f"LINGKAR_API_KEY must be at least {MIN_API_KEY_CHARS} characters "
+                          "(python3 -c 'import secrets; print(secrets.token_urlsafe(24))' makes one)")
     return raw, False
+
+
+def _trusted_proxies(raw: str | None) -> tuple[str, ...]:
+    if raw is None:
+        return DEFAULT_TRUSTED_PROXIES
+    entries = tuple(entry.strip() for entry in raw.split(",") if entry.strip())
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError("LINGKAR_TRUSTED_PROXIES must be a comma-separated list of IP "
+                              f"addresses or networks (CIDR), got {_shown(entry)}") from None
+    return entries
 
 
 def _public_url(raw: str) -> str:
@@ -269,9 +293,13 @@ def _ice_servers(raw: str) -> tuple[IceServer, ...]:
         urls = server.url_list
         if not urls or any(not url.startswith(_ICE_SCHEMES) for url in urls):
             raise ConfigError("LINGKAR_ICE_SERVERS: every url must start with stun:, stuns:, turn: or turns:")
-        is_turn = any(url.startswith(("turn:", "turns:")) for url in urls)
-        if is_turn and (server.username is None or server.credential is None):
-            raise ConfigError("LINGKAR_ICE_SERVERS: a TURN server needs a username and a credential")
+        # These go to every visitor of /client-config: a credential there makes the TURN
+        # server an open relay. TURN credentials are minted per member (DESIGN §7, §10).
+        if any(url.startswith(("turn:", "turns:")) for url in urls):
+            raise ConfigError("LINGKAR_ICE_SERVERS is for STUN only: configure TURN with "
+                              "LINGKAR_TURN_URLS and LINGKAR_TURN_SECRET")
+        if server.username is not None or server.credential is not None:
+            raise ConfigError("LINGKAR_ICE_SERVERS must carry no username or credential (it is public)")
     return tuple(servers)
 
 

@@ -93,10 +93,10 @@ class LocalCircles:
         metrics.ERRORS.labels(code).inc()
 
     def closed(self, code: int) -> None:
-        metrics.CLOSES.labels(str(code)).inc()
+        metrics.CLOSES.labels(metrics.close_label(code)).inc()
 
-    def command_took(self, name: str, seconds: float) -> None:
-        metrics.command_took(name, seconds)
+    def command_took(self, seconds: float) -> None:
+        metrics.COMMAND_SECONDS.observe(seconds)
 
     # Leases (DESIGN §8) -----------------------------------------------------------------
 

@@ -3,6 +3,7 @@ never pseudonyms, note texts, circle titles or addresses (uvicorn's access log i
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -20,13 +21,14 @@ class JsonFormatter(logging.Formatter):
             "ts": round(time.time(), 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub(record.getMessage()),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD:
-                entry[key] = _plain(value)
+                value = _plain(value)
+                entry[key] = scrub(value) if isinstance(value, str) else value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
@@ -40,7 +42,38 @@ def _plain(value: Any) -> Any:
     return f"<{kind.__name__}>"
 
 
-_ADDRESS = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9A-Fa-f:.]+\](?::\d+)?")
+# Candidates, each checked with `ipaddress` before it is blanked (so a time like 12:30:45 or a
+# pid in brackets stays): IPv6 in brackets (with a zone and a port, or not), IPv6 bare (any
+# compressed form, a zone, an IPv4 tail: ::ffff:10.0.0.1), IPv4 (with a port, or not).
+_ADDRESS = re.compile(
+    r"\[(?P<b6>[0-9A-Fa-f:.]+(?:%[\w.-]+)?)\](?::\d+)?"
+    r"|(?<![\w.])(?P<v6>[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:\.\d{1,3}){0,3}(?:%[\w.-]+)?)(?![\w:])"
+    r"|(?<![\w.])(?P<v4>\d{1,3}(?:\.\d{1,3}){3})(?::\d+)?(?![\w.])"
+)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _blank(match: re.Match[str]) -> str:
+    if match.group("v4") is not None:  # leading zeros too (010.000.000.001)
+        return "-" if all(int(part) <= 255 for part in match.group("v4").split(".")) else match.group(0)
+    text = match.group("b6") or match.group("v6")
+    if _is_address(text):
+        return "-"
+    if text.startswith(":") and not text.startswith("::") and _is_address(text[1:]):
+        return ":-"  # "addr:2001:db8::1": the colon was the text's, not the address's
+    return match.group(0)
+
+
+def scrub(text: str) -> str:
+    """`text` with every IP address (v4 or v6, in any written form, with its port) as `-`."""
+    return _ADDRESS.sub(_blank, text) if ("." in text or ":" in text) else text
 
 
 _WEBSOCKETS_DIR = f"{os.sep}websockets{os.sep}"
@@ -64,8 +97,9 @@ class NoAddresses(logging.Filter):
             message = record.getMessage()
         except Exception:
             return True
-        if _ADDRESS.search(message):
-            record.msg, record.args = _ADDRESS.sub("-", message), ()
+        scrubbed = scrub(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, ()
         return True
 
 

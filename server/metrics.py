@@ -1,11 +1,13 @@
-"""Prometheus metrics of the server. Labels carry codes and command types only: no names,
-no titles, no addresses."""
+"""Prometheus metrics of the server (behind the organizer key, DESIGN §10). Labels carry codes
+only: no names, no titles, no addresses, and nothing that tells a quiet leave, a private note or
+a removal apart from other commands — on a small deployment a series that moves when one
+happens would say so to whoever watches it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -23,22 +25,25 @@ class _Frames(Collector):
         yield CounterMetricFamily("lingkar_frames_out", "Frames sent to clients", value=self.sent)
 
 
+# A `_created` series per label value would time the first of each kind of event.
+disable_created_metrics()
+
 FRAMES = _Frames()
 REGISTRY.register(FRAMES)
 
 CONNECTIONS = Gauge("lingkar_connections", "Open WebSocket connections")
 CIRCLES = Gauge("lingkar_circles", "Circles with at least one connection in this process")
 ERRORS = Counter("lingkar_errors_total", "Error frames sent, by code", ["code"])
-CLOSES = Counter("lingkar_closes_total", "Connections closed by the server, by close code", ["code"])
+CLOSES = Counter("lingkar_closes_total",
+                 "Connections closed by the server, by close code; a member's stay ending, for "
+                 "whatever reason, is 'over'", ["code"])
+# Codes that end a member's stay, counted together: 4403 alone would count removals.
+_STAY_OVER = frozenset({4000, 4001, 4403})
 COMMAND_SECONDS = Histogram(
-    "lingkar_command_seconds", "Time to apply and save one command", ["command"],
+    "lingkar_command_seconds", "Time to apply and save one command, whichever it is",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
-_COMMAND_TIMERS: dict[str, Histogram] = {}
 
 
-def command_took(name: str, seconds: float) -> None:
-    timer = _COMMAND_TIMERS.get(name)
-    if timer is None:
-        timer = _COMMAND_TIMERS[name] = COMMAND_SECONDS.labels(name)
-    timer.observe(seconds)
+def close_label(code: int) -> str:
+    return "over" if code in _STAY_OVER else str(code)

@@ -12,6 +12,7 @@ from websockets.protocol import State as WsState
 from server import metrics
 from server.config import Settings, origin_allowed
 from server.local import LocalCircles
+from signaling.addresses import prefix
 from signaling.session import DEFAULT_LIMITS, Limits, Session
 
 _OPEN = WsState.OPEN
@@ -126,10 +127,11 @@ class WebSocketEndpoint:
             await ws.close(1008)  # before accept: uvicorn answers the upgrade with 403
             return
         address = ws.client.host if ws.client else ""
-        if self.max_per_address and self._per_address[address] >= self.max_per_address:
+        unit = prefix(address)  # an IPv6 /64 is one client
+        if self.max_per_address and self._per_address[unit] >= self.max_per_address:
             await ws.close(1008)
             return
-        self._per_address[address] += 1
+        self._per_address[unit] += 1
         metrics.CONNECTIONS.inc()
         try:
             await ws.accept()
@@ -139,6 +141,6 @@ class WebSocketEndpoint:
             await session.run()
         finally:
             metrics.CONNECTIONS.dec()
-            self._per_address[address] -= 1
-            if self._per_address[address] <= 0:
-                del self._per_address[address]
+            self._per_address[unit] -= 1
+            if self._per_address[unit] <= 0:
+                del self._per_address[unit]

@@ -84,3 +84,35 @@ class RateLimiter:
             self._closed = True
             return Verdict.CLOSE
         return Verdict.ACCEPT if self._limit.take(now) else Verdict.REFUSE
+
+
+class Window:
+    """At most `limit` strikes per `seconds` for each key (an address, say), counted over a
+    sliding window; pure like the buckets above (the caller passes ``now``). Keys whose
+    strikes are all older than the window are forgotten, and at most `max_keys` are kept
+    (the oldest go first), so a flood of addresses cannot grow it without bound."""
+
+    def __init__(self, limit: int, seconds: float, max_keys: int = 10_000) -> None:
+        self.limit = limit
+        self.seconds = seconds
+        self.max_keys = max_keys
+        self._strikes: dict[str, list[float]] = {}
+
+    def _recent(self, key: str, now: float) -> list[float]:
+        strikes = [t for t in self._strikes.get(key, ()) if t > now - self.seconds]
+        if strikes:
+            self._strikes[key] = strikes
+        else:
+            self._strikes.pop(key, None)
+        return strikes
+
+    def exceeded(self, key: str, now: float) -> bool:
+        """Has `key` used up its strikes of the last window?"""
+        return len(self._recent(key, now)) >= self.limit
+
+    def strike(self, key: str, now: float) -> None:
+        strikes = self._recent(key, now)
+        self._strikes.pop(key, None)  # re-inserted last: the dict is in order of last strike
+        self._strikes[key] = [*strikes, now]
+        while len(self._strikes) > self.max_keys:
+            del self._strikes[next(iter(self._strikes))]

@@ -85,7 +85,7 @@ async def live_server(store_url: str = "memory", *, limits: Limits = DEFAULT_LIM
     app = build_app(settings, store=store, limits=limits, clock=clock)
     config = uvicorn.Config(app, log_config=None, access_log=False,
                             ws="websockets-sansio", ws_max_size=64 * 1024,
-                            ws_per_message_deflate=False, lifespan="on")
+                            ws_per_message_deflate=False, lifespan="on", proxy_headers=False)
     config.load()
     server = uvicorn.Server(config)
     server.lifespan = config.lifespan_class(config)

@@ -12,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from tests.live import API_KEY, Live, join, token_of
+from tests.live import API_KEY, Live, join, live_server, token_of
 from tests.server.conftest import ThreadedLive, ack_of
 
 
@@ -57,10 +57,13 @@ async def test_no_or_wrong_key_is_401_everywhere(live: Live) -> None:
     circle = await live.create_circle()
     calls = [("GET", "/api/circles"), ("POST", "/api/circles"), ("GET", f"/api/circles/{circle['id']}"),
              ("DELETE", f"/api/circles/{circle['id']}"), ("POST", f"/api/circles/{circle['id']}/invites")]
-    for method, path in calls:
+    for n, (method, path) in enumerate(calls):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"},
                         {"Authorization": API_KEY}, {"Authorization": "Bearer "}):
-            status, body = await raw(live, method, path, b"{}", {**headers, "Content-Type": "application/json"})
+            # each path from an address of its own (as the trusted loopback proxy says): wrong
+            # keys are throttled per address, 10 a minute
+            client = {"X-Forwarded-For": f"192.0.2.{n}", "Content-Type": "application/json"}
+            status, body = await raw(live, method, path, b"{}", {**headers, **client})
             assert status == 401, (method, path, headers)
             assert body["error"] == "unauthorized" and set(body) == {"error", "message"}
     status, _ = await live.api("GET", f"/api/circles/{circle['id']}")
@@ -178,10 +181,40 @@ def test_schemathesis_finds_no_server_error(threaded: ThreadedLive) -> None:
                     if response.status_code >= 500:
                         failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: "
                                         f"{response.text[:200]}")
-                    if not headers:
-                        assert response.status_code == 401, (case.method, case.formatted_path)
+                    if not headers:  # refused; 429 once its wrong keys (negative cases) pass 10 a minute
+                        assert response.status_code in (401, 429), (case.method, case.formatted_path)
 
             check()
     assert not failures, failures[:5]
-    status, _ = threaded.run(threaded.live.api("GET", f"/api/circles/{circle['id']}"))
+    # This address sent wrong keys by the dozen and waits out the minute; an organizer
+    # elsewhere (behind the loopback proxy, which is trusted) is served.
+    status, _ = threaded.run(raw(threaded.live, "GET", f"/api/circles/{circle['id']}",
+                                 headers={**auth, "X-Forwarded-For": "192.0.2.10"}))
     assert status in (200, 404)
+
+
+async def test_ten_wrong_keys_a_minute_then_429_for_that_address_only(live: Live) -> None:
+    wrong = {"Authorization": "Bearer guess-0123456789abcdefghijklmn"}
+    right = {"Authorization": f"Bearer {API_KEY}"}
+    for _ in range(10):
+        assert (await raw(live, "GET", "/api/circles", headers=wrong))[0] == 401
+    status, body = await raw(live, "GET", "/api/circles", headers=wrong)
+    assert status == 429 and body["error"] == "too_many_requests"
+    # Even the right key waits: otherwise guessing would go on behind the 429s.
+    assert (await raw(live, "GET", "/api/circles", headers=right))[0] == 429
+    # Another client (as a trusted proxy reports it; an IPv6 /64 is one client) is served.
+    other = {**right, "X-Forwarded-For": "2001:db8:1:2::10"}
+    assert (await raw(live, "GET", "/api/circles", headers=other))[0] == 200
+    for n in range(10):
+        neighbour = {**wrong, "X-Forwarded-For": f"2001:db8:1:2::{n + 100:x}"}
+        assert (await raw(live, "GET", "/api/circles", headers=neighbour))[0] == 401
+    assert (await raw(live, "GET", "/api/circles", headers=other))[0] == 429  # the same /64
+
+
+async def test_forwarded_for_from_an_untrusted_peer_does_not_buy_fresh_guesses() -> None:
+    async with live_server("memory", trusted_proxies="10.9.9.9") as live:
+        for n in range(10):
+            forged = {"Authorization": "Bearer guess-0123456789abcdefghijklmn", "X-Forwarded-For": f"192.0.2.{n}"}
+            assert (await raw(live, "GET", "/api/circles", headers=forged))[0] == 401
+        fresh = {"Authorization": f"Bearer {API_KEY}", "X-Forwarded-For": "192.0.2.99"}
+        assert (await raw(live, "GET", "/api/circles", headers=fresh))[0] == 429

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.live import Client, Live, join, token_of
+import websockets
+
+from tests.live import Client, Live, join, live_server, token_of
 from tests.server.conftest import ack_of, hello_close, settle
 
 
@@ -114,3 +116,35 @@ async def test_a_moderator_link_is_for_one_person(live: Live) -> None:
     assert await first.closed() == 4001
     await asyncio.gather(settle(second))
     await Client.close(second)
+
+
+async def _upgrade(live: Live, forwarded_for: str) -> Client | int:
+    """A socket as the trusted (loopback) proxy forwards it for `forwarded_for`: the client,
+    or the HTTP status of a refused upgrade."""
+    try:
+        return await Client.connect(live, additional_headers={"X-Forwarded-For": forwarded_for})
+    except websockets.InvalidStatus as refused:
+        return refused.response.status_code
+
+
+async def test_an_ipv6_64_shares_one_cap(store_url: str) -> None:
+    async with live_server(store_url, max_connections_per_address=3) as live:
+        held = [await _upgrade(live, f"2001:db8:1:2::{n}") for n in (1, 2, 3)]
+        assert all(isinstance(c, Client) for c in held)
+        assert await _upgrade(live, "2001:db8:1:2:ffff::9") == 403  # another address, the same /64
+        assert isinstance(await _upgrade(live, "2001:db8:1:3::1"), Client)  # the next /64 is served
+        assert isinstance(await _upgrade(live, "192.0.2.7"), Client)
+        assert isinstance(await _upgrade(live, "192.0.2.8"), Client)  # IPv4: one address each
+
+
+async def test_members_behind_one_proxy_do_not_share_its_cap(store_url: str) -> None:
+    """Behind a proxy everyone arrives from the proxy's address: its X-Forwarded-For (from a
+    trusted address) tells them apart, so a circle of 4 fits under a cap of 2 per address."""
+    async with live_server(store_url, max_connections_per_address=2) as live:
+        circle = await live.create_circle(lobby=False)
+        token = token_of(circle["links"]["member"])
+        for n in range(4):
+            client = await _upgrade(live, f"198.51.100.{n}")
+            assert isinstance(client, Client)
+            await client.send({"type": "hello", "token": token, "name": f"Anggota{n}"})
+            await client.wait(lambda fr: fr.get("type") == "welcome")

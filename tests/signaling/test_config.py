@@ -21,6 +21,7 @@ from server.config import (
 )
 
 SECRET = "k" * 32
+KEY = "organizer-key-0123456789abcdef"
 
 
 def refused(env: dict[str, str], overrides: dict[str, object] | None = None) -> str:
@@ -53,8 +54,8 @@ def test_secret_and_api_key_are_generated_when_unset() -> None:
 
 
 def test_given_secret_and_api_key_are_kept() -> None:
-    settings = load_settings({"LINGKAR_SECRET": SECRET, "LINGKAR_API_KEY": "organizer-key"})
-    assert (settings.secret, settings.api_key) == (SECRET, "organizer-key")
+    settings = load_settings({"LINGKAR_SECRET": SECRET, "LINGKAR_API_KEY": KEY})
+    assert (settings.secret, settings.api_key) == (SECRET, KEY)
     assert not settings.secret_generated and not settings.api_key_generated
 
 
@@ -65,18 +66,17 @@ def test_every_variable_is_read() -> None:
             "LINGKAR_PORT": "9000",
             "LINGKAR_STORE": "redis://redis:6379/2",
             "LINGKAR_SECRET": SECRET,
-            "LINGKAR_API_KEY": "key",
+            "LINGKAR_API_KEY": KEY,
             "LINGKAR_PUBLIC_URL": "https://lingkar.example.org/",
             "LINGKAR_ICE_SERVERS": json.dumps(
-                [
-                    {"urls": "stun:stun.example.org"},
-                    {"urls": ["turn:t.example.org"], "username": "u", "credential": "c"},
-                ]
+                [{"urls": "stun:stun.example.org"}, {"urls": ["stun:s2.example.org:3478"]}]
             ),
             "LINGKAR_EXIT_URL": "https://www.bmkg.go.id/",
             "LINGKAR_LOG_LEVEL": "debug",
             "LINGKAR_SLOTS": "4",
             "LINGKAR_GRACE_SECONDS": "45",
+            "LINGKAR_MAX_CONNECTIONS_PER_ADDRESS": "8",
+            "LINGKAR_TRUSTED_PROXIES": "10.0.0.0/8, ::1",
         }
     )
     assert settings == Settings(
@@ -84,17 +84,16 @@ def test_every_variable_is_read() -> None:
         port=9000,
         store="redis://redis:6379/2",
         secret=SECRET,
-        api_key="key",
+        api_key=KEY,
         public_url="https://lingkar.example.org",
-        ice_servers=(
-            IceServer(urls="stun:stun.example.org"),
-            IceServer(urls=["turn:t.example.org"], username="u", credential="c"),
-        ),
+        ice_servers=(IceServer(urls="stun:stun.example.org"), IceServer(urls=["stun:s2.example.org:3478"])),
         helplines=settings.helplines,
         exit_url="https://www.bmkg.go.id/",
         log_level="DEBUG",
         slots=4,
         grace_seconds=45,
+        max_per_address=8,
+        trusted_proxies=("10.0.0.0/8", "::1"),
     )
     assert settings.uses_redis
 
@@ -148,9 +147,39 @@ def test_short_or_empty_secret_is_refused_and_not_echoed(secret: str) -> None:
     assert not secret or secret not in message
 
 
-@pytest.mark.parametrize("key", ["", " padded ", "tab\tkey"])
+@pytest.mark.parametrize("key", ["", " padded-organizer-key-0123456789 ", "tab\tkey-0123456789abcdefghij"])
 def test_bad_api_key_is_refused(key: str) -> None:
     assert "LINGKAR_API_KEY" in refused({"LINGKAR_API_KEY": key})
+
+
+@pytest.mark.parametrize("key", ["Zq", "organizer-key", "x" * 23])
+def test_a_short_api_key_stops_the_start_without_echoing_it(key: str) -> None:
+    message = refused({"LINGKAR_API_KEY": key})
+    assert "LINGKAR_API_KEY" in message and "24" in message and key not in message
+
+
+def test_per_address_defaults_count_32_and_trust_loopback_proxies() -> None:
+    settings = load_settings({})
+    assert settings.max_per_address == 32
+    assert settings.trusted_proxies == ("127.0.0.1", "::1")
+
+
+@pytest.mark.parametrize("value", ["proxy.example.org", "10.0.0.0/33", "1.2.3.4,nope"])
+def test_bad_trusted_proxies_are_refused(value: str) -> None:
+    assert "LINGKAR_TRUSTED_PROXIES" in refused({"LINGKAR_TRUSTED_PROXIES": value})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '[{"urls": "turn:turn.example.org", "username": "u", "credential": "c"}]',
+        '[{"urls": ["stun:s.example.org", "turns:t.example.org:443"], "username": "u", "credential": "c"}]',
+        '[{"urls": "stun:s.example.org", "username": "u", "credential": "secret-c"}]',
+    ],
+)
+def test_ice_servers_with_credentials_are_refused_they_would_be_public(value: str) -> None:
+    message = refused({"LINGKAR_ICE_SERVERS": value})
+    assert "LINGKAR_ICE_SERVERS" in message and "secret-c" not in message
 
 
 @pytest.mark.parametrize(
