@@ -3,6 +3,11 @@
 It keeps the same promises as `rooms.redis_store.RedisStore` (one test suite runs on both):
 compare-and-set saves, a capped log of the last `max_versions` saved versions per circle, and
 circles that nobody saved for `idle_seconds` disappear (checked lazily, on access).
+
+Privacy at rest (DESIGN §12): the log keeps what a replay can need and no more. An entry is
+dropped once it is `keep_events_ms` old (on the next save, or by a timer when none comes), so
+a member's `member_joined` (their pseudonym) is gone soon after they are (`events_horizon_ms`
+gives the horizon for a grace period).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from rooms.clock import Clock, TimerHandle
 from rooms.codec import state_version
 from rooms.store import (
     CircleExists,
@@ -33,6 +39,18 @@ IDLE_SECONDS = 12 * 3600
 MAX_VERSIONS = 1000
 
 
+def events_horizon_ms(grace_seconds: int) -> int:
+    """How long saved events are kept for replays: half the grace period (at least a second).
+    An entry then lives at most twice that (trimmed on the first save after it is this old,
+    or with the whole stream when no save comes), so nothing a departed member left in the
+    log outlives the grace period after they leave. Clients never need older events: a
+    resume is answered with a fresh snapshot; the log serves processes catching up."""
+    return max(grace_seconds * 1000 // 2, 1000)
+
+
+KEEP_EVENTS_MS = events_horizon_ms(30)
+
+
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -42,8 +60,9 @@ class _Room:
     version: int
     blob: bytes
     touched: int  # ms of the last create or save
-    log: deque[tuple[int, tuple[bytes, ...]]]  # (version, its events), one entry per save
+    log: deque[tuple[int, tuple[bytes, ...], int]]  # (version, its events, saved at ms), per save
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    trim: TimerHandle | None = None  # drops the log's entries once they are too old
 
 
 @dataclass(eq=False)
@@ -52,7 +71,7 @@ class _Subscriber:
     on_ephemeral: Ephemeral
 
 
-def kept_events(log: Sequence[tuple[int, Sequence[bytes]]], current: int, version: int
+def kept_events(log: Sequence[tuple[int, Sequence[bytes], int]], current: int, version: int
                 ) -> list[bytes]:
     """Events after `version` from a log holding one entry per saved version, contiguous up to
     `current`. Raises ReplayGap when versions after `version` are no longer in the log."""
@@ -61,17 +80,22 @@ def kept_events(log: Sequence[tuple[int, Sequence[bytes]]], current: int, versio
     lowest_kept = log[0][0] if log else current + 1
     if version + 1 < lowest_kept:
         raise ReplayGap(f"events after version {version} are no longer kept")
-    return [e for v, events in log if v > version for e in events]
+    return [e for v, events, _ in log if v > version for e in events]
 
 
 class MemoryStore:
     def __init__(self, *, idle_seconds: float = IDLE_SECONDS, max_versions: int = MAX_VERSIONS,
-                 clock: Callable[[], int] = _wall_ms) -> None:
+                 keep_events_ms: int = KEEP_EVENTS_MS, clock: Callable[[], int] = _wall_ms,
+                 timers: Clock | None = None) -> None:
+        """`clock` gives the time (epoch ms); `timers` arms the trims of idle logs (by
+        default the event loop, `keep_events_ms` after an entry by `clock`'s time)."""
         self._rooms: dict[str, _Room] = {}
         self._subscribers: dict[str, list[_Subscriber]] = {}
         self._idle_ms = int(idle_seconds * 1000)
         self._max_versions = max_versions
+        self._keep_ms = keep_events_ms
         self._clock = clock
+        self._timers = timers
 
     def _room(self, circle_id: str) -> _Room:
         room = self._rooms.get(circle_id)
@@ -107,9 +131,28 @@ class MemoryStore:
             if room.version != expected_version:
                 raise VersionConflict(f"{circle_id}: at {room.version}, not {expected_version}")
             kept = tuple(events)
-            room.version, room.blob, room.touched = new_version, blob, self._clock()
-            room.log.append((new_version, kept))
+            now = self._clock()
+            room.version, room.blob, room.touched = new_version, blob, now
+            room.log.append((new_version, kept, now))
+            self._trim(room)
         self._wake(circle_id, new_version, kept)
+
+    def _trim(self, room: _Room) -> None:
+        """Drop the entries that are `keep_events_ms` old; come back when the next one is."""
+        now = self._clock()
+        log = room.log
+        while log and log[0][2] <= now - self._keep_ms:
+            log.popleft()
+        if room.trim is not None:
+            room.trim.cancel()
+            room.trim = None
+        if not log:
+            return
+        due = log[0][2] + self._keep_ms
+        if self._timers is not None:
+            room.trim = self._timers.call_at(due, lambda: self._trim(room))
+        else:
+            room.trim = asyncio.get_running_loop().call_later(max(due - now, 1) / 1000, self._trim, room)
 
     # One process holds every lease, always: the same interface as Redis, trivially ours.
 
@@ -133,7 +176,11 @@ class MemoryStore:
         return kept_events(room.log, room.version, version)
 
     async def delete(self, circle_id: str) -> None:
-        if self._rooms.pop(circle_id, None) is not None:
+        room = self._rooms.pop(circle_id, None)
+        if room is not None:
+            if room.trim is not None:
+                room.trim.cancel()
+            room.log.clear()
             self._wake(circle_id, -1, None)
 
     async def circle_ids(self) -> list[str]:
@@ -164,6 +211,10 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._subscribers.clear()
+        for room in self._rooms.values():
+            if room.trim is not None:
+                room.trim.cancel()
+                room.trim = None
 
     def _wake(self, circle_id: str, version: int, events: Sequence[bytes] | None) -> None:
         for sub in list(self._subscribers.get(circle_id, ())):

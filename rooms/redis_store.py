@@ -39,8 +39,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from rooms.clock import RealClock
 from rooms.codec import CorruptState, state_version
-from rooms.memory_store import IDLE_SECONDS, MAX_VERSIONS
+from rooms.memory_store import IDLE_SECONDS, KEEP_EVENTS_MS, MAX_VERSIONS
 from rooms.store import (
     CircleExists,
     Ephemeral,
@@ -60,7 +61,10 @@ log = logging.getLogger(__name__)
 # ---- Redis keys (one block; `{}` is the circle id, inside a hash tag) ---------------------
 STATE_KEY = "lk:{{{}}}:state"  # hash: v = version (decimal), blob = msgpack RoomState
 EVENTS_KEY = "lk:{{{}}}:events"  # stream, one entry per saved version: id "<version>-0",
-#                                  fields v = version, then "0", "1", … = that version's events
+#                                  fields v = version, t = saved at (epoch ms), then "0", "1", …
+#                                  = that version's events; entries `keep_events_ms` old are
+#                                  trimmed on each save, and the key expires that long after
+#                                  the last save (privacy at rest, DESIGN §12)
 WAKE_CHANNEL = "lk:{{{}}}:wake"  # pub/sub: b"w" + msgpack [version, [events]] after a save,
 #                                  b"w" + msgpack [-1, None] on deletion, b"e" + event (ephemeral)
 HOME_KEY = "lk:{{{}}}:home"  # hash: owner = process id, token = fencing token, url = its
@@ -70,6 +74,7 @@ CIRCLES_KEY = "lk:circles"  # set of circle ids, for listing only (see the modul
 # -------------------------------------------------------------------------------------------
 
 WAKE, EPHEMERAL = b"w"[0], b"e"[0]
+_WALL_CLOCK = RealClock()
 HEARTBEAT_SECONDS = 5.0  # the subscriber connection pings when quiet this long
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -82,7 +87,7 @@ return 1
 """
 
 # KEYS: state, events, home, fence. ARGV: expected, new, blob, ttl ms, maxlen, channel, wake,
-# fencing token ('' = none: compare-and-set only), events...
+# fencing token ('' = none: compare-and-set only), now ms, keep events ms, events...
 _SAVE = """
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return 'missing' end
@@ -93,14 +98,23 @@ end
 if ARGV[8] ~= '' and redis.call('HGET', KEYS[3], 'token') ~= ARGV[8] then return 'stale' end
 if v ~= ARGV[1] then return 'conflict' end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'blob', ARGV[3])
-local entry = {'v', ARGV[2]}
-for i = 9, #ARGV do
-  entry[#entry + 1] = tostring(i - 9)
+-- the entries saved `keep` ms ago or earlier go (a save adds one, so a few a save keep pace)
+local cutoff = tonumber(ARGV[9]) - tonumber(ARGV[10])
+local last_old = nil
+for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 8)) do
+  if e[2][3] == 't' and tonumber(e[2][4]) <= cutoff then last_old = e[1] else break end
+end
+if last_old then
+  redis.call('XTRIM', KEYS[2], 'MINID', string.match(last_old, '^%d+') .. '-1')
+end
+local entry = {'v', ARGV[2], 't', ARGV[9]}
+for i = 11, #ARGV do
+  entry[#entry + 1] = tostring(i - 11)
   entry[#entry + 1] = ARGV[i]
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-0', unpack(entry))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[10])
 redis.call('PEXPIRE', KEYS[4], ARGV[4])
 -- a fenced save comes from the circle's home, where all its sessions live and hear it at once
 if ARGV[8] == '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
@@ -198,8 +212,11 @@ class RedisStore:
 
     def __init__(self, url: str, *, pool_size: int = 32, pool_timeout: float = 5.0,
                  socket_timeout: float = 5.0, idle_seconds: float = IDLE_SECONDS,
-                 max_versions: int = MAX_VERSIONS) -> None:
+                 max_versions: int = MAX_VERSIONS, keep_events_ms: int = KEEP_EVENTS_MS,
+                 clock: Callable[[], int] = _WALL_CLOCK.now) -> None:
         self._ttl_ms = int(idle_seconds * 1000)
+        self._keep_ms = keep_events_ms
+        self._clock = clock  # stamps saved events, for trimming them
         self._socket_timeout = socket_timeout
         self._max_versions = max_versions
         # One quick retry on a broken connection (a pooled socket after a Redis restart);
@@ -257,7 +274,8 @@ class RedisStore:
         wake = b"" if fence is not None else (
             bytes([WAKE]) + msgpack.packb([new_version, list(events)], use_bin_type=True))
         args = [expected_version, new_version, blob, self._ttl_ms, self._max_versions,
-                WAKE_CHANNEL.format(circle_id), wake, "" if fence is None else fence, *events]
+                WAKE_CHANNEL.format(circle_id), wake, "" if fence is None else fence,
+                self._clock(), self._keep_ms, *events]
         keys = [*_keys(circle_id), HOME_KEY.format(circle_id), FENCE_KEY.format(circle_id)]
         with _mapped("save"):
             outcome = await self._batched_save(keys, args)
@@ -443,7 +461,8 @@ class RedisStore:
                 raise ReplayGap(f"events after version {version} are no longer kept")
             out: list[bytes] = []
             for _id, fields in entries:
-                out.extend(fields[str(i).encode()] for i in range(len(fields) - 1))
+                count = len(fields) - (2 if b"t" in fields else 1)  # less v and t (older: no t)
+                out.extend(fields[str(i).encode()] for i in range(count))
             return out
         except (ValueError, KeyError, IndexError, TypeError):
             raise CorruptState("unreadable event stream") from None

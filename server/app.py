@@ -23,7 +23,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from rooms.clock import Clock
 from rooms.homes import Homes
 from rooms.manager import RoomManager
-from rooms.memory_store import MemoryStore
+from rooms.memory_store import MemoryStore, events_horizon_ms
 from rooms.redis_store import RedisStore
 from rooms.store import Store, StoreError
 from server import logs
@@ -55,9 +55,10 @@ class Parts:
 
 
 def make_store(settings: Settings) -> Store:
+    keep = events_horizon_ms(settings.grace_seconds)  # privacy at rest (DESIGN §12)
     if settings.uses_redis:
-        return RedisStore(settings.store)
-    return MemoryStore()
+        return RedisStore(settings.store, keep_events_ms=keep)
+    return MemoryStore(keep_events_ms=keep)
 
 
 def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | None = None,

@@ -17,10 +17,7 @@ import uvicorn
 import websockets
 
 from rooms.clock import Clock
-from rooms.memory_store import MemoryStore
-from rooms.redis_store import RedisStore
-from rooms.store import Store
-from server.app import Parts, build_app
+from server.app import Parts, build_app, make_store
 from server.config import Settings, load_settings
 from signaling.session import DEFAULT_LIMITS, Limits
 
@@ -81,7 +78,7 @@ async def live_server(store_url: str = "memory", *, limits: Limits = DEFAULT_LIM
     sock.bind(("127.0.0.1", 0))  # the port is ours before the server starts: no race
     port = int(sock.getsockname()[1])
     settings = settings_for(store_url, port=port, **extra)
-    store: Store = RedisStore(store_url) if store_url != "memory" else MemoryStore()
+    store = make_store(settings)
     app = build_app(settings, store=store, limits=limits, clock=clock)
     config = uvicorn.Config(app, log_config=None, access_log=False,
                             ws="websockets-sansio", ws_max_size=64 * 1024,

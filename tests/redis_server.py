@@ -8,15 +8,19 @@ is how the fault tests restart Redis mid-circle.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import redis
+import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -115,3 +119,53 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.asynccontextmanager
+async def key_expiry(url: str, key: str) -> AsyncIterator[asyncio.Future[None]]:
+    """A future set when Redis expires `key` (a keyspace event; the test servers publish
+    them). Listening starts before the block runs, so no expiry is missed."""
+    client = aioredis.Redis.from_url(url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe("__keyevent@0__:expired")
+    expired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def listen() -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "message" and message["data"] == key.encode():
+                expired.set_result(None)
+                return
+
+    listener = asyncio.create_task(listen())
+    try:
+        yield expired
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await pubsub.aclose()
+        await client.aclose()
+
+
+def everything_in(url: str) -> dict[bytes, bytes]:
+    """Every key in the Redis at `url` with all it holds, whatever its type, as bytes: for
+    scanning what is at rest (a pseudonym must not be, once its owner is gone)."""
+    out: dict[bytes, bytes] = {}
+    with redis.Redis.from_url(url) as client:
+        for key in client.scan_iter(count=1000):
+            kind = client.type(key).decode()
+            if kind == "string":
+                parts = [client.get(key) or b""]
+            elif kind == "hash":
+                parts = [b for pair in client.hgetall(key).items() for b in pair]
+            elif kind == "stream":
+                parts = [b for _id, fields in client.xrange(key) for pair in fields.items() for b in pair]
+            elif kind == "set":
+                parts = list(client.smembers(key))
+            elif kind == "list":
+                parts = client.lrange(key, 0, -1)
+            elif kind == "zset":
+                parts = client.zrange(key, 0, -1)
+            else:
+                raise AssertionError(f"a key of an unexpected type: {key!r} is a {kind}")
+            out[key] = b"\0".join(parts)
+    return out

@@ -43,7 +43,7 @@ async def make_store(request: pytest.FixtureRequest, fake_clock: FakeClock
             c.flushall()
 
         def make(**options: Any) -> Store:
-            store = RedisStore(server.url, **options)
+            store = RedisStore(server.url, **{"clock": fake_clock.now, **options})
             made.append(store)
             return store
 

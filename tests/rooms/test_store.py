@@ -10,6 +10,7 @@ import pytest
 from rooms.clock import FakeClock
 from rooms.codec import CorruptState, decode_event, decode_state, encode_event, encode_state
 from rooms.events import EVERYONE, MODERATORS, Event, Name
+from rooms.memory_store import MemoryStore
 from rooms.model import Circle, RoomState
 from rooms.redis_store import RedisStore
 from rooms.store import (
@@ -20,7 +21,7 @@ from rooms.store import (
     Store,
     VersionConflict,
 )
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, everything_in, key_expiry
 from tests.rooms.conftest import MakeStore
 
 
@@ -347,3 +348,57 @@ async def test_renewing_leases_survives_redis_forgetting_its_scripts(make_store:
     assert await store.renew(leases, 5000) == [True] * 5
     stranger = await store.acquire(ids[0], "p2", "http://two", 5000)
     assert stranger == Owner("http://one")  # still held by the first process
+
+
+# ---- privacy at rest (DESIGN §12): events are kept for replays, not for history ---------------
+
+
+def joined(version: int, name: str) -> bytes:
+    member = {"id": f"m{version}", "name": name, "role": "member"}
+    return encode_event(Event(Name.MEMBER_JOINED, {"member": member}, EVERYONE, version))
+
+
+async def test_events_past_the_horizon_are_trimmed_at_the_next_save(
+        make_store: MakeStore, fake_clock: FakeClock, circle_id: str) -> None:
+    store = make_store(keep_events_ms=10_000)
+    await store.create(circle_id, blob(circle_id, 0))
+    await store.save(circle_id, 0, blob(circle_id, 1), [joined(1, "MawarRahasia")], 1)
+    await save_versions(store, circle_id, 2, start=1)
+    assert len(await store.events_since(circle_id, 0)) == 3  # a replay has what it needs
+    await fake_clock.advance(10_000)
+    await save_versions(store, circle_id, 3, start=2)
+    with pytest.raises(ReplayGap):  # a replay from that far back gets a snapshot instead
+        await store.events_since(circle_id, 0)
+    assert await store.events_since(circle_id, 2) == [event(3, 0), event(3, 1)]
+
+
+async def test_a_quiet_memory_circle_forgets_its_events_on_time() -> None:
+    clock = FakeClock()
+    store = MemoryStore(keep_events_ms=5_000, clock=clock.now, timers=clock)
+    await store.create("quiet", blob("quiet", 0))
+    await store.save("quiet", 0, blob("quiet", 1), [joined(1, "MawarRahasia")], 1)
+    await clock.advance(4_999)
+    assert await store.events_since("quiet", 0) == [joined(1, "MawarRahasia")]
+    await clock.advance(1)  # no save came: the timer trims
+    with pytest.raises(ReplayGap):
+        await store.events_since("quiet", 0)
+    assert decode_state(await store.load("quiet")).version == 1  # the state stays
+    assert clock.pending == 0  # and nothing is left armed for an empty log
+    await store.close()
+
+
+async def test_a_quiet_redis_circle_keeps_no_pseudonym_in_its_stream(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, keep_events_ms=300)
+    try:
+        await store.create("quiet", blob("quiet", 0))
+        async with key_expiry(redis_server.url, "lk:{quiet}:events") as expired:
+            await store.save("quiet", 0, blob("quiet", 1), [joined(1, "MawarRahasia")], 1)
+            assert b"MawarRahasia" in b"".join(everything_in(redis_server.url).values())
+            await asyncio.wait_for(expired, 10)  # no save came: Redis drops the whole stream
+        assert not [k for k, v in everything_in(redis_server.url).items() if b"MawarRahasia" in v]
+        assert decode_state(await store.load("quiet")).version == 1
+        with pytest.raises(ReplayGap):
+            await store.events_since("quiet", 0)
+    finally:
+        await store.close()
+

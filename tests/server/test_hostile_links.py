@@ -8,6 +8,7 @@ import asyncio
 import websockets
 
 from tests.live import Client, Live, join, live_server, token_of
+from tests.redis_server import everything_in, key_expiry
 from tests.server.conftest import ack_of, hello_close, settle
 
 
@@ -148,3 +149,41 @@ async def test_members_behind_one_proxy_do_not_share_its_cap(store_url: str) -> 
             assert isinstance(client, Client)
             await client.send({"type": "hello", "token": token, "name": f"Anggota{n}"})
             await client.wait(lambda fr: fr.get("type") == "welcome")
+
+
+async def test_after_the_grace_period_redis_holds_no_pseudonym_of_a_member_who_left(redis_url: str) -> None:
+    """Privacy at rest (DESIGN §12): a scan of every Redis key — strings, hashes, streams —
+    once the grace period has passed finds no pseudonym of anyone who left, quietly or not,
+    was declined or was removed; an ended circle leaves no key at all."""
+    async with live_server(redis_url, grace_seconds=1) as live:
+        circle = await live.create_circle(lobby=True)
+        cid, links = circle["id"], circle["links"]
+        mod = await join(live, links["moderator"], "Pendamping")
+        gone: list[str] = []
+        for name, way in (("MawarPergi", "leave_quietly"), ("MelatiPergi", "leave"), ("KenangaDikeluarkan", "remove")):
+            member = await join(live, links["member"], name, expect="lobby")
+            await ack_of(mod, "admit", member_id=member.member_id)
+            if way == "remove":
+                await ack_of(mod, "remove", member_id=member.member_id)
+            else:
+                await ack_of(member, way)
+            await member.closed()
+            gone.append(name)
+        knocker = await join(live, links["guest"], "TamuDitolak", expect="lobby")
+        await ack_of(mod, "decline", member_id=knocker.member_id)
+        gone.append("TamuDitolak")
+        stays = await join(live, links["member"], "SerunTetap", expect="lobby", source="127.0.0.2")
+        await ack_of(mod, "admit", member_id=stays.member_id)
+        at_rest = b"".join(everything_in(redis_url).values())
+        assert b"SerunTetap" in at_rest and b"MawarPergi" in at_rest  # the scan sees what is there
+        async with key_expiry(redis_url, f"lk:{{{cid}}}:events") as expired:
+            await asyncio.wait_for(expired, 15)  # the grace period passed with no save
+        await ack_of(stays, "raise_hand")  # the circle goes on: a new stream begins
+        leftovers = {key: [n for n in gone if n.encode() in value]
+                     for key, value in everything_in(redis_url).items()}
+        assert not {k: v for k, v in leftovers.items() if v}, leftovers
+        assert b"SerunTetap" in b"".join(everything_in(redis_url).values())  # still in the circle
+        status, _ = await live.api("DELETE", f"/api/circles/{cid}")
+        assert status == 204
+        await stays.closed()
+        assert not [key for key in everything_in(redis_url) if cid.encode() in key]

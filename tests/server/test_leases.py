@@ -11,13 +11,12 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 import websockets
 
 from rooms.codec import encode_state
@@ -27,6 +26,7 @@ from rooms.redis_store import RedisStore
 from rooms.store import Lease, Owner, StaleOwner
 from server.app import drain
 from tests.live import API_KEY, SECRET, Client, Live, free_port, join, live_server, token_of
+from tests.redis_server import key_expiry
 from tests.server.conftest import ack_of, settle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,30 +66,9 @@ async def hello_at(url: str, token: str, name: str = "Melati", resume: str | Non
     return client, first
 
 
-@asynccontextmanager
-async def lease_expiry(redis_url: str, circle_id: str) -> AsyncIterator[asyncio.Future[None]]:
-    """A future set when Redis expires the circle's lease key (a keyspace event; the test
-    servers publish them). Listening starts before the block runs, so no expiry is missed."""
-    client = aioredis.Redis.from_url(redis_url)
-    pubsub = client.pubsub()
-    await pubsub.subscribe("__keyevent@0__:expired")
-    expired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    home = f"lk:{{{circle_id}}}:home".encode()
-
-    async def listen() -> None:
-        async for message in pubsub.listen():
-            if message["type"] == "message" and message["data"] == home:
-                expired.set_result(None)
-                return
-
-    listener = asyncio.create_task(listen())
-    try:
-        yield expired
-    finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
-        await pubsub.aclose()
-        await client.aclose()
+def lease_expiry(redis_url: str, circle_id: str) -> AbstractAsyncContextManager[asyncio.Future[None]]:
+    """A future set when Redis expires the circle's lease key."""
+    return key_expiry(redis_url, f"lk:{{{circle_id}}}:home")
 
 
 # ---- the store's lease scripts --------------------------------------------------------------
