@@ -27,6 +27,20 @@ from redis.retry import Retry
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
+def _make_certificates(directory: Path) -> None:
+    """A CA and a certificate for 127.0.0.1 that it signed, with Debian's openssl."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=lingkar-test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", "server.key", "-out", "server.csr")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "2", "-extfile", "san.ext", "-out", "server.crt")
+
+
 def free_port() -> int:
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -37,25 +51,44 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None) -> None:
+    """With `tls`, the server speaks only TLS (a certificate for 127.0.0.1 signed by a CA
+    made for it in its directory), and `url` is a `rediss://` URL that trusts that CA."""
+
+    def __init__(self, port: int | None = None, *, tls: bool = False) -> None:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="lingkar-redis-"))
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
+        if tls:
+            _make_certificates(self.dir)
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.dir / 'ca.crt'}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        if self.tls:
+            return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, ssl=True,
+                               ssl_ca_certs=str(self.dir / "ca.crt"), retry=Retry(NoBackoff(), 0))
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
                            retry=Retry(NoBackoff(), 0))
+
+    def _listen(self) -> list[str]:
+        if not self.tls:
+            return ["--port", str(self.port)]
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+                "--tls-cert-file", str(self.dir / "server.crt"),
+                "--tls-key-file", str(self.dir / "server.key"),
+                "--tls-ca-cert-file", str(self.dir / "ca.crt")]
 
     def start(self, timeout: float = 10.0) -> None:
         assert self._proc is None, "already running"
         # It logs to stdout; we read up to the line saying it is ready (or its exit), then a
         # thread keeps draining the pipe so the server never blocks on a full one.
         self._proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [REDIS_SERVER, *self._listen(), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir), "--logfile", "",
              "--notify-keyspace-events", "Ex"],  # tests can await a key's expiry
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
