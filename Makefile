@@ -36,12 +36,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Debian packages: redis-server for the Redis tests, chromium for the browser tests.
+# Debian packages: redis-server for the Redis tests, chromium for the browser tests; for the
+# network tests (tests/net) iproute2, nftables and coturn; caddy for the HTTPS recipe; openssl
+# for the Redis TLS test.
 system:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v nft >/dev/null || missing="$$missing nftables"; \
+	command -v turnserver >/dev/null || missing="$$missing coturn"; \
+	command -v caddy >/dev/null || missing="$$missing caddy"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
