@@ -3,6 +3,7 @@ a member's visit private (no referrer, no caching of pages, Clear-Site-Data on t
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import urllib.error
@@ -112,3 +113,17 @@ def test_modules_are_served_as_javascript(base_url: str) -> None:
 def test_only_the_clients_own_files_are_served(base_url: str, path: str) -> None:
     status, _, _ = get(base_url + path)
     assert status == 404
+
+
+def test_the_join_form_cannot_put_a_name_in_a_url_before_its_script_runs(base_url: str) -> None:
+    """Issue 16: a form submitted natively on a slow phone sent GET /c/{id}?pseudonym=…. The page
+    as served (before any script) has a form whose method sends nothing ("dialog") and a disabled
+    default button (which also stops Enter in the name field), saying "Memuat…"."""
+    _, _, body = get(base_url + "/c/anything")
+    html = body.decode()
+    form = re.search(r'<form id="join-form"[^>]*>', html)
+    assert form and 'method="dialog"' in form.group(0) and "action=" not in form.group(0), form
+    assert 'aria-busy="true"' in form.group(0)
+    button = re.search(r'<button type="submit" id="join"[^>]*>([^<]*)</button>', html)
+    assert button and " disabled" in button.group(0), button
+    assert button.group(1) == "Memuat…"

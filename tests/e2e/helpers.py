@@ -134,6 +134,18 @@ async def join_milestones(page: Page, member_id: str, timeout_ms: int = 15_000) 
     return result
 
 
+async def slow_link(page: Page, *, kbps: int = 400, latency_ms: int = 400, cpu: float = 6.0) -> None:
+    """A slow phone on a slow mobile link, through the DevTools protocol (defaults: Chrome's slow-3G
+    figures, 400 kbit/s each way and 400 ms latency, and a CPU 6× slower). Call before goto()."""
+    cdp = await page.context.new_cdp_session(page)
+    await cdp.send("Network.enable")
+    rate = kbps * 1000 / 8
+    await cdp.send("Network.emulateNetworkConditions", {
+        "offline": False, "latency": latency_ms, "downloadThroughput": rate, "uploadThroughput": rate,
+    })
+    await cdp.send("Emulation.setCPUThrottlingRate", {"rate": cpu})
+
+
 async def fill_join(page: Page, link: str, name: str, *, listen_only: bool = False) -> None:
     """Open an invite link and fill the join form (without pressing #join)."""
     await page.goto(link)

@@ -1,54 +1,29 @@
-// /c/{circle}: join → lobby → room. Wires the session, the state, media and the screens.
-import { initI18n, bindLanguageSwitch, suggestLanguage, t } from './i18n.js';
-import { Session, CLOSE } from './protocol.js';
-import { emptyState, loadSnapshot, applyEvent, self, key, mayBeHeard, isModerator } from './state.js';
-import { Media, requestMicrophone, OWN_SPEAKING_LEVEL } from './media.js';
+// /c/{circle}: the join screen, then the room (./room.js). The join form waits only for this
+// module and its imports (preloaded by circle.html). Until then it shows a disabled "Memuat…"
+// button alone, and its method is "dialog": no name is ever submitted into a URL (issue 16).
+// The room's modules load while the member fills the form.
+import { initI18n, bindLanguageSwitch, t } from './i18n.js';
+import { loadConfig, renderHelplines } from './config.js';
 import { installQuietLeave } from './leave.js';
 import { runJoin } from './ui-join.js';
-import {
-  renderRoster, renderFloor, renderControls, renderPrompt, renderTimer, announce, showError,
-} from './ui-room.js';
-import { loadConfig, renderHelplines } from './config.js';
 
 const $ = (sel) => document.querySelector(sel);
 const circleId = decodeURIComponent(location.pathname.split('/').filter(Boolean).pop() ?? '');
 const SEAT_KEY = 'lk.seat';
 const TOKEN_KEY = 'lk.token';
 
-const state = emptyState();
-let config;
-let session = null;
-let media = null;
-let prompt = null;           // 'floor' | 'asked' | null
-let audible = new Set();      // ids heard speaking now: slot levels read in the browser ∪ server levels
-let slotAudible = new Set();
-let levelAudible = new Set();
-// RFC 6464 levels from the server's `levels` frame: 0 is loudest, 127 silence.
-const SPEAKING_DBOV = 55;
+// All that ./room.js imports, however deep, preloaded at once (tests/test_page_weight.py checks).
+const ROOM_MODULES = [
+  ...['room', 'protocol', 'state', 'media', 'ui-room'].map((f) => `/static/js/${f}.js`),
+  ...['Encoder', 'Decoder', 'utils/utf8', 'utils/int', 'utils/typedArrays', 'utils/prettyByte',
+    'ExtensionCodec', 'ExtData', 'timestamp', 'DecodeError', 'CachedKeyDecoder',
+  ].map((f) => `/vendor/@msgpack/msgpack/dist.esm/${f}.mjs`),
+];
+const MODERATOR_MODULES = ['/static/js/ui-mod.js'];
 
-function setAudible() {
-  const next = new Set([...slotAudible, ...levelAudible]);
-  const changed = next.size !== audible.size || [...next].some((id) => !audible.has(id));
-  audible = next;
-  if (changed) render();
-}
-let joined = null;           // {name, listenOnly, stream}
-let lastScreen = 'join';
-// Members never load the moderator's module; it comes in when the role is moderator.
-const NO_MOD = {
-  makeActions: null, updateActions: null, addNotice() {},
-  render() { $('#mod-panel').hidden = true; },
-};
-let mod = NO_MOD;
-let modLoading = null;
-
-function ensureModeratorUi() {
-  if (!isModerator(state) || modLoading) return;
-  modLoading = import('./ui-mod.js').then(({ moderatorUi }) => {
-    mod = moderatorUi({ getState: () => state, send });
-    render();
-  }).catch((err) => { modLoading = null; console.error(err); });
-}
+let config = null;
+let room = null;              // the room module once loaded
+let roomLoading = null;
 
 // ---- storage (this tab only; cleared on any leave) ----
 const store = {
@@ -72,68 +47,52 @@ function readToken() {
   return kept?.circle === circleId ? kept.token : null;
 }
 
-function showScreen(name) {
-  lastScreen = name;
-  document.body.dataset.screen = name;
-  for (const s of document.querySelectorAll('.screen')) s.hidden = s.id !== `screen-${name}`;
-  if (name !== 'room') { $('#note-panel').hidden = true; }
-}
-
-// ---- rendering ----
-function render() {
-  if (lastScreen !== 'room') return;
-  document.body.dataset.role = state.role ?? 'member';
-  renderRoster(state, { makeActions: mod.makeActions, updateActions: mod.updateActions, audible });
-  renderFloor(state);
-  renderControls(state);
-  renderPrompt(state, prompt);
-  mod.render(state);
-  media?.setSending(mayBeHeard(state));
-}
-
-function handleEffects(effects) {
-  for (const fx of effects) {
-    if ('prompt' in fx) prompt = fx.prompt;
-    if (fx.announce) announce(t(fx.announce, fx.vars));
-    if (fx.notice && isModerator(state)) {
-      const text = t(fx.notice, fx.vars) + (fx.text ? ` “${fx.text}”` : '');
-      mod.addNotice(fx.notice, text, fx.urgent);
-    }
-  }
-}
-
-async function send(type, fields) {
+/**
+ * The invite token's claims, read unverified, as hints: `lng` (the circle's language: the join
+ * screen speaks it at once, one catalog is fetched) and whether `role` is moderator.
+ */
+function tokenHints(token) {
   try {
-    showError(null);
-    return await session.send(type, fields);
-  } catch (err) {
-    showError(err);
-    return null;
-  }
+    const b64 = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(atob(b64.padEnd(b64.length + ((4 - (b64.length % 4)) % 4), '=')));
+    return {
+      language: typeof claims.lng === 'string' ? claims.lng : null,
+      moderator: claims.role === 'moderator',
+    };
+  } catch { return { language: null, moderator: false }; }
 }
 
-// ---- media ----
-async function startMedia() {
-  if (!media) {
-    media = new Media({
-      iceServers: config.ice_servers,
-      slots: config.slots,
-      listenOnly: joined.listenOnly,
-      stream: joined.stream,
-      audioElements: [...document.querySelectorAll('audio[data-slot]')],
-      onSpeaking(set, own) {
-        if (own > OWN_SPEAKING_LEVEL && state.me != null) set.add(key(state.me));
-        slotAudible = set;
-        setAudible();
-      },
-    });
-  }
-  media.setSending(mayBeHeard(state));
-  try {
-    const sdp = await media.createOffer();
-    await session.send('offer', { sdp });
-  } catch (err) {
-    showError(err?.code ? err : { code: 'media' });
+// ---- screens ----
+const ENDED_KEYS = {
+  'seat-lost': 'ended.seat_lost', ended: 'ended.ended', removed: 'ended.removed', declined: 'ended.declined',
+  refused: 'ended.refused', invalid: 'ended.invalid', 'no-circle': 'ended.no_circle', full: 'ended.full',
+  error: 'ended.error', 'no-token': 'ended.no_token', left: 'ended.left',
+};
+
+const screens = {
+  current: 'join',
+  show(name) {
+    this.current = name;
+    document.body.dataset.screen = name;
+    for (const s of document.querySelectorAll('.screen')) s.hidden = s.id !== `screen-${name}`;
+    if (name !== 'room') { $('#note-panel').hidden = true; }
+  },
+  ended(reason) {
+    const status = $('#ended-status');
+    status.dataset.reason = reason;
+    status.textContent = t(ENDED_KEYS[reason] ?? 'ended.error');
+    $('#rejoin').hidden = reason !== 'seat-lost';
+    this.show('ended');
+  },
+};
+
+function togglePanel(sel) {
+  const panel = $(sel);
+  panel.hidden = !panel.hidden;
+  if (!panel.hidden) {
+    // Show the panel from its title (focusing its first control alone scrolled past the help lines).
+    panel.scrollIntoView({ block: 'start' });
+    panel.querySelector('textarea, input, button')?.focus({ preventScroll: true });
   }
 }
 
@@ -147,196 +106,81 @@ function ensureSlots(count) {
   }
 }
 
-// ---- session callbacks ----
-const callbacks = {
-  getVersion: () => state.version,
-  onJoined(kind, frame) {
-    if (typeof frame.now === 'number') state.clockOffset = frame.now - Date.now();
-    if (kind === 'lobby') {
-      state.me = frame.member_id;
-      $('#lobby-title').textContent = frame.circle?.title ?? '';
-      suggestLanguage(frame.circle?.language);
-      showScreen('lobby');
-      return;
-    }
-    const snap = kind === 'snapshot' ? (frame.state ?? frame) : frame.state;
-    loadSnapshot(state, snap ?? {}, kind === 'welcome' ? { member_id: frame.member_id, role: frame.role } : {});
-    ensureModeratorUi();
-    if (kind !== 'snapshot') {
-      suggestLanguage(state.circle?.language);
-      showScreen('room');
-      startMedia();
-      if (kind === 'admitted') announce(t('announce.admitted'));
-    }
-    render();
-  },
-  onEvent(name, data, version) {
-    handleEffects(applyEvent(state, name, data, version));
-    render();
-  },
-  onFrame(frame) {
-    if (frame.type === 'answer') media?.acceptAnswer(frame.sdp).catch(() => showError({ code: 'media' }));
-    else if (frame.type === 'media') { media?.setSlots(frame.slots ?? []); render(); }
-    else if (frame.type === 'levels') {
-      levelAudible = new Set(Object.entries(frame.levels ?? {})
-        .filter(([, level]) => level <= SPEAKING_DBOV).map(([id]) => key(id)));
-      setAudible();
-    }
-    else if (frame.type === 'error') showError(frame);
-  },
-  onStatus(status, info = {}) {
-    const conn = $('#connection-status');
-    conn.dataset.state = status;
-    conn.textContent = status === 'reconnecting' ? t('conn.reconnecting') : '';
-    if (status === 'closed') ended(info);
-  },
-};
-
-function ended({ code, lostSeat }) {
-  media?.stop();
-  media = null;
-  store.del(SEAT_KEY);
-  let reason = 'error';
-  if (lostSeat) reason = 'seat-lost';
-  else if (code === CLOSE.ENDED) reason = 'ended';
-  else if (code === CLOSE.LEFT) reason = 'left';
-  else if (code === CLOSE.FORBIDDEN) reason = lastScreen === 'room' ? 'removed' : (lastScreen === 'lobby' ? 'declined' : 'refused');
-  else if (code === CLOSE.BAD_TOKEN) reason = 'invalid';
-  else if (code === CLOSE.NO_CIRCLE) reason = 'no-circle';
-  else if (code === CLOSE.FULL) reason = 'full';
-  if (reason === 'left') { location.replace(config.exit_url || '/bye'); return; }
-  if (reason !== 'seat-lost') store.del(TOKEN_KEY);
-  showEnded(reason);
-}
-
-const ENDED_KEYS = {
-  'seat-lost': 'ended.seat_lost', ended: 'ended.ended', removed: 'ended.removed', declined: 'ended.declined',
-  refused: 'ended.refused', invalid: 'ended.invalid', 'no-circle': 'ended.no_circle', full: 'ended.full',
-  error: 'ended.error', 'no-token': 'ended.no_token',
-};
-
-function showEnded(reason) {
-  const status = $('#ended-status');
-  status.dataset.reason = reason;
-  status.textContent = t(ENDED_KEYS[reason] ?? 'ended.error');
-  $('#rejoin').hidden = reason !== 'seat-lost';
-  showScreen('ended');
-}
-
-function connect(token, resumeSecret) {
-  const seat = { circle: circleId, token, name: joined.name, listenOnly: joined.listenOnly, resume: resumeSecret ?? null };
-  session = new Session({
-    hello: { token, name: joined.name, listen_only: joined.listenOnly },
-    callbacks,
-    storage: {
-      load: () => seat.resume,
-      save(secret) { if (typeof secret === 'string') { seat.resume = secret; store.set(SEAT_KEY, seat); } },
-      clear() { seat.resume = null; store.del(SEAT_KEY); },
-    },
-  });
-  session.open();
-}
-
-function bindRoomControls() {
-  $('#mute-self').addEventListener('click', () => {
-    const me = self(state);
-    if (!me || me.listen_only) return;
-    if (me.muted) { send('unmute_self'); return; }
-    me.muted = true;                 // silence first, then tell the server
-    media?.setSending(false);
-    render();
-    send('mute_self');
-  });
-  $('#raise-hand').addEventListener('click', () => send(self(state)?.hand ? 'lower_hand' : 'raise_hand'));
-  $('#prompt-unmute').addEventListener('click', async () => {
-    if (await send('unmute_self')) { prompt = null; render(); }
-  });
-  $('#prompt-dismiss').addEventListener('click', () => { prompt = null; render(); });
-  $('#release-floor').addEventListener('click', () => send('release_floor'));
-  $('#pass').addEventListener('click', () => send('pass'));
-  $('#open-note').addEventListener('click', () => { $('#help-panel').hidden = true; togglePanel('#note-panel'); });
-  $('#open-help').addEventListener('click', () => togglePanel('#help-panel'));
-  for (const b of document.querySelectorAll('[data-close]')) {
-    b.addEventListener('click', () => { b.closest('.panel').hidden = true; });
+/** Preload the room's modules, then load it (once; again after a failure). */
+function loadRoom(moderator) {
+  if (roomLoading) return roomLoading;
+  for (const href of [...ROOM_MODULES, ...(moderator ? MODERATOR_MODULES : [])]) {
+    if (document.querySelector(`link[rel=modulepreload][href="${href}"]`)) continue;
+    const link = document.createElement('link');
+    link.rel = 'modulepreload';
+    link.href = href;
+    document.head.append(link);
   }
-  $('#private-note').addEventListener('submit', async (ev) => {
-    ev.preventDefault();
-    const form = ev.target;
-    const needSupport = form.elements.need_support.checked;
-    const text = form.elements.text.value.trim() || (needSupport ? t('note.need_support_text') : '');
-    if (!text) return;
-    const status = $('#note-status');
-    if (await send('private_note', { text: text.slice(0, 500), need_support: needSupport })) {
-      form.reset();
-      status.textContent = t('note.sent');
-    }
-  });
-  $('#rejoin').addEventListener('click', async () => {
-    const token = store.get(TOKEN_KEY)?.token;
-    if (!token) { showEnded('invalid'); return; }
-    state.version = null;
-    $('#rejoin').hidden = true;
-    $('#ended-status').dataset.reason = '';
-    $('#ended-status').textContent = t('conn.connecting');
-    if (!joined.listenOnly) joined.stream = await requestMicrophone().catch(() => null);
-    connect(token, null);
-  });
-  document.addEventListener('lk:language', () => {
-    document.title = t('app.neutral_title');
-    const status = $('#ended-status');
-    if (status.dataset.reason) status.textContent = t(ENDED_KEYS[status.dataset.reason] ?? 'ended.error');
-    render();
-  });
-  setInterval(() => { if (lastScreen === 'room') renderTimer(state); }, 500);
+  roomLoading = import('./room.js').then((mod) => {
+    mod.startRoom({
+      circleId, config, store, keys: { seat: SEAT_KEY, token: TOKEN_KEY }, screens, togglePanel,
+    });
+    room = mod;
+    return mod;
+  }, (err) => { roomLoading = null; throw err; });
+  return roomLoading;
 }
 
-function togglePanel(sel) {
-  const panel = $(sel);
-  panel.hidden = !panel.hidden;
-  if (!panel.hidden) {
-    // Show the panel from its title (focusing its first control alone scrolled past the help lines).
-    panel.scrollIntoView({ block: 'start' });
-    panel.querySelector('textarea, input, button')?.focus({ preventScroll: true });
-  }
-}
-
-/**
- * The circle's language from the invite token's `lng` claim, read unverified: only a hint, so the
- * join screen speaks the circle's language at once and one catalog is fetched, not both.
- */
-function languageHint(token) {
-  try {
-    const b64 = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-    const claims = JSON.parse(atob(b64.padEnd(b64.length + ((4 - (b64.length % 4)) % 4), '=')));
-    return typeof claims.lng === 'string' ? claims.lng : null;
-  } catch { return null; }
+/** The join form works from here on. */
+function ready() {
+  const form = $('#join-form');
+  const button = $('#join');
+  button.dataset.i18n = 'join.enter';
+  button.textContent = t('join.enter');
+  button.disabled = false;
+  form.removeAttribute('aria-busy');
+  document.body.dataset.ready = 'true';
 }
 
 async function main() {
+  // Never a native submission (method="dialog" already sends nothing).
+  $('#join-form').addEventListener('submit', (ev) => ev.preventDefault());
+  // The quiet way out works as soon as this module runs, before the configuration is here.
+  installQuietLeave($('#leave-quietly'), () => ({
+    ...(room ? room.current() : { session: null, media: null }),
+    exitUrl: config?.exit_url, needSupport: $('#leave-need-support').checked,
+  }));
   const token = readToken();
-  const [cfg] = await Promise.all([loadConfig(), initI18n(token ? (languageHint(token) ?? 'id') : 'id')]);
+  const hints = token ? tokenHints(token) : { language: null, moderator: false };
+  const [cfg] = await Promise.all([loadConfig(), initI18n(hints.language ?? 'id')]);
   config = cfg;
   document.title = t('app.neutral_title');
   bindLanguageSwitch($('#lang-switch'));
   renderHelplines($('#helplines'), config.helplines);
   ensureSlots(config.slots);
-  installQuietLeave($('#leave-quietly'), () => ({
-    session, media, exitUrl: config.exit_url, needSupport: $('#leave-need-support').checked,
-  }));
-  bindRoomControls();
+  $('#open-help').addEventListener('click', () => togglePanel('#help-panel'));
+  for (const b of document.querySelectorAll('[data-close]')) {
+    b.addEventListener('click', () => { b.closest('.panel').hidden = true; });
+  }
+  document.addEventListener('lk:language', () => {
+    document.title = t('app.neutral_title');
+    const status = $('#ended-status');
+    if (status.dataset.reason) status.textContent = t(ENDED_KEYS[status.dataset.reason] ?? 'ended.error');
+  });
 
-  if (!token) { showEnded('no-token'); return; }
+  if (!token) { ready(); screens.ended('no-token'); return; }
   const saved = store.get(SEAT_KEY);
   if (saved?.circle === circleId && saved.token === token && saved.resume) {
     // A reload or a return within the grace period: resume the seat, no new join.
     $('#join-form').hidden = true;
-    const stream = saved.listenOnly ? null : await requestMicrophone().catch(() => null);
-    joined = { name: saved.name, listenOnly: saved.listenOnly, stream };
-    connect(token, saved.resume);
+    ready();
+    const [mod, stream] = await Promise.all([
+      loadRoom(hints.moderator),
+      saved.listenOnly ? null : (async () => (await import('./media.js')).requestMicrophone())().catch(() => null),
+    ]);
+    mod.join(token, { name: saved.name, listenOnly: saved.listenOnly, stream }, saved.resume);
     return;
   }
-  joined = await runJoin();
-  connect(token, null);
+  const entering = runJoin({ loadRoom: () => loadRoom(hints.moderator) });
+  ready();
+  loadRoom(hints.moderator).catch(() => { /* tried again when the member presses Join */ });
+  const { who, room: mod } = await entering;
+  mod.join(token, who);
 }
 
 main();

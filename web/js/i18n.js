@@ -1,16 +1,24 @@
-// Two languages (F15): catalogs in /static/i18n/{id,en}.json with identical keys.
+// Two languages (F15): catalogs in /static/i18n/{id,en}.json with identical keys. A page with
+// many strings of its own keeps them apart, <html data-i18n-parts="organizer"> fetching
+// /static/i18n/organizer.{id,en}.json beside the shared catalog: a member's phone never loads them.
 // HTML uses data-i18n (text), data-i18n-placeholder, data-i18n-aria-label, data-i18n-title.
 
 export const LANGUAGES = ['id', 'en'];
 const PREF_KEY = 'lk.lang';
 const catalogs = {};
+let parts = [];
 let lang = 'id';
 let chosenByUser = false;
 
+async function fetchJson(url) {
+  const res = await fetch(url, { credentials: 'same-origin' });
+  return res.ok ? res.json() : {};
+}
+
 async function fetchCatalog(code) {
   if (!catalogs[code]) {
-    const res = await fetch(`/static/i18n/${code}.json`, { credentials: 'same-origin' });
-    catalogs[code] = res.ok ? await res.json() : {};
+    const urls = [`/static/i18n/${code}.json`, ...parts.map((part) => `/static/i18n/${part}.${code}.json`)];
+    catalogs[code] = Object.assign({}, ...(await Promise.all(urls.map(fetchJson))));
   }
   return catalogs[code];
 }
@@ -21,6 +29,7 @@ function readPref() {
 
 /** Load the member's chosen language (this tab only), else `fallback`, else Indonesian. */
 export async function initI18n(fallback = 'id') {
+  parts = (document.documentElement.dataset.i18nParts ?? '').split(/\s+/).filter(Boolean);
   const pref = readPref();
   chosenByUser = LANGUAGES.includes(pref);
   await setLanguage(chosenByUser ? pref : (LANGUAGES.includes(fallback) ? fallback : 'id'));

@@ -1,4 +1,6 @@
-// /organizer (F14): the key (this tab only), new circles and their links, live counts.
+// /organizer (F14): the key (this tab only), new circles and their links, live counts, and each
+// circle's invites: mint a named one (a moderator's is always personal), see who holds a place
+// through each (a count), revoke one (its holders are put out with 4403, F10).
 import { initI18n, bindLanguageSwitch, t } from './i18n.js';
 
 const $ = (sel) => document.querySelector(sel);
@@ -6,6 +8,7 @@ const KEY = 'lk.org_key';
 const REFRESH_MS = 5000;
 let refreshTimer = null;
 let circles = [];
+let invites = [];            // of the circle whose invites are open (#invites-panel)
 
 const apiKey = () => { try { return sessionStorage.getItem(KEY); } catch { return null; } };
 
@@ -77,14 +80,7 @@ function renderCircles() {
     );
     if (present === false) tr.dataset.moderatorMissing = 'true';
     const actions = document.createElement('td');
-    const details = document.createElement('details');
-    const summary = document.createElement('summary');
-    summary.textContent = t('org.new_link');
-    details.append(summary,
-      actionButton('invite', 'org.link_moderator', { role: 'moderator' }),
-      actionButton('invite', 'org.link_member', { role: 'member' }),
-      actionButton('invite', 'org.link_guest', { role: 'guest' }));
-    actions.append(details, actionButton('end-circle', 'org.end'));
+    actions.append(actionButton('invites', 'org.invites'), ' ', actionButton('end-circle', 'org.end'));
     tr.append(actions);
     return tr;
   }));
@@ -99,6 +95,82 @@ async function refresh() {
   } catch (err) {
     if (err.message !== 'unauthorized') setError('org.error_load');
   }
+  if (!$('#invites-panel').hidden) loadInvites();
+}
+
+// ---- invites of one circle ----
+const invitesCircle = () => $('#invites-panel').dataset.circleId;
+
+function renderInvites() {
+  const id = invitesCircle();
+  const circle = circles.find((c) => String(c.id) === id);
+  $('#invites-title').textContent = t('org.invites_title', { title: circle?.title ?? id });
+  $('#invites').replaceChildren(...invites.map((inv) => {
+    const li = document.createElement('li');
+    li.dataset.inviteId = inv.id;
+    li.dataset.role = inv.role;
+    li.dataset.revoked = String(!!inv.revoked);
+    li.dataset.holders = String(inv.holders ?? 0);
+    const label = document.createElement('strong');
+    label.textContent = inv.label || t('org.no_label');
+    const tags = document.createElement('span');
+    tags.className = 'hint';
+    tags.textContent = [
+      t(`org.role_${inv.role}`),
+      t(inv.personal ? 'org.personal' : 'org.shared'),
+      inv.holders ? t('org.holders', { count: inv.holders }) : t('org.holders_none'),
+      inv.revoked ? t('org.revoked') : null,
+    ].filter(Boolean).join(' · ');
+    const who = document.createElement('span');
+    who.className = 'who';
+    who.append(label, document.createElement('br'), tags);
+    li.append(who);
+    if (!inv.revoked) li.append(actionButton('revoke', 'org.revoke'));
+    return li;
+  }));
+  $('#invites-empty').hidden = invites.length > 0;
+}
+
+async function loadInvites() {
+  const id = invitesCircle();
+  try {
+    const data = await api('GET', `/api/circles/${encodeURIComponent(id)}/invites`);
+    if (invitesCircle() !== id) return;       // another circle was opened meanwhile
+    invites = data?.invites ?? [];
+    renderInvites();
+  } catch (err) {
+    if (err.status === 404) { closeInvites(); return; }   // the circle has ended
+    if (err.message !== 'unauthorized') setError('org.error_invites');
+  }
+}
+
+function openInvites(id) {
+  const panel = $('#invites-panel');
+  if (panel.dataset.circleId !== id) {
+    invites = [];
+    $('#invite-link').hidden = true;
+    $('#new-invite').reset();
+    showPersonal();
+  }
+  panel.dataset.circleId = id;
+  panel.hidden = false;
+  renderInvites();
+  loadInvites();
+  panel.scrollIntoView({ block: 'start' });
+}
+
+function closeInvites() {
+  const panel = $('#invites-panel');
+  panel.hidden = true;
+  delete panel.dataset.circleId;
+  $('#invite-link').hidden = true;
+  $('#invite-link input').value = '';
+  invites = [];
+}
+
+// A moderator's invite is always for one person: the choice is offered for the other roles only.
+function showPersonal() {
+  $('#i-personal').hidden = $('#new-invite').elements.role.value === 'moderator';
 }
 
 function start() {
@@ -112,6 +184,7 @@ function start() {
 function forgetKey() {
   try { sessionStorage.removeItem(KEY); } catch { /* private mode */ }
   clearInterval(refreshTimer);
+  closeInvites();
   $('#org-main').hidden = true;
   $('#org-key').hidden = false;
 }
@@ -168,10 +241,44 @@ function bind() {
       if (err.message !== 'unauthorized') setError(err.status === 422 || err.status === 400 ? 'org.error_invalid' : 'org.error_create');
     }
   });
-  $('#new-links').addEventListener('click', (ev) => {
-    const b = ev.target.closest('[data-copy]');
-    if (b) copyFrom(b.closest('.row').querySelector('input'));
+  for (const box of [$('#new-links'), $('#invite-link')]) {
+    box.addEventListener('click', (ev) => {
+      const b = ev.target.closest('[data-copy]');
+      if (b) copyFrom(b.closest('.row').querySelector('input'));
+    });
+  }
+  $('#new-invite').elements.role.addEventListener('change', showPersonal);
+  $('#new-invite').addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const f = ev.target.elements;
+    const body = { role: f.role.value, label: f.label.value.trim() };
+    if (body.role !== 'moderator') body.personal = f.personal.checked;
+    try {
+      setError('');
+      const { link } = await api('POST', `/api/circles/${encodeURIComponent(invitesCircle())}/invites`, body);
+      $('#invite-link input').value = link;
+      $('#invite-link').hidden = false;
+      f.label.value = '';
+      loadInvites();
+    } catch (err) {
+      if (err.message !== 'unauthorized') setError(err.status === 404 ? 'org.error_invites' : 'org.error_action');
+    }
   });
+  $('#invites').addEventListener('click', async (ev) => {
+    const b = ev.target.closest('[data-action=revoke]');
+    if (!b) return;
+    const invite = b.closest('[data-invite-id]').dataset.inviteId;
+    if (!window.confirm(t('org.confirm_revoke'))) return;
+    try {
+      setError('');
+      await api('DELETE', `/api/circles/${encodeURIComponent(invitesCircle())}/invites/${encodeURIComponent(invite)}`);
+      setStatus('org.revoked_done');
+      loadInvites();
+    } catch (err) {
+      if (err.message !== 'unauthorized') setError('org.error_action');
+    }
+  });
+  $('#close-invites').addEventListener('click', closeInvites);
   $('#circles').addEventListener('click', async (ev) => {
     const b = ev.target.closest('[data-action]');
     if (!b) return;
@@ -182,9 +289,8 @@ function bind() {
         await api('DELETE', `/api/circles/${encodeURIComponent(id)}`);
         setStatus('org.ended');
         refresh();
-      } else if (b.dataset.action === 'invite') {
-        const { link } = await api('POST', `/api/circles/${encodeURIComponent(id)}/invites`, { role: b.dataset.role });
-        showLinks({ [b.dataset.role]: link });
+      } else if (b.dataset.action === 'invites') {
+        openInvites(id);
       }
     } catch (err) {
       if (err.message !== 'unauthorized') setError('org.error_action');
@@ -192,6 +298,7 @@ function bind() {
   });
   document.addEventListener('lk:language', () => {
     renderCircles();
+    if (!$('#invites-panel').hidden) renderInvites();
     for (const el of [$('#org-error'), $('#org-status')]) if (el.dataset.key) el.textContent = t(el.dataset.key);
   });
 }

@@ -1,6 +1,6 @@
 // The join form (F2): pseudonym, speak or listen only, mic check, pledge, reminders.
+// media.js is loaded only when the microphone is wanted.
 import { t } from './i18n.js';
-import { requestMicrophone, watchLevel } from './media.js';
 
 const $ = (sel) => document.querySelector(sel);
 // Control characters are refused by the server; say so here first.
@@ -15,10 +15,10 @@ export function validPseudonym(raw) {
 }
 
 /**
- * Shows the join form; resolves once with {name, listenOnly, stream} when the member enters.
- * `stream` is the microphone (null when listening only, or when the mic was refused).
+ * Runs the join form; resolves when the member enters with {who: {name, listenOnly, stream}, room}:
+ * `stream` is the mic (null when listening only), `room` what loadRoom() gave (awaited here).
  */
-export function runJoin() {
+export function runJoin({ loadRoom }) {
   const form = $('#join-form');
   const listenOnly = form.elements.listen_only;
   const micBox = $('#mic-box');
@@ -45,6 +45,7 @@ export function runJoin() {
   async function openMic() {
     if (stream) return stream;
     try {
+      const { requestMicrophone, watchLevel } = await import('./media.js');
       stream = await requestMicrophone();
       meter.hidden = false;
       stopMeter = watchLevel(stream, (level) => { meter.value = level; });
@@ -64,20 +65,37 @@ export function runJoin() {
 
   const fail = (key) => { error.dataset.key = key; error.textContent = t(key); };
 
+  const button = $('#join');
+  const label = (key) => { button.dataset.i18n = key; button.textContent = t(key); };
   return new Promise((resolve) => {
+    let busy = false;
     form.addEventListener('submit', async function onSubmit(ev) {
       ev.preventDefault();
+      if (busy) return;
       fail('');
       error.textContent = '';
       const checked = validPseudonym(form.elements.pseudonym.value);
       if (checked.error) { fail(checked.error); form.elements.pseudonym.focus(); return; }
       if (!form.elements.pledge.checked) { fail('join.error_pledge'); form.elements.pledge.focus(); return; }
       const only = listenOnly.checked;
-      if (!only && !(await openMic())) { fail('join.error_mic'); return; }
-      stopMeter();       // the room shows its own indicators; the stream itself stays open
-      form.removeEventListener('submit', onSubmit);
-      $('#join').disabled = true;
-      resolve({ name: checked.name, listenOnly: only, stream: only ? null : stream });
+      busy = true;
+      button.disabled = true;
+      let entered = false;
+      try {
+        if (!only && !(await openMic())) { fail('join.error_mic'); return; }
+        let room;
+        label('join.loading');     // shown only if the room's modules are not in yet
+        try { room = await loadRoom(); } catch { fail('join.error_load'); return; } finally {
+          label('join.enter');
+        }
+        stopMeter();       // the room shows its own indicators; the stream itself stays open
+        form.removeEventListener('submit', onSubmit);
+        entered = true;    // the button stays disabled
+        resolve({ who: { name: checked.name, listenOnly: only, stream: only ? null : stream }, room });
+      } finally {
+        busy = false;
+        if (!entered) button.disabled = false;
+      }
     });
   });
 }

@@ -1,6 +1,7 @@
 // The moderator's controls: per-member actions, lobby, circle-wide buttons, private notices.
 import { t } from './i18n.js';
 import { key, isModerator, isMe, nameOf } from './state.js';
+import { confirmStep } from './ui-room.js';
 
 const $ = (sel) => document.querySelector(sel);
 const MAX_NOTICES = 40;
@@ -21,27 +22,6 @@ function button(action, labelKey, name) {
   b.textContent = t(labelKey);
   b.setAttribute('aria-label', `${t(labelKey)}: ${name}`);
   return b;
-}
-
-/** Ask before a step that cannot be undone (remove, end); resolves true only on "yes". */
-export function confirmStep(textKey, vars) {
-  const dialog = $('#confirm-dialog');
-  $('#confirm-text').textContent = t(textKey, vars);
-  if (typeof dialog.showModal !== 'function') return Promise.resolve(window.confirm(t(textKey, vars)));
-  return new Promise((resolve) => {
-    const done = (answer) => {
-      $('#confirm-ok').onclick = null;
-      $('#confirm-cancel').onclick = null;
-      dialog.onclose = null;
-      if (dialog.open) dialog.close();
-      resolve(answer);
-    };
-    $('#confirm-ok').onclick = () => done(true);
-    $('#confirm-cancel').onclick = () => done(false);
-    dialog.onclose = () => done(false);
-    dialog.showModal();
-    $('#confirm-cancel').focus();
-  });
 }
 
 /** Builds and updates moderator controls. `send(type, fields)` returns a promise. */

@@ -185,3 +185,24 @@ export function renderPrompt(state, prompt) {
   if (listening) text = prompt === 'floor' ? 'prompt.floor_listening' : 'prompt.asked_listening';
   $('#turn-prompt-text').textContent = t(text);
 }
+
+/** Ask before leaving, removing someone or ending the circle; resolves true only on "yes". */
+export function confirmStep(textKey, vars) {
+  const dialog = $('#confirm-dialog');
+  $('#confirm-text').textContent = t(textKey, vars);
+  if (typeof dialog.showModal !== 'function') return Promise.resolve(window.confirm(t(textKey, vars)));
+  return new Promise((resolve) => {
+    const done = (answer) => {
+      $('#confirm-ok').onclick = null;
+      $('#confirm-cancel').onclick = null;
+      dialog.onclose = null;
+      if (dialog.open) dialog.close();
+      resolve(answer);
+    };
+    $('#confirm-ok').onclick = () => done(true);
+    $('#confirm-cancel').onclick = () => done(false);
+    dialog.onclose = () => done(false);
+    dialog.showModal();
+    $('#confirm-cancel').focus();
+  });
+}
