@@ -35,6 +35,7 @@ from server.pages import page_routes
 from server.ws import WebSocketEndpoint
 from signaling.close import CloseCode
 from signaling.session import DEFAULT_LIMITS, Limits
+from signaling.turn import IceServers
 
 log = logging.getLogger("lingkar.app")
 
@@ -77,7 +78,9 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
     homes = Homes(store, uuid.uuid4().hex, settings.public_url, ttl_ms=settings.lease_ms,
                   in_use=local.in_use, on_takeover=local.take_over, on_lost=local.moved)
     local.homes = homes
-    ws = WebSocketEndpoint(settings, local, manager, limits, settings.max_per_address)
+    member_ice = IceServers(stun=ice, turn_urls=settings.turn_urls, turn_secret=settings.turn_secret,
+                            turn_ttl=settings.turn_ttl)
+    ws = WebSocketEndpoint(settings, local, manager, limits, settings.max_per_address, member_ice)
     parts = Parts(settings, store, manager, relay, local, ws, homes)
     api = OrganizerApi(settings, manager)
 

@@ -21,6 +21,7 @@ import msgspec
 BUILTIN_HELPLINES: Final = Path(__file__).with_name("helplines.json")
 MIN_SECRET_BYTES: Final = 32
 MIN_API_KEY_CHARS: Final = 24
+MIN_TURN_SECRET_CHARS: Final = 16
 DEFAULT_TRUSTED_PROXIES: Final = ("127.0.0.1", "::1")
 LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -45,6 +46,9 @@ ENV_NAMES: Final = {
     "max_per_address": "LINGKAR_MAX_CONNECTIONS_PER_ADDRESS",
     "lease_ms": "LINGKAR_LEASE_MS",
     "trusted_proxies": "LINGKAR_TRUSTED_PROXIES",
+    "turn_urls": "LINGKAR_TURN_URLS",
+    "turn_secret": "LINGKAR_TURN_SECRET",
+    "turn_ttl": "LINGKAR_TURN_TTL",
 }
 
 
@@ -113,6 +117,12 @@ class Settings:
     trusted_proxies: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES
     """Addresses and networks whose ``X-Forwarded-For`` is believed (the client's address
     for the per-address limits); everyone else's is ignored."""
+    turn_urls: tuple[str, ...] = ()
+    """``turn:``/``turns:`` URLs of a coturn with ``use-auth-secret`` (none: no TURN)."""
+    turn_secret: str = ""
+    """coturn's ``static-auth-secret``: each member's credentials are minted with it."""
+    turn_ttl: int = 4 * 3600
+    """How long minted TURN credentials are valid, in seconds (fresh ones on every resume)."""
 
     @property
     def uses_redis(self) -> bool:
@@ -153,6 +163,7 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, object] | None
         max_per_address=_int(values, "max_per_address", 32, 0, 1_000_000),
         lease_ms=_int(values, "lease_ms", 3000, 300, 60_000),
         trusted_proxies=_trusted_proxies(values.get("trusted_proxies")),
+        **_turn(values),
     )
 
 
@@ -253,6 +264,20 @@ def _api_key(raw: str | None) -> tuple[str, bool]:
         raise ConfigError(f"LINGKAR_API_KEY must be at least {MIN_API_KEY_CHARS} characters "
                           "(python3 -c 'import secrets; print(secrets.token_urlsafe(24))' makes one)")
     return raw, False
+
+
+def _turn(values: Mapping[str, str]) -> dict[str, object]:
+    urls = tuple(url.strip() for url in values.get("turn_urls", "").split(",") if url.strip())
+    secret = values.get("turn_secret", "")
+    ttl = _int(values, "turn_ttl", 4 * 3600, 60, 7 * 24 * 3600)
+    if any(not url.startswith(("turn:", "turns:")) or any(c.isspace() for c in url) for url in urls):
+        raise ConfigError("LINGKAR_TURN_URLS must be a comma-separated list of turn: or turns: URLs")
+    if urls and len(secret) < MIN_TURN_SECRET_CHARS:
+        raise ConfigError(f"LINGKAR_TURN_SECRET (coturn's static-auth-secret, at least "
+                          f"{MIN_TURN_SECRET_CHARS} characters) is required with LINGKAR_TURN_URLS")
+    if secret and not urls:
+        raise ConfigError("LINGKAR_TURN_SECRET is set but LINGKAR_TURN_URLS is not")
+    return {"turn_urls": urls, "turn_secret": secret, "turn_ttl": ttl}
 
 
 def _trusted_proxies(raw: str | None) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from server.config import Settings, origin_allowed
 from server.local import LocalCircles
 from signaling.addresses import prefix
 from signaling.session import DEFAULT_LIMITS, Limits, Session
+from signaling.turn import IceServers
 
 _OPEN = WsState.OPEN
 _HEAD16 = struct.Struct("!BBH")
@@ -113,8 +114,10 @@ class _StarletteTransport:
 
 class WebSocketEndpoint:
     def __init__(self, settings: Settings, local: LocalCircles, manager: object,
-                 limits: Limits = DEFAULT_LIMITS, max_per_address: int = 0) -> None:
+                 limits: Limits = DEFAULT_LIMITS, max_per_address: int = 0,
+                 ice: IceServers | None = None) -> None:
         self.settings = settings
+        self.ice = ice or IceServers()
         self.local = local
         self.manager = manager
         self.limits = limits
@@ -137,7 +140,7 @@ class WebSocketEndpoint:
             await ws.accept()
             session = Session(_StarletteTransport(ws), self.local.manager, secret=self.settings.secret,
                               media=self.local.relay, observer=self.local, limits=self.limits,
-                              homes=self.local.homes, address=address)
+                              homes=self.local.homes, address=address, ice=self.ice)
             await session.run()
         finally:
             metrics.CONNECTIONS.dec()

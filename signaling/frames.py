@@ -214,12 +214,22 @@ class LobbyCircle(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     language: Language
 
 
+class IceServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                omit_defaults=True):
+    """An RTCIceServer for this member's PeerConnection (TURN credentials minted for it)."""
+
+    urls: str | list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
 class Welcome(_Frame, frozen=True, tag="welcome"):
     member_id: str
     role: Role
     resume: str
     now: int
     state: State
+    ice_servers: list[IceServer] = []
 
 
 class Lobby(_Frame, frozen=True, tag="lobby"):
@@ -231,6 +241,7 @@ class Lobby(_Frame, frozen=True, tag="lobby"):
 
 class Admitted(_Frame, frozen=True, tag="admitted"):
     state: State
+    ice_servers: list[IceServer] = []
 
 
 class Redirect(_Frame, frozen=True, tag="redirect"):

@@ -34,6 +34,9 @@ from signaling.addresses import keyed
 from signaling.close import CloseCode
 from signaling.ratelimit import RateLimiter, Verdict
 from signaling.translate import error_code, event_frame, join_close_code, to_command, visible_to
+from signaling.turn import IceServers
+
+NO_ICE_SERVERS = IceServers()
 
 log = logging.getLogger("lingkar.session")
 
@@ -127,9 +130,10 @@ class Session:
     def __init__(self, transport: Transport, manager: RoomManager, *, secret: str, media: Media,
                  observer: Observer, limits: Limits = DEFAULT_LIMITS,
                  now_ms: Callable[[], int] = _now_ms, homes: Homes | None = None,
-                 address: str = "") -> None:
+                 address: str = "", ice: IceServers = NO_ICE_SERVERS) -> None:
         self.transport = transport
         self.address = address  # the client's address, as the limits see it (never logged)
+        self.ice = ice  # STUN servers, and TURN credentials minted for this member
         self.manager = manager
         self.homes = homes  # None: no leases (every process may write every circle)
         self.secret = secret
@@ -342,7 +346,8 @@ class Session:
         now = self.now_ms()
         if self.admitted:
             self.send(f.Welcome(member_id=self.member_id, role=me.role.value, resume=new_secret,
-                                now=now, state=snapshot(state, self.member_id, now)))
+                                now=now, state=snapshot(state, self.member_id, now),
+                                ice_servers=self._ice_servers(now)))
         else:
             lc = lobby_circle(state)
             self.send(f.Lobby(member_id=self.member_id, resume=new_secret, now=now,
@@ -427,9 +432,14 @@ class Session:
             return
         self.admitted = True
         self.last_version = state.version
-        self.send(f.Admitted(state=snapshot(state, self.member_id, self.now_ms())))
+        now = self.now_ms()
+        self.send(f.Admitted(state=snapshot(state, self.member_id, now), ice_servers=self._ice_servers(now)))
         for item in held:
             self._on_item(item)
+
+    def _ice_servers(self, now_ms: int) -> list[f.IceServer]:
+        """Fresh on every welcome (a resume too) and admission: minted for this member."""
+        return [f.IceServer(**server) for server in self.ice.for_member(self.member_id, now_ms // 1000)]
 
     def _send_snapshot(self, state: RoomState) -> None:
         self.last_version = max(self.last_version, state.version)

@@ -348,3 +348,24 @@ def test_loopback_names_are_interchangeable_on_a_loopback_host(origin: str) -> N
 def test_loopback_origin_is_refused_for_a_public_host() -> None:
     assert not origin_allowed(with_public_url("http://lingkar.example.org:8000"), "http://localhost:8000")
     assert not origin_allowed(load_settings({}), "http://localhost:8001")
+
+
+def test_turn_settings_are_read_and_the_secret_never_echoed() -> None:
+    settings = load_settings({"LINGKAR_TURN_URLS": "turn:turn.example.org:3478?transport=tcp, turns:turn.example.org:443",
+                              "LINGKAR_TURN_SECRET": "coturn-static-secret-xyz", "LINGKAR_TURN_TTL": "600"})
+    assert settings.turn_urls == ("turn:turn.example.org:3478?transport=tcp", "turns:turn.example.org:443")
+    assert (settings.turn_secret, settings.turn_ttl) == ("coturn-static-secret-xyz", 600)
+    assert load_settings({}).turn_urls == () and load_settings({}).turn_ttl == 4 * 3600
+
+
+@pytest.mark.parametrize("env", [
+    {"LINGKAR_TURN_URLS": "turn:t.example.org"},
+    {"LINGKAR_TURN_URLS": "turn:t.example.org", "LINGKAR_TURN_SECRET": "short-secret"},
+    {"LINGKAR_TURN_SECRET": "coturn-static-secret-xyz"},
+    {"LINGKAR_TURN_URLS": "stun:t.example.org", "LINGKAR_TURN_SECRET": "coturn-static-secret-xyz"},
+    {"LINGKAR_TURN_URLS": "turn:t.example.org", "LINGKAR_TURN_SECRET": "coturn-static-secret-xyz",
+     "LINGKAR_TURN_TTL": "5"},
+])
+def test_bad_turn_settings_are_refused(env: dict[str, str]) -> None:
+    message = refused(env)
+    assert "LINGKAR_TURN" in message and "coturn-static-secret-xyz" not in message and "short-secret" not in message
