@@ -41,7 +41,8 @@ async def test_welcome_snapshot_shape_and_roles(live: Live) -> None:
     circle, mod, a, b = await circle_of(live)
     welcome = mod.frames[0]
     assert welcome["type"] == "welcome" and welcome["role"] == "moderator"
-    assert set(welcome) == {"type", "member_id", "role", "resume", "now", "state"}
+    assert set(welcome) == {"type", "member_id", "role", "resume", "now", "state", "ice_servers"}
+    assert welcome["ice_servers"] == []  # no STUN or TURN configured
     state = welcome["state"]
     assert set(state["circle"]) == {"id", "title", "topic", "language", "floor_mode", "turn_seconds",
                                     "capacity", "locked"}
@@ -108,7 +109,7 @@ async def test_lobby_member_receives_nothing_but_lobby_then_admitted(live: Live)
     # admission: `admitted {state}`, then events like everyone
     await ack_of(mod, "admit", member_id=waiting.member_id)
     admitted = await waiting.wait(lambda fr: fr.get("type") == "admitted")
-    assert set(admitted) == {"type", "state"}
+    assert set(admitted) == {"type", "state", "ice_servers"}
     assert waiting.member_id in [m["id"] for m in admitted["state"]["members"]]
     assert [fr["type"] for fr in waiting.frames] == ["lobby", "admitted"]
     await mod.event("lobby_left", member_id=waiting.member_id)
