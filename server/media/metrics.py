@@ -7,3 +7,7 @@ PACKETS_FORWARDED = Counter("lingkar_media_packets_forwarded_total", "RTP packet
 PACKETS_DROPPED = Counter(
     "lingkar_media_packets_dropped_total", "RTP packets dropped because the sender may not be heard"
 )
+CANDIDATES_REFUSED = Counter(
+    "lingkar_media_candidates_refused_total",
+    "ICE candidate lines left out of clients' offers: the relay sends no checks there",
+)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from aiortc import (
 from aiortc.rtp import RtpPacket
 
 from . import fastpath, metrics, tap
+from .candidates import AddressKind, filter_candidates, own_address_kinds
 from .circle import SILENT_LEVEL, Circle, Listener, Slots
 from .slot import Slot
 
@@ -93,6 +94,11 @@ class MediaRelay:
     `answer` returned (the view right after `answer` is `slots()`), and
     ``on_levels(circle_id, {member_id: level})`` at most every 250 ms per circle with the
     loudest ``ssrc-audio-level`` seen per heard member (RFC 6464: 0 loudest, 127 silence).
+
+    ``address_kinds``: the kinds of the relay's own addresses, which decide the client
+    candidates it sends ICE checks to (`candidates`); by default those of the addresses
+    aioice gathers on. A host behind 1:1 NAT passes
+    ``own_address_kinds([announced_address])``; tests inject them.
     """
 
     def __init__(
@@ -102,6 +108,7 @@ class MediaRelay:
         ice_servers: list[dict[str, Any]] | None = None,
         on_slots: SlotsCallback | None = None,
         on_levels: LevelsCallback | None = None,
+        address_kinds: Iterable[AddressKind] | None = None,
     ) -> None:
         tap.check_supported()
         fastpath.check_supported()
@@ -109,6 +116,7 @@ class MediaRelay:
             raise ValueError("slots must be at least 1")
         self._max_slots = slots
         self._ice_servers = [RTCIceServer(**server) for server in ice_servers or []]
+        self._address_kinds = own_address_kinds() if address_kinds is None else frozenset(address_kinds)
         self._on_slots = on_slots
         self._on_levels = on_levels
         self._circles: dict[str, Circle] = {}
@@ -119,6 +127,7 @@ class MediaRelay:
         self.packets_in = 0
         self.packets_forwarded = 0
         self.packets_dropped_gated = 0
+        self.candidates_refused = 0
 
     # -- negotiation -------------------------------------------------------------------
 
@@ -126,8 +135,13 @@ class MediaRelay:
         """Answer a complete (non-trickle) offer; returns the complete answer SDP.
 
         A member's earlier PeerConnection, if any, is closed first. Raises `OfferError`.
+        The client's candidates the relay cannot serve are left out (`candidates`).
         """
         shape = _offer_shape(offer_sdp, self._max_slots, listen_only)
+        offer_sdp, refused = filter_candidates(offer_sdp, self._address_kinds)
+        if refused:
+            self.candidates_refused += refused
+            metrics.CANDIDATES_REFUSED.inc(refused)
         await self.close_member(circle_id, member_id)
         # An empty list, not None: None would make aiortc contact Google's STUN server.
         pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self._ice_servers)))
@@ -381,4 +395,5 @@ class MediaRelay:
             "packets_in": self.packets_in,
             "packets_forwarded": self.packets_forwarded,
             "packets_dropped_gated": self.packets_dropped_gated,
+            "candidates_refused": self.candidates_refused,
         }
