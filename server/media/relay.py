@@ -40,15 +40,17 @@ LevelsCallback = Callable[[str, dict[str, int]], None]
 
 class OfferProblem(enum.StrEnum):
     MALFORMED = "malformed"  # not an SDP offer aiortc can take
-    UNSUPPORTED = "unsupported"  # m-lines other than audio (data channels), or no Opus
+    UNSUPPORTED = "unsupported"  # m-lines other than audio (video, data channels), or no Opus
+    TOO_MANY_MEDIA = "too many m-lines"  # more than the microphone and the relay's slots
     CLOSED = "closed"  # the member was closed while the offer was being answered
 
 
 class OfferError(ValueError):
-    """The offer was refused; nothing of it is left behind."""
+    """The offer was refused; nothing of it is left behind. Its message (the problem, and
+    what about the offer caused it) goes to the client as ``offer refused: …``."""
 
-    def __init__(self, problem: OfferProblem) -> None:
-        super().__init__(problem.value)
+    def __init__(self, problem: OfferProblem, detail: str | None = None) -> None:
+        super().__init__(f"{problem.value}: {detail}" if detail else problem.value)
         self.problem = problem
 
 
@@ -66,6 +68,21 @@ class _OfferShape:
     slot_mids: tuple[str, ...]
 
 
+def _check_media_lines(offer_sdp: str, max_slots: int) -> None:
+    """Refuse, before any parsing, an offer with more m-lines than a microphone and the
+    relay's slots, or with any m-line that is not audio (no camera yet). Lines are split
+    as aiortc's parser splits them (str.splitlines), so it counts what aiortc would."""
+    kinds = [line[2:].partition(" ")[0] for line in offer_sdp.splitlines() if line.startswith("m=")]
+    if len(kinds) > 1 + max_slots:
+        raise OfferError(
+            OfferProblem.TOO_MANY_MEDIA,
+            f"{len(kinds)}, at most {1 + max_slots} (a microphone and {max_slots} slots)",
+        )
+    for index, kind in enumerate(kinds):
+        if kind != "audio":
+            raise OfferError(OfferProblem.UNSUPPORTED, f"m-line {index} is not audio")
+
+
 def _offer_shape(offer_sdp: str, max_slots: int, listen_only: bool) -> _OfferShape:
     """Which m-line is the microphone and which are slots (§7: mic first, then recvonly)."""
     try:
@@ -75,7 +92,7 @@ def _offer_shape(offer_sdp: str, max_slots: int, listen_only: bool) -> _OfferSha
     media = description.media
     if not media:
         raise OfferError(OfferProblem.MALFORMED)
-    if any(m.kind not in ("audio", "video") for m in media):
+    if any(m.kind != "audio" for m in media):  # _check_media_lines saw to that already
         raise OfferError(OfferProblem.UNSUPPORTED)
     audio = [m for m in media if m.kind == "audio"]
     mic_mid = None
@@ -137,6 +154,7 @@ class MediaRelay:
         A member's earlier PeerConnection, if any, is closed first. Raises `OfferError`.
         The client's candidates the relay cannot serve are left out (`candidates`).
         """
+        _check_media_lines(offer_sdp, self._max_slots)
         shape = _offer_shape(offer_sdp, self._max_slots, listen_only)
         offer_sdp, refused = filter_candidates(offer_sdp, self._address_kinds)
         if refused:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from aioice import Candidate, Connection, stun
 from aiortc import RTCConfiguration, RTCPeerConnection, sdp
 
-from server.media import MediaRelay
+from server.media import MediaRelay, OfferError, OfferProblem, relay
 from server.media.candidates import AddressKind, classify_address
 
 from .conftest import CIRCLE
@@ -85,6 +86,77 @@ class Aioice:
 @pytest.fixture
 def aioice(monkeypatch: pytest.MonkeyPatch) -> Iterator[Aioice]:
     yield Aioice(monkeypatch)
+
+
+def media_lines(offer: str) -> int:
+    return len(sdp.SessionDescription.parse(offer).media)
+
+
+# --- m-lines -------------------------------------------------------------------------------
+
+
+async def test_an_offer_with_40_m_lines_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_aiortc(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the offer reached aiortc")
+
+    the_relay = MediaRelay()  # 3 slots: a microphone and 3 slots make 4 m-lines at most
+    client = ClientPeer("m1", slots=39)
+    try:
+        offer = await client.offer()
+        assert media_lines(offer) == 40
+        monkeypatch.setattr(relay, "_offer_shape", no_aiortc)  # aiortc's SDP parser
+        monkeypatch.setattr(relay, "RTCPeerConnection", no_aiortc)
+        with pytest.raises(OfferError) as error:
+            await the_relay.answer(CIRCLE, "m1", offer, listen_only=False)
+        assert error.value.problem == OfferProblem.TOO_MANY_MEDIA
+        assert str(error.value) == "too many m-lines: 40, at most 4 (a microphone and 3 slots)"
+        assert the_relay.stats()["peers"] == 0
+    finally:
+        await client.close()
+        await the_relay.close()
+
+
+async def test_an_offer_with_a_microphone_and_as_many_slots_as_the_relay_has_is_answered(
+    aioice: Aioice,
+) -> None:
+    the_relay = MediaRelay(slots=5, address_kinds=PUBLIC_SERVER)
+    client, listener = ClientPeer("m1", slots=5), ClientPeer("m2", slots=6, mic=False)
+    try:
+        answer = await the_relay.answer(CIRCLE, "m1", await client.offer(), listen_only=False)
+        assert media_lines(answer) == 6
+        assert the_relay.slots(CIRCLE, "m1") == [None] * 5
+        # listening only, a client may still offer 6 m-lines: all of them slots, 5 filled
+        answer = await the_relay.answer(CIRCLE, "m2", await listener.offer(), listen_only=True)
+        assert media_lines(answer) == 6
+        assert the_relay.slots(CIRCLE, "m2") == [None] * 5
+        one_more = ClientPeer("m3", slots=6)
+        try:
+            with pytest.raises(OfferError, match="too many m-lines: 7, at most 6"):
+                await the_relay.answer(CIRCLE, "m3", await one_more.offer(), listen_only=False)
+        finally:
+            await one_more.close()
+        assert the_relay.stats()["peers"] == 2
+    finally:
+        await client.close()
+        await listener.close()
+        await the_relay.close()
+
+
+async def test_an_offer_with_a_video_m_line_is_refused() -> None:
+    the_relay = MediaRelay()
+    client = ClientPeer("m1", slots=1)
+    try:
+        client.pc.addTransceiver("video", direction="recvonly")
+        offer = await client.offer()
+        assert [m.kind for m in sdp.SessionDescription.parse(offer).media] == ["video", "audio", "audio"]
+        with pytest.raises(OfferError) as error:
+            await the_relay.answer(CIRCLE, "m1", offer, listen_only=False)
+        assert error.value.problem == OfferProblem.UNSUPPORTED
+        assert str(error.value) == "unsupported: m-line 0 is not audio"
+        assert the_relay.stats()["peers"] == 0
+    finally:
+        await client.close()
+        await the_relay.close()
 
 
 # --- candidates ----------------------------------------------------------------------------

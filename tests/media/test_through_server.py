@@ -322,6 +322,23 @@ async def test_lobby_members_cannot_negotiate_media_and_get_no_media_frames(room
     assert [fr["type"] for fr in other.frames] == ["lobby"]
 
 
+async def test_an_offer_with_40_m_lines_is_refused_and_the_connection_stays_open(room: Room) -> None:
+    """Issue 16: the relay refuses it before any aiortc work; the member gets `bad_frame`
+    saying why, and carries on (the refused offer made no PeerConnection)."""
+    await room.create()
+    client = await join(room.live, room.link("member"), "Melati")
+    room._clients.append(client)
+    hostile = ClientPeer("Melati", slots=39)  # a microphone and 39 slots
+    room._peers.append(hostile)
+
+    answer = await client.command("offer", sdp=await hostile.offer())
+
+    assert answer["type"] == "error" and answer["code"] == "bad_frame", answer
+    assert answer["message"] == "offer refused: too many m-lines: 40, at most 4 (a microphone and 3 slots)"
+    assert room.stats()["peers"] == 0
+    assert (await client.command("raise_hand"))["type"] == "ack"
+
+
 # --- closing -------------------------------------------------------------------------------
 
 
