@@ -26,13 +26,13 @@ from rooms.manager import RoomManager
 from rooms.memory_store import MemoryStore, events_horizon_ms
 from rooms.redis_store import RedisStore
 from rooms.store import Store, StoreError
-from server import logs
+from server import logs, metrics
 from server.api import OrganizerApi
 from server.config import Settings
 from server.local import LocalCircles
 from server.media.relay import MediaRelay
 from server.pages import page_routes
-from server.ws import WebSocketEndpoint
+from server.ws import WebSocketEndpoint, WritePath
 from signaling.close import CloseCode
 from signaling.session import DEFAULT_LIMITS, Limits
 from signaling.turn import IceServers
@@ -108,6 +108,10 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        path = WritePath.name()
+        for name in ("direct", "asgi"):
+            metrics.WRITE_PATH.labels(name).set(1 if name == path else 0)
+        log.info("WebSocket frames leave by the %s write path", path)
         yield
         await drain(parts)
         await homes.close()

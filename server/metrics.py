@@ -32,6 +32,8 @@ FRAMES = _Frames()
 REGISTRY.register(FRAMES)
 
 CONNECTIONS = Gauge("lingkar_connections", "Open WebSocket connections")
+WRITE_PATH = Gauge("lingkar_ws_write_path",
+                   "1 for the way WebSocket frames leave: direct (into uvicorn's protocol) or asgi", ["path"])
 CIRCLES = Gauge("lingkar_circles", "Circles with at least one connection in this process")
 ERRORS = Counter("lingkar_errors_total", "Error frames sent, by code", ["code"])
 CLOSES = Counter("lingkar_closes_total",

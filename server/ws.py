@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections import Counter
 from typing import Any
@@ -16,6 +17,7 @@ from signaling.addresses import prefix
 from signaling.session import DEFAULT_LIMITS, Limits, Session
 from signaling.turn import IceServers
 
+log = logging.getLogger("lingkar.ws")
 _OPEN = WsState.OPEN
 _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
@@ -57,19 +59,51 @@ def _uvicorn_protocol(ws: WebSocket) -> Any:
     return None
 
 
+class WritePath:
+    """Which way frames leave: "direct" (written into uvicorn's sans-I/O protocol from the
+    fan-out step, no task switch per member) or "asgi" (each through the ASGI ``send``). The
+    direct path leans on uvicorn's private attributes (pinned in pyproject.toml, checked by
+    tests/server/test_ws_write.py); should they change under us, it fails once, loudly, and
+    every frame goes the ASGI way from then on instead of vanishing."""
+
+    direct = _SansIOProtocol is not None
+
+    @classmethod
+    def name(cls) -> str:
+        return "direct" if cls.direct else "asgi"
+
+    @classmethod
+    def broken(cls, exc: BaseException) -> None:
+        if cls.direct:
+            cls.direct = False
+            metrics.WRITE_PATH.labels("direct").set(0)
+            metrics.WRITE_PATH.labels("asgi").set(1)
+            log.error("the direct WebSocket write failed (%s); every frame goes through ASGI now",
+                      type(exc).__name__, exc_info=exc)
+
+
 class _StarletteTransport:
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
-        self._protocol = _uvicorn_protocol(ws)
+        self._protocol = _uvicorn_protocol(ws) if WritePath.direct else None
 
     def write_now(self, *frames: bytes) -> bool:
         """What uvicorn's ASGI ``send`` does for a ``websocket.send`` of bytes, minus the
         awaits: only when it would not have waited (the transport takes writes) and the
         connection is open; otherwise False and the frame goes through `send`."""
+        if self._protocol is None:
+            return False
+        try:
+            return self._write_direct(frames)
+        except Exception as exc:  # uvicorn changed under us: never drop the frame
+            WritePath.broken(exc)
+            self._protocol = None
+            return False
+
+    def _write_direct(self, frames: tuple[bytes, ...]) -> bool:
         protocol = self._protocol
         if (
-            protocol is None
-            or not protocol.writable.is_set()
+            not protocol.writable.is_set()
             or protocol.disconnected
             or protocol.close_sent
             or protocol.initial_response is not None

@@ -9,7 +9,7 @@ from websockets.frames import Frame, Opcode
 
 from server import ws
 from tests.live import Live, join
-from tests.server.conftest import ack_of
+from tests.server.conftest import ack_of, circle_of
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
@@ -47,3 +47,21 @@ async def test_events_reach_members_through_the_direct_write(live: Live,
         await ack_of(a, "lower_hand")
         await ack_of(a, "raise_hand")
     assert (True, 2) in written
+
+
+async def test_a_broken_direct_write_falls_back_loudly_and_loses_no_event(
+        live: Live, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Should uvicorn's private attributes change under us, the direct path raises: the
+    frame then goes through ASGI, once with an error in the log, and nothing is lost."""
+    def renamed(self: object, frames: tuple[bytes, ...]) -> bool:
+        raise AttributeError("'WebSocketsSansIOProtocol' object has no attribute 'writable'")
+
+    monkeypatch.setattr(ws._StarletteTransport, "_write_direct", renamed)
+    monkeypatch.setattr(ws.WritePath, "direct", True)
+    circle, mod, a, b = await circle_of(live)
+    await ack_of(a, "raise_hand")
+    await b.event("hand_raised", member_id=a.member_id)
+    await mod.event("hand_raised", member_id=a.member_id)
+    assert ws.WritePath.name() == "asgi"
+    errors = [r for r in caplog.records if r.name == "lingkar.ws" and r.levelname == "ERROR"]
+    assert len(errors) == 1 and "through ASGI" in errors[0].getMessage()
