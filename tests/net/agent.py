@@ -230,6 +230,13 @@ class Agent:
         track = self.peer.track if self.peer else None
         return {"source": self.source, "sent": track.sent if track else 0}
 
+    async def op_sync(self) -> dict[str, Any]:
+        """Send `sync`; the `snapshot` that answers it."""
+        client = self._need_client()
+        start = len(client.frames)
+        await client.send({"type": "sync"})
+        return await client.wait(lambda fr: fr.get("type") == "snapshot", timeout=20, start=start)
+
     async def op_frames(self, type: str) -> list[dict[str, Any]]:
         return [fr for fr in self._need_client().frames if fr.get("type") == type]
 

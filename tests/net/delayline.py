@@ -5,8 +5,9 @@ namespace that has two veth ends and no addresses, ``python -m tests.net.delayli
 --b b --delay 40 --jitter 30``, it reads every Ethernet frame arriving on one end (an
 AF_PACKET socket) and sends it out of the other after ``delay ± jitter`` ms, drawn uniformly
 per frame (so frames may overtake each other, as with netem's jitter). ARP crosses it too:
-to both sides it is a plain cable. It prints ``ready`` once both sockets are bound and, on
-SIGTERM or end of input, one JSON line with how many frames it forwarded each way.
+to both sides it is a plain cable. It prints ``ready`` once both sockets are bound, one JSON
+line with how many frames it forwarded each way for every ``stats`` line on its stdin, and
+that line once more on SIGTERM or end of input.
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ async def run(a: str, b: str, delay_ms: float, jitter_ms: float, seed: int | Non
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     print("ready", flush=True)
-    eof = asyncio.ensure_future(reader.read())
+
+    async def commands() -> None:
+        while line := await reader.readline():
+            if line.strip() == b"stats":
+                print(json.dumps({"forwarded": forwarded}), flush=True)
+
+    eof = asyncio.ensure_future(commands())
     done = asyncio.ensure_future(stop.wait())
     await asyncio.wait({eof, done}, return_when=asyncio.FIRST_COMPLETED)
     eof.cancel()

@@ -70,7 +70,130 @@ async def test_a_member_behind_nat_hears_and_is_heard(world: World) -> None:
     await mod.ack("give_floor", member_id=kenanga.member_id)
     await asyncio.gather(melati.wait_heard("Kenanga", ENOUGH), mod.wait_heard("Kenanga", ENOUGH))
 
-    # and all of it crossed the routers' NAT as UDP, both ways
+    # and all of it crossed the routers' NAT as UDP, both ways, translated on the way out
     for router in (router_a, router_b):
         counters = net.counters(router)
-        assert counters["udp_out"] >= ENOUGH and counters["udp_in"] >= 2 * ENOUGH, counters
+        assert counters["udp_in"] >= 2 * ENOUGH, counters
+        assert counters["udp_natted"] == counters["udp_out"] >= ENOUGH, counters
+
+
+def delivered(summary: dict[str, object]) -> float:
+    """Distinct packets heard over the span of sequence numbers heard."""
+    return int(summary["distinct"]) / max(1, int(summary["span"]))  # type: ignore[call-overload]
+
+
+async def test_five_percent_loss_and_jitter_keep_speech_flowing(world: World) -> None:
+    """The floor holder's link drops 5 % of the packets it forwards, both ways (nftables
+    `numgen random mod 100 < 5 drop` in her router), and delays each frame by 40 ± 30 ms,
+    drawn per frame (a userspace delay line between her and her router, tests/net/delayline.py:
+    this kernel has no netem). Listeners count her packets by sequence number: at least 90 %
+    of those sent arrive, and no run of missing packets is longer than 10 (200 ms)."""
+    net = world.net
+    home = net.home("melati")
+    router = net.router(loss_percent=5)
+    line_ns = world.lab.netns("line")
+    a, b = net.line_uplink(home, router, line_ns)
+    net.use(home, 0)
+    mod_ns, ear_ns = net.direct("moderator"), net.direct("kenanga")
+    await world.start_server()
+    line = await world.start_delay_line(line_ns, a, b, delay_ms=40, jitter_ms=30)
+
+    mod = await world.member("Pendamping", mod_ns)
+    await world.create_circle(mod)
+    await mod.join(world.link("moderator"))
+    await mod.media()
+    melati, kenanga = await seated(world, [("Melati", home.ns, "member"), ("Kenanga", ear_ns, "member")])
+    await mod.ack("give_floor", member_id=melati.member_id)
+    await melati.ack("unmute_self")
+
+    # 300 packets (6 s of speech) of hers at a clean listener; the moderator's at her end
+    heard, _, hers = await asyncio.gather(kenanga.wait_heard("Melati", 300, limit=60),
+                                          mod.wait_heard("Melati", 300, limit=60),
+                                          melati.wait_heard("Pendamping", 300, limit=60))
+    counters = net.counters(router)
+    print(f"\nloss and jitter: Kenanga heard {heard['distinct']}/{heard['span']} of Melati's "
+          f"(longest gap {heard['longest_gap']}), Melati heard {hers['distinct']}/{hers['span']} "
+          f"of the moderator's (longest gap {hers['longest_gap']}); router dropped {counters['lost']}")
+    for summary in (heard, hers):
+        assert delivered(summary) >= 0.90, summary
+        assert summary["longest_gap"] <= 10, summary
+    assert counters["lost"] > 0, counters  # the loss rule did drop packets
+    forwarded = await world.line_stats(line)  # and her packets did cross the delay line
+    assert all(count >= 300 for count in forwarded.values()), forwarded
+
+
+async def test_a_member_whose_network_drops_udp_hears_through_turn_over_tcp(world: World) -> None:
+    """Her router drops every UDP packet (nftables); the server hands each member TURN
+    credentials for our coturn (LINGKAR_TURN_URLS turn:10.77.0.2:3478?transport=tcp,
+    use-auth-secret), and her peer connection goes through it: the nominated pair's local
+    candidate is a relayed one, and audio flows both ways."""
+    net = world.net
+    home = net.home("melati")
+    router = net.router(drop_udp=True)
+    net.uplink(home, router)
+    net.use(home, 0)
+    mod_ns, ear_ns = net.direct("moderator"), net.direct("kenanga")
+    await world.start_coturn()
+    await world.start_server(turn=True)
+
+    mod = await world.member("Pendamping", mod_ns)
+    await world.create_circle(mod)
+    welcome = await mod.join(world.link("moderator"))
+    turn = [server for server in welcome["ice_servers"] if "username" in server]
+    assert turn and turn[0]["urls"] == ["turn:10.77.0.2:3478?transport=tcp"], welcome["ice_servers"]
+    await mod.media()
+    melati, kenanga = await seated(world, [("Melati", home.ns, "member"), ("Kenanga", ear_ns, "member")])
+
+    pair = await melati.call("pair")
+    assert pair["local_type"] == "relay" and pair["local"][0] == "10.77.0.2", pair
+    await mod.ack("give_floor", member_id=melati.member_id)
+    await melati.ack("unmute_self")
+    await asyncio.gather(kenanga.wait_heard("Melati", ENOUGH), mod.wait_heard("Melati", ENOUGH),
+                         melati.wait_heard("Pendamping", ENOUGH))
+    counters = net.counters(router)
+    assert counters["udp_dropped"] > 0 and counters["udp_out"] == counters["udp_in"] == 0, counters
+
+
+async def test_a_member_whose_address_changes_mid_turn_gets_audio_back_and_keeps_the_floor(world: World) -> None:
+    """The floor holder's phone moves from Wi-Fi to mobile data mid-turn: her interface to
+    router A (192.168.77.2, NATed to 10.77.0.11) loses its address and goes down, and her
+    interface to router B (192.168.78.2 behind 10.77.0.12) comes up. Her socket and her
+    peer connection are bound to an address that is gone (aiortc has no ICE restart), so
+    she does what the web client does: resume on a new socket with her resume secret, then
+    a new PeerConnection and a new `offer`. Her new stream reaches the listener, and she
+    still holds the floor: in the `welcome` of her resume, in everyone's snapshot, and
+    nobody saw `floor_released`."""
+    net = world.net
+    home = net.home("melati")
+    wifi, mobile = net.router(), net.router()
+    net.uplink(home, wifi)
+    net.uplink(home, mobile)
+    net.use(home, 0)
+    mod_ns, ear_ns = net.direct("moderator"), net.direct("kenanga")
+    await world.start_server()
+
+    mod = await world.member("Pendamping", mod_ns)
+    await world.create_circle(mod)
+    await mod.join(world.link("moderator"))
+    await mod.media()
+    melati, kenanga = await seated(world, [("Melati", home.ns, "member"), ("Kenanga", ear_ns, "member")])
+    await mod.ack("give_floor", member_id=melati.member_id)
+    await melati.ack("unmute_self")
+    await asyncio.gather(kenanga.wait_heard("Melati", ENOUGH), mod.wait_heard("Melati", ENOUGH))
+
+    net.use(home, 1)  # Wi-Fi gone, mobile data up: a new address behind another NAT
+    moved = await melati.call("moved")
+    assert moved["welcome"]["type"] == "welcome" and moved["welcome"]["member_id"] == melati.member_id
+    assert moved["welcome"]["state"]["floor"]["holder"] == melati.member_id, moved["welcome"]["state"]
+    assert moved["pair"]["local"][0] == home.uplinks[1][1], moved["pair"]
+    source = moved["source"]
+    assert source != "Melati"  # her new stream, told apart from the old one
+
+    await asyncio.gather(kenanga.wait_heard(source, ENOUGH), mod.wait_heard(source, ENOUGH))
+    assert net.counters(mobile)["udp_out"] >= ENOUGH
+    for member in (kenanga, mod):
+        snapshot = await member.call("sync")
+        assert snapshot["state"]["floor"]["holder"] == melati.member_id, snapshot
+        released = [fr for fr in await member.call("frames", type="event")
+                    if fr["name"] == "floor_released"]
+        assert released == []

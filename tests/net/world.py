@@ -91,10 +91,10 @@ class Proc:
         return self.process is None or self.process.returncode is not None or all(
             r.done() for r in self._readers)
 
-    async def line(self, match: Callable[[str], bool], limit: float = 30.0) -> str:
-        """The first line (from the start) that `match`es; fails if the process exits first."""
+    async def line(self, match: Callable[[str], bool], limit: float = 30.0, start: int = 0) -> str:
+        """The first line from line `start` on that `match`es; fails if the process exits first."""
         async with asyncio.timeout(limit):
-            seen = 0
+            seen = start
             while True:
                 for text in self.lines[seen:]:
                     if match(text):
@@ -279,10 +279,15 @@ table inet lk_filter {{
     counter lost {{}}
     counter udp_out {{}}
     counter udp_in {{}}
+    counter udp_natted {{}}
     chain forward {{
         type filter hook forward priority filter; policy accept;
 {impair}        oifname "wan" meta l4proto udp counter name udp_out
         iifname "wan" meta l4proto udp counter name udp_in
+    }}
+    chain after_nat {{
+        type filter hook postrouting priority srcnat + 100; policy accept;
+        oifname "wan" ip saddr {wan} meta l4proto udp counter name udp_natted
     }}
 }}
 table ip lk_nat {{
@@ -296,6 +301,7 @@ table ip lk_nat {{
 
     def counters(self, router: Router) -> dict[str, int]:
         """The router's nft counters: udp_out/udp_in (UDP it forwarded through the NAT),
+        udp_natted (UDP that left with the router's address as its source: translated),
         lost (dropped by the loss rule), udp_dropped (dropped by the UDP rule)."""
         ruleset = json.loads(self.lab.nft_json(router.ns))
         return {item["counter"]["name"]: int(item["counter"]["packets"])
@@ -414,6 +420,16 @@ class World:
                               "--delay", str(delay_ms), "--jitter", str(jitter_ms)], stdin=True)
         await line.line(lambda text: text == "ready", 30)
         return line
+
+    async def line_stats(self, line: Proc) -> dict[str, int]:
+        """Frames a delay line forwarded so far, each way."""
+        process = line.process
+        assert process is not None and process.stdin is not None
+        seen = len(line.lines)
+        process.stdin.write(b"stats\n")
+        await process.stdin.drain()
+        text = await line.line(lambda t: t.startswith("{"), 10, start=seen)
+        return dict(json.loads(text)["forwarded"])
 
     async def member(self, name: str, ns: str) -> Member:
         proc = self._proc(f"member-{name}")
