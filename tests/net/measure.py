@@ -1,0 +1,214 @@
+"""Timings and costs on real (namespaced) networks — measured and printed, never asserted.
+
+    sudo .venv/bin/python -m tests.net.measure [--tries 10] [--seconds 20] [--json out.json]
+
+Same topology and processes as tests/net (world.py): members in namespaces of their own,
+`lingkar serve` in the public namespace, coturn for TURN. It prints:
+
+1. join → hearing the floor holder, for a member behind NAT whose link adds 40 ms each way
+   (80 ms RTT, the userspace delay line, no jitter): from the member's `hello` to the first
+   packet of the floor holder at its end (welcome, answer and ICE connected on the way);
+2. packets received under 5 % loss (nft numgen) and 40 ± 30 ms jitter on the floor holder's
+   link, at a clean listener and at her own end, over `--seconds` of speech;
+3. time to audio after an address change (Wi-Fi → mobile, swapping routers), `--tries`
+   times: from the switch of interfaces to the first packet of her new stream at a listener
+   (the member is told at once, as a browser's network change event would);
+4. CPU of the Lingkar server and of coturn (utime + stime from /proc/<pid>/stat) over
+   `--seconds` with one speaker and a direct listener, then with a TURN-relayed listener
+   (UDP dropped at its router, TURN over TCP) next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import netlab
+from .world import Member, World
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": round(statistics.median(values), 3),
+            "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+async def circle_with_speaker(world: World, speaker_ns: str, *, speaker_name: str = "Melati") -> tuple[Member, Member]:
+    """The moderator (public side) and a member holding the floor, unmuted."""
+    mod_ns = world.net.direct("moderator")
+    mod, speaker = await asyncio.gather(world.member("Pendamping", mod_ns),
+                                        world.member(speaker_name, speaker_ns))
+    await world.create_circle(mod)
+    await mod.join(world.link("moderator"))
+    await mod.media()
+    await speaker.join(world.link("member"))
+    await speaker.media()
+    await mod.ack("give_floor", member_id=speaker.member_id)
+    await speaker.ack("unmute_self")
+    return mod, speaker
+
+
+async def join_over_nat_with_rtt(logs: Path, tries: int) -> dict[str, Any]:
+    world = World(logs / "join")
+    try:
+        net = world.net
+        home = net.home("listener")
+        router = net.router()
+        line_ns = world.lab.netns("line")
+        a, b = net.line_uplink(home, router, line_ns)
+        net.use(home, 0)
+        await world.start_server()
+        await world.start_delay_line(line_ns, a, b, delay_ms=40, jitter_ms=0)
+        _, speaker = await circle_with_speaker(world, net.direct("speaker"))
+        totals, connected = [], []
+        for attempt in range(tries):
+            ear = await world.member(f"Kenanga{attempt}", home.ns)
+            welcome = await ear.call("join", link=world.link("member"), name=ear.name)
+            ear.member_id = welcome["member_id"]
+            media = await ear.media()
+            heard = await ear.wait_heard(speaker.source, 1)
+            totals.append(heard["first_at"] - welcome["joined_at"])
+            connected.append(media["took"])
+            await ear.call("cmd", type="leave")
+            await ear.exit()
+        return {"join_to_first_packet_s": spread(totals), "offer_to_connected_s": spread(connected)}
+    finally:
+        await world.close()
+
+
+async def loss_and_jitter(logs: Path, seconds: float) -> dict[str, Any]:
+    world = World(logs / "loss")
+    try:
+        net = world.net
+        home = net.home("melati")
+        router = net.router(loss_percent=5)
+        line_ns = world.lab.netns("line")
+        a, b = net.line_uplink(home, router, line_ns)
+        net.use(home, 0)
+        await world.start_server()
+        line = await world.start_delay_line(line_ns, a, b, delay_ms=40, jitter_ms=30)
+        mod, melati = await circle_with_speaker(world, home.ns)
+        ear = await world.member("Kenanga", net.direct("kenanga"))
+        await ear.join(world.link("member"))
+        await ear.media()
+        packets = int(seconds * 50)
+        clean, hers = await asyncio.gather(ear.wait_heard("Melati", packets, limit=seconds * 3),
+                                           melati.wait_heard("Pendamping", packets, limit=seconds * 3))
+        return {"listener_heard_speaker": {k: clean[k] for k in ("distinct", "span", "longest_gap")},
+                "speaker_heard_moderator": {k: hers[k] for k in ("distinct", "span", "longest_gap")},
+                "delivered_listener": round(clean["distinct"] / clean["span"], 4),
+                "delivered_speaker_end": round(hers["distinct"] / hers["span"], 4),
+                "router": net.counters(router), "delay_line": await world.line_stats(line)}
+    finally:
+        await world.close()
+
+
+async def address_changes(logs: Path, tries: int) -> dict[str, Any]:
+    world = World(logs / "move")
+    try:
+        net = world.net
+        home = net.home("melati")
+        wifi, mobile = net.router(), net.router()
+        net.uplink(home, wifi)
+        net.uplink(home, mobile)
+        net.use(home, 0)
+        await world.start_server()
+        mod, melati = await circle_with_speaker(world, home.ns)
+        ear = await world.member("Kenanga", net.direct("kenanga"))
+        await ear.join(world.link("member"))
+        await ear.media()
+        await ear.wait_heard(melati.source, 50)
+        to_audio, resumed, connected, floor_kept = [], [], [], 0
+        for attempt in range(tries):
+            started = time.monotonic()
+            net.use(home, (attempt + 1) % 2)
+            moved = await melati.call("moved")
+            heard = await ear.wait_heard(moved["source"], 1)
+            to_audio.append(heard["first_at"] - started)
+            resumed.append(moved["resume_took"])
+            connected.append(moved["took"])
+            floor_kept += moved["welcome"]["state"]["floor"]["holder"] == melati.member_id
+        return {"switch_to_first_packet_s": spread(to_audio), "resume_s": spread(resumed),
+                "offer_to_connected_s": spread(connected), "floor_kept": f"{floor_kept}/{tries}"}
+    finally:
+        await world.close()
+
+
+async def relay_cpu(logs: Path, seconds: float) -> dict[str, Any]:
+    world = World(logs / "cpu")
+    try:
+        net = world.net
+        home = net.home("udp-blocked")
+        router = net.router(drop_udp=True)
+        net.uplink(home, router)
+        net.use(home, 0)
+        await world.start_coturn()
+        server = await world.start_server(turn=True)
+        assert world.coturn is not None
+        coturn = world.coturn
+        _, speaker = await circle_with_speaker(world, net.direct("speaker"))
+
+        async def window(label: str) -> dict[str, Any]:
+            ticks = server.cpu_ticks(), coturn.cpu_ticks()
+            started = time.monotonic()
+            await asyncio.sleep(seconds)  # a measurement window, not a wait for anything
+            elapsed = time.monotonic() - started
+            server_s = (server.cpu_ticks() - ticks[0]) / TICKS
+            coturn_s = (coturn.cpu_ticks() - ticks[1]) / TICKS
+            return {"phase": label, "seconds": round(elapsed, 1),
+                    "lingkar_cpu_percent": round(100 * server_s / elapsed, 2),
+                    "coturn_cpu_percent": round(100 * coturn_s / elapsed, 2)}
+
+        direct = await world.member("Kenanga", net.direct("kenanga"))
+        await direct.join(world.link("member"), listen_only=True)
+        await direct.media()
+        await direct.wait_heard(speaker.source, 50)
+        first = await window("speaker + direct listener")
+        relayed = await world.member("Anggrek", home.ns)
+        await relayed.join(world.link("member"), listen_only=True)
+        media = await relayed.media()
+        await relayed.wait_heard(speaker.source, 50)
+        second = await window("speaker + direct listener + TURN-relayed listener")
+        return {"relayed_pair": media["pair"], "windows": [first, second]}
+    finally:
+        await world.close()
+
+
+async def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.net.measure")
+    parser.add_argument("--tries", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    reason = netlab.unavailable()
+    if reason is not None:
+        print(f"cannot measure: {reason}", file=sys.stderr)
+        return 2
+    netlab.sweep_leftovers()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="lknet-measure-") as tmp:
+        logs = Path(tmp)
+        steps = [("join_over_nat_80ms_rtt", lambda: join_over_nat_with_rtt(logs, args.tries)),
+                 ("loss_5pct_jitter_40pm30ms", lambda: loss_and_jitter(logs, args.seconds)),
+                 ("address_change", lambda: address_changes(logs, args.tries)),
+                 ("relay_cpu", lambda: relay_cpu(logs, args.seconds))]
+        for name, step in steps:
+            results[name] = await step()
+            print(f"{name}: {json.dumps(results[name])}", flush=True)
+    netlab.sweep_own()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))
