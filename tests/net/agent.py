@@ -152,7 +152,8 @@ class Agent:
         self.token, self.name, self.listen_only = token_of(link), name, listen_only
         first = await self._hello(None)
         return {"type": first["type"], "member_id": first["member_id"], "state": first.get("state"),
-                "ice_servers": self.ice_servers, "joined_at": self.joined_at}
+                "ice_servers": self.ice_servers, "joined_at": self.joined_at,
+                "took": time.monotonic() - self.joined_at}
 
     async def op_media(self, within: float = 30.0) -> dict[str, Any]:
         """A new PeerConnection (closing the previous one), offered on the current socket."""

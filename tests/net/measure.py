@@ -6,8 +6,9 @@ Same topology and processes as tests/net (world.py): members in namespaces of th
 `lingkar serve` in the public namespace, coturn for TURN. It prints:
 
 1. join → hearing the floor holder, for a member behind NAT whose link adds 40 ms each way
-   (80 ms RTT, the userspace delay line, no jitter): from the member's `hello` to the first
-   packet of the floor holder at its end (welcome, answer and ICE connected on the way);
+   (80 ms RTT, the userspace delay line, no jitter): from the member's connecting for its
+   `hello` to the first packet of the floor holder at its end; on the way, connect + hello →
+   welcome, and offer → ICE and DTLS connected (a fresh member process each try);
 2. packets received under 5 % loss (nft numgen) and 40 ± 30 ms jitter on the floor holder's
    link, at a clean listener and at her own end, over `--seconds` of speech;
 3. time to audio after an address change (Wi-Fi → mobile, swapping routers), `--tries`
@@ -69,7 +70,7 @@ async def join_over_nat_with_rtt(logs: Path, tries: int) -> dict[str, Any]:
         await world.start_server()
         await world.start_delay_line(line_ns, a, b, delay_ms=40, jitter_ms=0)
         _, speaker = await circle_with_speaker(world, net.direct("speaker"))
-        totals, connected = [], []
+        totals, welcomed, connected = [], [], []
         for attempt in range(tries):
             ear = await world.member(f"Kenanga{attempt}", home.ns)
             welcome = await ear.call("join", link=world.link("member"), name=ear.name)
@@ -77,10 +78,12 @@ async def join_over_nat_with_rtt(logs: Path, tries: int) -> dict[str, Any]:
             media = await ear.media()
             heard = await ear.wait_heard(speaker.source, 1)
             totals.append(heard["first_at"] - welcome["joined_at"])
+            welcomed.append(welcome["took"])
             connected.append(media["took"])
             await ear.call("cmd", type="leave")
             await ear.exit()
-        return {"join_to_first_packet_s": spread(totals), "offer_to_connected_s": spread(connected)}
+        return {"join_to_first_packet_s": spread(totals), "hello_to_welcome_s": spread(welcomed),
+                "offer_to_connected_s": spread(connected)}
     finally:
         await world.close()
 
