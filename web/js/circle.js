@@ -14,10 +14,8 @@ const TOKEN_KEY = 'lk.token';
 
 // All that ./room.js imports, however deep, preloaded at once (tests/test_page_weight.py checks).
 const ROOM_MODULES = [
-  ...['room', 'protocol', 'state', 'media', 'ui-room'].map((f) => `/static/js/${f}.js`),
-  ...['Encoder', 'Decoder', 'utils/utf8', 'utils/int', 'utils/typedArrays', 'utils/prettyByte',
-    'ExtensionCodec', 'ExtData', 'timestamp', 'DecodeError', 'CachedKeyDecoder',
-  ].map((f) => `/vendor/@msgpack/msgpack/dist.esm/${f}.mjs`),
+  ...['room', 'protocol', 'state', 'media', 'ui-room', 'msgpack', 'msgpack-define'].map((f) => `/static/js/${f}.js`),
+  '/vendor/@msgpack/msgpack/dist.umd/msgpack.min.js',
 ];
 const MODERATOR_MODULES = ['/static/js/ui-mod.js'];
 

@@ -9,8 +9,7 @@
 // hold are ignored (already in it), everything else is applied. After a reconnect the resume's
 // `welcome` carries a fresh snapshot (that is the sync after a resume), and `requestSync()`
 // stays for the app to call when it has reason to doubt its state.
-import { Encoder } from '/vendor/@msgpack/msgpack/dist.esm/Encoder.mjs';
-import { Decoder } from '/vendor/@msgpack/msgpack/dist.esm/Decoder.mjs';
+import { Encoder, Decoder } from './msgpack.js';
 import { versionStep } from './state.js';
 
 export const CLOSE = Object.freeze({
