@@ -1,9 +1,28 @@
 // Audio (DESIGN §7): one RTCPeerConnection, the mic as a sendrecv m-line first (absent when
 // listening only), then S recvonly slots; complete (non-trickle) offer. No camera: audio only.
+//
+// Media that recovers (§7 "Real networks"): when the connection fails, stays `disconnected` for
+// ~2 s, receives nothing at all for ~4 s (Chrome takes 7 s or more to call a dead path
+// `disconnected`), has its DTLS closed by the server, never connects, or the network changes, a new
+// RTCPeerConnection (the same microphone track, the same slots) is offered on the same signaling
+// session. That is our "ICE restart": aiortc cannot answer a real one, and the server replaces a
+// member's PeerConnection on every offer without touching seat, floor or mutes. Attempts after the
+// first back off (1 s, 2 s, … 30 s); nothing runs after stop().
 
 const GATHER_TIMEOUT_MS = 5000;
 const SPEAKING_LEVEL = 0.03;
 export const OWN_SPEAKING_LEVEL = 0.12;
+const DISCONNECTED_GRACE_MS = 2000;   // Chrome may sit in `disconnected` far longer than that
+const CONNECT_TIMEOUT_MS = 15000;     // answered but never connected: try again
+const RETRY_BASE_MS = 1000;
+const RETRY_MAX_MS = 30000;
+const STABLE_MS = 10000;              // connected this long: the backoff starts over
+// A connected path carries something several times a second: the server's RTCP (a sender report
+// per slot every 0.5–1.5 s) and the answers to ICE consent checks. Received bytes are read once a
+// second; this many reads in a row without a new byte mean the path is gone. (Counted in reads,
+// not in clock time: a tab in the background reads less often and never looks silent for it.)
+const WATCH_MS = 1000;
+const SILENT_READS = 4;
 
 /** Ask for the microphone. Only ever called when the member chose to speak. */
 export function requestMicrophone() {
@@ -36,18 +55,40 @@ export function watchLevel(stream, onLevel) {
 }
 
 export class Media {
-  /** audioElements: the <audio data-slot> elements, one per slot. */
-  constructor({ iceServers, slots, listenOnly, stream, audioElements, onSpeaking }) {
-    this.iceServers = iceServers ?? [];
+  /**
+   * audioElements: the <audio data-slot> elements, one per slot.
+   * negotiate(sdp): sends the offer on the signaling session and resolves with the answer's SDP;
+   *   rejects with {code: 'offline'} while the session is down (its next welcome calls start()).
+   * onStatus(status): 'connecting' (the first time) | 'connected' | 'reconnecting' | 'idle'.
+   */
+  constructor({ iceServers, slots, listenOnly, stream, audioElements, onSpeaking, negotiate, onStatus }) {
+    this.iceServers = [];
+    this.setIceServers(iceServers);
     this.slotCount = Math.min(slots ?? 3, audioElements.length);
     this.listenOnly = listenOnly;
     this.stream = listenOnly ? null : stream;
     this.audio = audioElements;
     this.onSpeaking = onSpeaking ?? (() => {});
+    this.negotiate = negotiate;
+    this.onStatus = onStatus ?? (() => {});
     this.slotMembers = new Array(this.slotCount).fill(null);
     this.pc = null;
     this.slotReceivers = [];
     this.levelTimer = null;
+    this.status = 'idle';
+    this.generation = 0;          // bumped for every new PeerConnection: older callbacks are stale
+    this.attempts = 0;            // attempts since media was last connected for a while (the backoff)
+    this.everConnected = false;
+    this.retryTimer = null;
+    this.graceTimer = null;
+    this.connectTimer = null;
+    this.stableTimer = null;
+    this.watchTimer = null;
+    this.stopped = false;
+    this.netType = navigator.connection?.type;
+    this.onNetwork = (ev) => this.networkChanged(ev);
+    addEventListener('online', this.onNetwork);
+    navigator.connection?.addEventListener?.('change', this.onNetwork);
   }
 
   get micTrack() { return this.stream?.getAudioTracks()[0] ?? null; }
@@ -55,11 +96,152 @@ export class Media {
   /** Allow or stop sending: a disabled track sends silence (nothing of the room is heard). */
   setSending(on) { if (this.micTrack) this.micTrack.enabled = !!on; }
 
-  /** Build the connection and return the complete offer SDP. */
-  async createOffer() {
+  /**
+   * The RTCIceServer list for the next PeerConnection (welcome's and admitted's: TURN credentials
+   * minted for this member, fresh on every resume). A connection keeps the list it was built with;
+   * every rebuild takes the newest.
+   */
+  setIceServers(list) {
+    if (!Array.isArray(list)) return;
+    this.iceServers = list.filter((s) => s && (typeof s.urls === 'string' || Array.isArray(s.urls)));
+  }
+
+  /** Connect afresh, now: on welcome and admitted (a resume's welcome too). */
+  start() {
+    if (this.stopped) return;
+    this.attempts = 0;
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    this.connect();
+  }
+
+  setStatus(status) {
+    if (status === this.status) return;
+    this.status = status;
+    this.onStatus(status);
+  }
+
+  /** Build a PeerConnection, offer it, apply the answer. Trouble on the way: recover(). */
+  async connect() {
+    if (this.stopped) return;
+    clearTimeout(this.graceTimer);
+    clearTimeout(this.connectTimer);
+    this.graceTimer = this.connectTimer = null;
+    const gen = ++this.generation;
+    this.setStatus(this.everConnected || this.attempts > 0 ? 'reconnecting' : 'connecting');
+    try {
+      const sdp = await this.createOffer(gen);
+      if (gen !== this.generation) return;
+      const answer = await this.negotiate(sdp);
+      if (gen !== this.generation) return;
+      await this.pc.setRemoteDescription({ type: 'answer', sdp: answer });
+    } catch (err) {
+      if (gen !== this.generation || this.stopped) return;
+      // The session is down: it resumes by itself (or ends), and its welcome starts us again.
+      if (err?.code === 'offline') return;
+      this.recover('offer');
+      return;
+    }
+    if (gen !== this.generation || this.stopped) return;
+    this.watchDtls(this.pc, gen);
+    this.check(this.pc, gen);
+    if (this.status !== 'connected') {
+      this.connectTimer = setTimeout(() => { if (gen === this.generation) this.recover('timeout'); }, CONNECT_TIMEOUT_MS);
+    }
+  }
+
+  /** Media is lost (or never came): a new PeerConnection, at once the first time, then backing off. */
+  recover(reason) {
+    if (this.stopped || this.retryTimer) return;
+    clearTimeout(this.graceTimer);
+    clearTimeout(this.connectTimer);
+    clearTimeout(this.stableTimer);
+    clearInterval(this.watchTimer);
+    this.graceTimer = this.connectTimer = this.stableTimer = this.watchTimer = null;
+    this.generation += 1;            // from now on the old connection's news is stale
+    this.lastReason = reason;
+    this.setStatus('reconnecting');
+    const n = this.attempts++;
+    const delay = n === 0 ? 0 : Math.min(RETRY_MAX_MS, RETRY_BASE_MS * 2 ** (n - 1)) * (0.75 + Math.random() / 2);
+    this.retryTimer = setTimeout(() => { this.retryTimer = null; this.connect(); }, delay);
+  }
+
+  /** On every state change of the current connection. */
+  check(pc, gen) {
+    if (gen !== this.generation || this.stopped || !pc.remoteDescription) return;
+    const state = pc.connectionState ?? pc.iceConnectionState;
+    const ice = pc.iceConnectionState;
+    if (state === 'failed' || ice === 'failed' || state === 'closed') { this.recover('failed'); return; }
+    if (state === 'disconnected' || ice === 'disconnected') {
+      this.graceTimer ??= setTimeout(() => {
+        this.graceTimer = null;
+        if (gen === this.generation) this.recover('disconnected');
+      }, DISCONNECTED_GRACE_MS);
+      return;
+    }
+    clearTimeout(this.graceTimer);
+    this.graceTimer = null;
+    if (state === 'connected' || state === 'completed') {
+      clearTimeout(this.connectTimer);
+      this.connectTimer = null;
+      // A connection that dies as soon as it is up (again and again) must not be rebuilt at once
+      // every time: the backoff starts over only once one has lasted.
+      this.stableTimer ??= setTimeout(() => { if (gen === this.generation) this.attempts = 0; }, STABLE_MS);
+      this.everConnected = true;
+      this.setStatus('connected');
+      this.watchSilence(pc, gen);
+    }
+  }
+
+  /** While connected: the bytes received, once a second; SILENT_READS reads without any, recover(). */
+  watchSilence(pc, gen) {
+    if (this.watchTimer) return;
+    let last = null;
+    let silent = 0;
+    const timer = setInterval(async () => {
+      if (gen !== this.generation || this.stopped) { clearInterval(timer); return; }
+      if (pc.connectionState !== 'connected') return;   // the state checks deal with that
+      let bytes;
+      try { bytes = receivedBytes(await pc.getStats()); } catch { return; }
+      if (gen !== this.generation || bytes === null) return;
+      silent = bytes === last ? silent + 1 : 0;
+      last = bytes;
+      if (silent >= SILENT_READS) this.recover('silent');
+    }, WATCH_MS);
+    this.watchTimer = timer;
+  }
+
+  /** The server closing our PeerConnection (DTLS close_notify) leaves ICE looking fine for a while. */
+  watchDtls(pc, gen) {
+    const dtls = pc.getTransceivers().map((tr) => tr.receiver.transport).find(Boolean);
+    if (!dtls) return;
+    const onState = () => {
+      if (gen !== this.generation) { dtls.removeEventListener('statechange', onState); return; }
+      if (dtls.state === 'closed' || dtls.state === 'failed') this.recover('closed');
+    };
+    dtls.addEventListener('statechange', onState);
+  }
+
+  /** window 'online', navigator.connection 'change': another network, another path to find. */
+  networkChanged(ev) {
+    if (this.stopped || !this.pc) return;
+    const type = navigator.connection?.type;
+    const moved = ev.type === 'online' || (type !== undefined && type !== this.netType);
+    this.netType = type;
+    // A 'change' that is only a new bandwidth estimate is no reason, unless the connection is in
+    // trouble already: then there is no point waiting out the grace period.
+    const state = this.pc.connectionState ?? this.pc.iceConnectionState;
+    if (moved || state === 'disconnected') this.recover('network');
+  }
+
+  /** Build the connection (generation `gen`) and return the complete offer SDP. */
+  async createOffer(gen = this.generation) {
     this.closePeer();
-    const pc = new RTCPeerConnection({ iceServers: this.iceServers, bundlePolicy: 'max-bundle' });
+    const pc = makePeer(this.iceServers);
     this.pc = pc;
+    const check = () => this.check(pc, gen);
+    pc.addEventListener('connectionstatechange', check);
+    pc.addEventListener('iceconnectionstatechange', check);
     if (!this.listenOnly) {
       // A sendrecv m-line even when the mic failed, so the m-line layout stays what the server expects.
       if (this.micTrack) pc.addTransceiver(this.micTrack, { direction: 'sendrecv', streams: [this.stream] });
@@ -88,12 +270,6 @@ export class Media {
     await gatheringComplete(pc);
     this.startLevels();
     return pc.localDescription.sdp;
-  }
-
-  async acceptAnswer(sdp) {
-    if (this.pc && this.pc.signalingState === 'have-local-offer') {
-      await this.pc.setRemoteDescription({ type: 'answer', sdp });
-    }
   }
 
   /** media {slots}: who is heard in which slot. */
@@ -145,17 +321,49 @@ export class Media {
 
   closePeer() {
     clearInterval(this.levelTimer);
+    clearInterval(this.watchTimer);
+    clearTimeout(this.stableTimer);
+    this.watchTimer = this.stableTimer = null;
     if (this.pc) { try { this.pc.close(); } catch { /* closed */ } }
     this.pc = null;
   }
 
-  /** Stop everything: tracks, connection, playback. Safe to call twice. */
+  /** Stop everything: tracks, connection, playback, recovery. Safe to call twice. */
   stop() {
+    this.stopped = true;
+    this.generation += 1;
+    clearTimeout(this.retryTimer);
+    clearTimeout(this.graceTimer);
+    clearTimeout(this.connectTimer);
+    removeEventListener('online', this.onNetwork);
+    navigator.connection?.removeEventListener?.('change', this.onNetwork);
     this.silence();
     for (const track of this.stream?.getTracks() ?? []) track.stop();
     this.closePeer();
     this.ownCtx?.close().catch(() => {});
     for (const el of this.audio) el.srcObject = null;
+    this.setStatus('idle');
+  }
+}
+
+/** Bytes received on the connection's transport (all of it: RTP, RTCP, DTLS, STUN), or null. */
+function receivedBytes(stats) {
+  let transport = null;
+  let pair = null;
+  stats.forEach((r) => {
+    if (r.type === 'transport' && typeof r.bytesReceived === 'number') transport = (transport ?? 0) + r.bytesReceived;
+    if (r.type === 'candidate-pair' && r.nominated && typeof r.bytesReceived === 'number') pair = (pair ?? 0) + r.bytesReceived;
+  });
+  return transport ?? pair;
+}
+
+/** A PeerConnection with these ICE servers; without them if the browser refuses the list. */
+function makePeer(iceServers) {
+  const config = { iceServers, bundlePolicy: 'max-bundle' };
+  try {
+    return new RTCPeerConnection(config);
+  } catch {
+    return new RTCPeerConnection({ ...config, iceServers: [] });
   }
 }
 

@@ -79,10 +79,14 @@ async function send(type, fields) {
 }
 
 // ---- media ----
-async function startMedia() {
+/**
+ * On welcome and admitted (a resume's welcome too, wherever it landed): a new PeerConnection with
+ * the ICE servers that frame carries (TURN credentials minted for this member; /client-config's
+ * list if it carries none). Media watches it from then on and rebuilds it when it breaks.
+ */
+function startMedia(frame) {
   if (!media) {
     media = new Media({
-      iceServers: app.config.ice_servers,
       slots: app.config.slots,
       listenOnly: joined.listenOnly,
       stream: joined.stream,
@@ -92,15 +96,37 @@ async function startMedia() {
         slotAudible = set;
         setAudible();
       },
+      async negotiate(sdp) {
+        try {
+          const answer = await session.send('offer', { sdp });
+          if (typeof answer?.sdp !== 'string') throw { code: 'media' };
+          return answer.sdp;
+        } catch (err) {
+          if (err?.code !== 'offline' && err?.code !== 'timeout') showError({ code: 'media' });
+          throw err;
+        }
+      },
+      onStatus(status) { mediaStatus = status; renderConnection(); },
     });
   }
+  const minted = frame?.ice_servers;
+  media.setIceServers(Array.isArray(minted) && minted.length ? minted : app.config.ice_servers);
   media.setSending(mayBeHeard(state));
-  try {
-    const sdp = await media.createOffer();
-    await session.send('offer', { sdp });
-  } catch (err) {
-    showError(err?.code ? err : { code: 'media' });
-  }
+  media.start();
+}
+
+// #connection-status: the socket's state (data-state) and the audio's (data-media). Only one
+// line is shown: the socket's trouble first (media waits for it), else "reconnecting audio".
+let socketStatus = 'idle';
+let mediaStatus = 'idle';
+function renderConnection() {
+  const conn = $('#connection-status');
+  conn.dataset.state = socketStatus;
+  conn.dataset.media = mediaStatus;
+  let text = '';
+  if (socketStatus === 'reconnecting') text = t('conn.reconnecting');
+  else if (mediaStatus === 'reconnecting' && socketStatus === 'open') text = t('conn.media_reconnecting');
+  conn.textContent = text;
 }
 
 // ---- session callbacks ----
@@ -121,7 +147,7 @@ const callbacks = {
     if (kind !== 'snapshot') {
       suggestLanguage(state.circle?.language);
       app.screens.show('room');
-      startMedia();
+      startMedia(frame);
       if (kind === 'admitted') announce(t('announce.admitted'));
     }
     render();
@@ -131,8 +157,10 @@ const callbacks = {
     render();
   },
   onFrame(frame) {
-    if (frame.type === 'answer') media?.acceptAnswer(frame.sdp).catch(() => showError({ code: 'media' }));
-    else if (frame.type === 'media') { media?.setSlots(frame.slots ?? []); render(); }
+    // An answer is taken by the offer that asked for it (media.js: negotiate); one that comes
+    // after its offer gave up belongs to a PeerConnection that is gone.
+    if (frame.type === 'answer') return;
+    if (frame.type === 'media') { media?.setSlots(frame.slots ?? []); render(); }
     else if (frame.type === 'levels') {
       levelAudible = new Set(Object.entries(frame.levels ?? {})
         .filter(([, level]) => level <= SPEAKING_DBOV).map(([id]) => key(id)));
@@ -141,9 +169,8 @@ const callbacks = {
     else if (frame.type === 'error') showError(frame);
   },
   onStatus(status, info = {}) {
-    const conn = $('#connection-status');
-    conn.dataset.state = status;
-    conn.textContent = status === 'reconnecting' ? t('conn.reconnecting') : '';
+    socketStatus = status;
+    renderConnection();
     if (status === 'closed') ended(info);
   },
 };
@@ -240,7 +267,7 @@ function bindRoomControls() {
     if (!joined.listenOnly) joined.stream = await requestMicrophone().catch(() => null);
     connect(token, null);
   });
-  document.addEventListener('lk:language', render);
+  document.addEventListener('lk:language', () => { render(); renderConnection(); });
   setInterval(() => { if (app.screens.current === 'room') renderTimer(state); }, 500);
 }
 
