@@ -49,6 +49,29 @@ INSTRUMENT = """
 })();
 """
 
+# Keeps every WebSocket the page opens in window.__sockets, and the values #connection-status's
+# data-media takes (DESIGN §7 media recovery: connecting, connected, reconnecting, idle), in order,
+# in window.__media: a state that lasts less than a poll is still seen.
+WATCH_MEDIA = """
+(() => {
+  window.__sockets = [];
+  const WS = window.WebSocket;
+  window.WebSocket = class extends WS {
+    constructor(...args) { super(...args); window.__sockets.push(this); }
+  };
+  window.__media = [];
+  const watch = () => {
+    const el = document.querySelector('#connection-status');
+    new MutationObserver(() => {
+      const value = el.dataset.media;
+      if (value && window.__media[window.__media.length - 1] !== value) window.__media.push(value);
+    }).observe(el, { attributes: true, attributeFilter: ['data-media'] });
+  };
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', watch);
+  else watch();
+})();
+"""
+
 # Resolves once the slot carrying `memberId` plays sound above `threshold` (RMS of the time-domain
 # signal), or when `timeoutMs` runs out; returns {rms, ms} (ms null if never above).
 HEAR = """
@@ -56,11 +79,11 @@ async ({ memberId, threshold, timeoutMs }) => {
   const start = performance.now();
   const ctx = (window.__lkCtx ??= new AudioContext());
   await ctx.resume().catch(() => {});
-  let el = null, analyser = null, buf = null, best = 0;
+  let stream = null, analyser = null, buf = null, best = 0;
   while (performance.now() - start < timeoutMs) {
     const cur = document.querySelector(`audio[data-slot][data-member-id="${CSS.escape(memberId)}"]`);
-    if (cur && cur.srcObject && cur !== el) {
-      el = cur;
+    if (cur && cur.srcObject && cur.srcObject !== stream) {
+      stream = cur.srcObject;
       analyser = ctx.createAnalyser();
       analyser.fftSize = 2048;
       ctx.createMediaStreamSource(cur.srcObject).connect(analyser);
