@@ -103,6 +103,31 @@ def _offer_shape(offer_sdp: str, max_slots: int, listen_only: bool) -> _OfferSha
     return _OfferShape(None if listen_only else mic_mid, tuple(slots[:max_slots]))
 
 
+# Opus fmtp parameters that tell the *sender* how to encode (RFC 7587 §6.1): in an answer
+# they are what the relay asks the browser to send with. aiortc answers with its own codec
+# parameters (none), so the browser would send neither in-band FEC nor DTX.
+OPUS_KEPT_PARAMETERS = ("useinbandfec", "usedtx")
+
+
+def keep_opus_fec_dtx(offer_sdp: str, answer_sdp: str) -> str:
+    """The answer with Opus in-band FEC and DTX as the offer has them, m-line by m-line
+    (DESIGN §7: a listener conceals loss without retransmission; silence costs nothing)."""
+    offer = sdp.SessionDescription.parse(offer_sdp)
+    answer = sdp.SessionDescription.parse(answer_sdp)
+    changed = False
+    for offered, answered in zip(offer.media, answer.media, strict=False):
+        wanted = {
+            codec.payloadType: {k: v for k, v in codec.parameters.items() if k in OPUS_KEPT_PARAMETERS}
+            for codec in offered.rtp.codecs
+            if codec.mimeType.lower() == OPUS
+        }
+        for codec in answered.rtp.codecs:
+            if codec.mimeType.lower() == OPUS and wanted.get(codec.payloadType):
+                codec.parameters = {**codec.parameters, **wanted[codec.payloadType]}
+                changed = True
+    return str(answer) if changed else answer_sdp
+
+
 class MediaRelay:
     """Forwards members' Opus packets to each other's slots, gated per circle.
 
@@ -210,7 +235,8 @@ class MediaRelay:
                 senders[transceiver.mid] = transceiver.sender
             else:
                 transceiver.direction = "inactive"  # no media either way, ever
-        await pc.setLocalDescription(await pc.createAnswer())
+        answer_sdp = keep_opus_fec_dtx(offer_sdp, (await pc.createAnswer()).sdp)
+        await pc.setLocalDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
         if peer.closed:
             raise OfferError(OfferProblem.CLOSED)
 
