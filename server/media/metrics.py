@@ -11,3 +11,7 @@ CANDIDATES_REFUSED = Counter(
     "lingkar_media_candidates_refused_total",
     "ICE candidate lines left out of clients' offers: the relay sends no checks there",
 )
+OFFERS_REFUSED_NO_PORT = Counter(
+    "lingkar_media_offers_refused_no_port_total",
+    "Offers refused because every port of LINGKAR_MEDIA_PORTS was taken",
+)

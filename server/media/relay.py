@@ -24,7 +24,7 @@ from aiortc import (
 )
 from aiortc.rtp import RtpPacket
 
-from . import fastpath, metrics, tap
+from . import fastpath, metrics, ports, tap
 from .candidates import AddressKind, filter_candidates, own_address_kinds
 from .circle import SILENT_LEVEL, Circle, Listener, Slots
 from .slot import Slot
@@ -43,6 +43,7 @@ class OfferProblem(enum.StrEnum):
     UNSUPPORTED = "unsupported"  # m-lines other than audio (video, data channels), or no Opus
     TOO_MANY_MEDIA = "too many m-lines"  # more than the microphone and the relay's slots
     CLOSED = "closed"  # the member was closed while the offer was being answered
+    NO_PORT = "no media port free; try again later"  # LINGKAR_MEDIA_PORTS is used up
 
 
 class OfferError(ValueError):
@@ -103,6 +104,11 @@ def _offer_shape(offer_sdp: str, max_slots: int, listen_only: bool) -> _OfferSha
     return _OfferShape(None if listen_only else mic_mid, tuple(slots[:max_slots]))
 
 
+def _is_turn(server: RTCIceServer) -> bool:
+    urls = [server.urls] if isinstance(server.urls, str) else server.urls
+    return any(url.startswith(("turn:", "turns:")) for url in urls)
+
+
 # Opus fmtp parameters that tell the *sender* how to encode (RFC 7587 §6.1): in an answer
 # they are what the relay asks the browser to send with. aiortc answers with its own codec
 # parameters (none), so the browser would send neither in-band FEC nor DTX.
@@ -139,8 +145,12 @@ class MediaRelay:
 
     ``address_kinds``: the kinds of the relay's own addresses, which decide the client
     candidates it sends ICE checks to (`candidates`); by default those of the addresses
-    aioice gathers on. A host behind 1:1 NAT passes
-    ``own_address_kinds([announced_address])``; tests inject them.
+    aioice gathers on and ``media_address``. A host behind 1:1 NAT passes
+    ``own_address_kinds([media_address])``; tests inject them.
+
+    ``media_address``: the only address the answers announce (``LINGKAR_MEDIA_ADDRESS``:
+    the public one of a host behind 1:1 NAT); ``media_ports``: (low, high), the UDP range
+    every socket of the relay is bound in (``LINGKAR_MEDIA_PORTS``). See `ports`.
     """
 
     def __init__(
@@ -151,14 +161,26 @@ class MediaRelay:
         on_slots: SlotsCallback | None = None,
         on_levels: LevelsCallback | None = None,
         address_kinds: Iterable[AddressKind] | None = None,
+        media_address: str | None = None,
+        media_ports: tuple[int, int] | None = None,
     ) -> None:
         tap.check_supported()
         fastpath.check_supported()
+        ports.check_supported()
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self._max_slots = slots
         self._ice_servers = [RTCIceServer(**server) for server in ice_servers or []]
-        self._address_kinds = own_address_kinds() if address_kinds is None else frozenset(address_kinds)
+        self._gathering: ports.Gathering | None = None
+        if media_address is not None or media_ports is not None:
+            self._gathering = ports.Gathering(address=media_address, ports=media_ports)
+            if any(_is_turn(server) for server in self._ice_servers):
+                raise ValueError("the relay's own ICE servers must be STUN only with a media address or ports")
+        if media_address is not None:
+            self._ice_servers = []  # the announced address is the reflexive one: no STUN
+        if address_kinds is None:
+            address_kinds = own_address_kinds([media_address] if media_address else [])
+        self._address_kinds = frozenset(address_kinds)
         self._on_slots = on_slots
         self._on_levels = on_levels
         self._circles: dict[str, Circle] = {}
@@ -170,6 +192,7 @@ class MediaRelay:
         self.packets_forwarded = 0
         self.packets_dropped_gated = 0
         self.candidates_refused = 0
+        self.offers_refused_no_port = 0
 
     # -- negotiation -------------------------------------------------------------------
 
@@ -223,6 +246,8 @@ class MediaRelay:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as exc:
             raise OfferError(OfferProblem.MALFORMED) from exc
+        if self._gathering is not None:
+            self._gathering.install(pc)
         senders: dict[str, RTCRtpSender] = {}
         mic = None
         for transceiver in pc.getTransceivers():
@@ -236,7 +261,13 @@ class MediaRelay:
             else:
                 transceiver.direction = "inactive"  # no media either way, ever
         answer_sdp = keep_opus_fec_dtx(offer_sdp, (await pc.createAnswer()).sdp)
-        await pc.setLocalDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+        try:
+            await pc.setLocalDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+        except ports.NoFreePort as exc:
+            self.offers_refused_no_port += 1
+            metrics.OFFERS_REFUSED_NO_PORT.inc()
+            logger.warning("media: an offer was refused: %s (LINGKAR_MEDIA_PORTS)", exc)
+            raise OfferError(OfferProblem.NO_PORT) from exc
         if peer.closed:
             raise OfferError(OfferProblem.CLOSED)
 
@@ -425,6 +456,10 @@ class MediaRelay:
 
     # -- bookkeeping -------------------------------------------------------------------
 
+    def local_addresses(self) -> list[tuple[str, int]]:
+        """(address, port) of every UDP socket the relay's PeerConnections hold."""
+        return [a for peer in list(self._peers.values()) for a in ports.local_addresses(peer.pc)]
+
     def stats(self) -> dict[str, int]:
         """Counts for tests and /metrics: nothing here names anyone."""
         circles = self._circles.values()
@@ -440,4 +475,5 @@ class MediaRelay:
             "packets_forwarded": self.packets_forwarded,
             "packets_dropped_gated": self.packets_dropped_gated,
             "candidates_refused": self.candidates_refused,
+            "offers_refused_no_port": self.offers_refused_no_port,
         }
