@@ -48,6 +48,16 @@ class NetPeer(ClientPeer):
         await self.pc.close()
 
 
+def _candidates(sdp: str) -> list[dict[str, Any]]:
+    """The candidates of an SDP: address, port, type."""
+    found = []
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            bits = line.split()
+            found.append({"address": bits[4], "port": int(bits[5]), "type": bits[7]})
+    return found
+
+
 class Heard:
     """What arrived from one source: its sequence numbers and when the first came."""
 
@@ -178,7 +188,8 @@ class Agent:
         await wait_until(lambda: peer.pc.connectionState in ("connected", "failed"), within)
         if peer.pc.connectionState != "connected":
             raise RuntimeError(f"connection {peer.pc.connectionState}")
-        return {"source": self.source, "pair": self._pair(), "took": time.monotonic() - started}
+        return {"source": self.source, "pair": self._pair(), "took": time.monotonic() - started,
+                "answer_candidates": _candidates(answer["sdp"])}
 
     def _pair(self) -> dict[str, Any] | None:
         """The nominated ICE candidate pair (aioice's, behind aiortc's ICE transport)."""

@@ -213,3 +213,46 @@ async def test_a_member_whose_address_changes_mid_turn_gets_audio_back_and_keeps
         released = [fr for fr in await member.call("frames", type="event")
                     if fr["name"] == "floor_released"]
         assert released == []
+
+
+MEDIA_PORTS = (40000, 40099)
+CLOUD_ADDRESS = "10.77.0.5"
+
+
+async def test_a_server_behind_one_to_one_nat_is_reached_on_its_announced_address_and_ports(world: World) -> None:
+    """The server's host has only a private address (192.168.100.10) behind a 1:1 NAT that
+    maps 10.77.0.5 to it, as on most clouds, and a firewall that lets in TCP 8000 and the
+    UDP range 40000-40099 and nothing else (nftables). With LINGKAR_MEDIA_ADDRESS=10.77.0.5
+    and LINGKAR_MEDIA_PORTS=40000-40099 every answer announces that address only, on ports
+    of that range, and a member on the public side and one behind her own NAT hear each other
+    through it; nothing arrived that the firewall had to refuse."""
+    from server.config import ENV_NAMES
+
+    if not {"media_address", "media_ports"} <= ENV_NAMES.keys():
+        pytest.skip("the server does not read LINGKAR_MEDIA_ADDRESS and LINGKAR_MEDIA_PORTS yet")
+    net = world.net
+    host_ns = net.cloud(CLOUD_ADDRESS, media_ports=MEDIA_PORTS)
+    home = net.home("melati")
+    router = net.router()
+    net.uplink(home, router)
+    net.use(home, 0)
+    mod_ns = net.direct("moderator")
+    await world.start_server(ns=host_ns, host="0.0.0.0", url=f"http://{CLOUD_ADDRESS}:8000",
+                             media_address=CLOUD_ADDRESS, media_ports=f"{MEDIA_PORTS[0]}-{MEDIA_PORTS[1]}")
+
+    mod = await world.member("Pendamping", mod_ns)
+    await world.create_circle(mod)
+    await mod.join(world.link("moderator"))
+    await mod.media()
+    [melati] = await seated(world, [("Melati", home.ns, "member")])
+    for member in (mod, melati):
+        candidates = member.last_media["answer_candidates"]
+        assert candidates and all(c["address"] == CLOUD_ADDRESS for c in candidates), candidates
+        assert all(MEDIA_PORTS[0] <= c["port"] <= MEDIA_PORTS[1] for c in candidates), candidates
+
+    await mod.ack("give_floor", member_id=melati.member_id)
+    await melati.ack("unmute_self")
+    await asyncio.gather(mod.wait_heard("Melati", ENOUGH), melati.wait_heard("Pendamping", ENOUGH))
+    assert net.cloud_router is not None
+    counters = net.counters(net.cloud_router)
+    assert counters["media_in"] >= ENOUGH and counters["refused"] == 0, counters

@@ -138,6 +138,7 @@ class Member:
         self.proc = proc
         self.member_id = ""
         self.source = name
+        self.last_media: dict[str, Any] = {}  # what the last `media` call returned
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self.ready = asyncio.get_running_loop().create_future()
@@ -187,6 +188,7 @@ class Member:
     async def media(self) -> dict[str, Any]:
         info: dict[str, Any] = await self.call("media")
         self.source = info["source"]
+        self.last_media = info
         return info
 
     async def ack(self, type_: str, **fields: Any) -> dict[str, Any]:
@@ -241,6 +243,7 @@ class Net:
         self._ports = itertools.count(1)
         self._routers = itertools.count(1)
         self._directs = itertools.count(101)
+        self.cloud_router: Router | None = None
 
     def attach(self, ns: str, interface: str, address: str) -> None:
         """Plug `ns` into the public bridge with `address`."""
@@ -306,6 +309,51 @@ table ip lk_nat {{
         ruleset = json.loads(self.lab.nft_json(router.ns))
         return {item["counter"]["name"]: int(item["counter"]["packets"])
                 for item in ruleset["nftables"] if "counter" in item}
+
+    def cloud(self, public: str, *, media_ports: tuple[int, int], private: str = "192.168.100.10") -> str:
+        """A server's host behind 1:1 NAT, as on most clouds: a namespace with only the
+        private address `private`, behind a router that maps `public` (on the public side)
+        to it both ways and lets in nothing but TCP 8000 and UDP `media_ports` (a stateful
+        firewall: replies to what the host sent pass). Returns the host's namespace; the
+        router's nft counters (`counters`) say what came in: `media_in` (UDP to the range),
+        `refused` (anything else, dropped)."""
+        gateway = private.rsplit(".", 1)[0] + ".1"
+        router_ns = self.lab.netns("cloud-nat")
+        host_ns = self.lab.netns("cloud-host")
+        self.attach(router_ns, "wan", public)
+        self.lab.veth(router_ns, "lan", host_ns, "eth0")
+        self.lab.ip(router_ns, f"addr add {gateway}/24 dev lan", "link set dev lan up")
+        self.lab.ip(host_ns, f"addr add {private}/24 dev eth0", "link set dev eth0 up",
+                    f"route add default via {gateway}")
+        self.lab.sh(router_ns, "sysctl -qw net.ipv4.ip_forward=1")
+        low, high = media_ports
+        self.lab.nft(router_ns, f"""
+table inet lk_filter {{
+    counter media_in {{}}
+    counter refused {{}}
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        iifname "wan" udp dport {low}-{high} counter name media_in
+        ct state established,related accept
+        iifname "lan" accept
+        iifname "wan" tcp dport {PORT} accept
+        iifname "wan" udp dport {low}-{high} accept
+        counter name refused
+    }}
+}}
+table ip lk_nat {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "wan" ip daddr {public} dnat to {private}
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan" ip saddr {private} snat to {public}
+    }}
+}}
+""")
+        self.cloud_router = Router(router_ns, public, 0, wired=True)
+        return host_ns
 
     def home(self, role: str) -> Home:
         return Home(self.lab.netns(role))
@@ -373,6 +421,7 @@ class World:
         self.procs: list[Proc] = []
         self.members: list[Member] = []
         self.server: Proc | None = None
+        self.server_url = SERVER_URL
         self.coturn: Proc | None = None
         self.circle: dict[str, Any] = {}
 
@@ -381,15 +430,20 @@ class World:
         self.procs.append(proc)
         return proc
 
-    async def start_server(self, *, turn: bool = False) -> Proc:
-        env = {"LINGKAR_HOST": SERVER_ADDRESS, "LINGKAR_PORT": str(PORT), "LINGKAR_STORE": "memory",
-               "LINGKAR_SECRET": SECRET, "LINGKAR_API_KEY": API_KEY, "LINGKAR_PUBLIC_URL": SERVER_URL,
-               "LINGKAR_ICE_SERVERS": "[]", "LINGKAR_LOG_LEVEL": "INFO"}
+    async def start_server(self, *, turn: bool = False, ns: str | None = None, host: str = SERVER_ADDRESS,
+                           url: str = SERVER_URL, **settings: str) -> Proc:
+        """`lingkar serve` on the memory store, in the public namespace unless `ns` is given,
+        listening on `host`, reached at `url`; `settings` are more LINGKAR_* variables."""
+        self.server_url = url
+        env = {"LINGKAR_HOST": host, "LINGKAR_PORT": str(PORT), "LINGKAR_STORE": "memory",
+               "LINGKAR_SECRET": SECRET, "LINGKAR_API_KEY": API_KEY, "LINGKAR_PUBLIC_URL": url,
+               "LINGKAR_ICE_SERVERS": "[]", "LINGKAR_LOG_LEVEL": "INFO",
+               **{f"LINGKAR_{name.upper()}": value for name, value in settings.items()}}
         if turn:
             env |= {"LINGKAR_TURN_URLS": TURN_URL, "LINGKAR_TURN_SECRET": TURN_SECRET,
                     "LINGKAR_TURN_TTL": "3600"}
         server = self._proc("server")
-        await server.start(self.net.public, [PYTHON, "-m", "server.cli", "serve"], env)
+        await server.start(ns or self.net.public, [PYTHON, "-m", "server.cli", "serve"], env)
         await server.line(lambda text: "Uvicorn running on" in text, 60)
         self.server = server
         return server
@@ -433,7 +487,7 @@ class World:
 
     async def member(self, name: str, ns: str) -> Member:
         proc = self._proc(f"member-{name}")
-        await proc.start(ns, [PYTHON, "-m", "tests.net.agent", "--server", SERVER_URL],
+        await proc.start(ns, [PYTHON, "-m", "tests.net.agent", "--server", self.server_url],
                          stdin=True, stdout_lines=False)
         member = Member(name, ns, proc)
         self.members.append(member)
