@@ -30,6 +30,7 @@ from server import logs, metrics
 from server.api import OrganizerApi
 from server.config import Settings
 from server.local import LocalCircles
+from server.media.candidates import own_address_kinds
 from server.media.relay import MediaRelay
 from server.pages import page_routes
 from server.ws import WebSocketEndpoint, WritePath
@@ -70,9 +71,13 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
     ice = [msgspec.to_builtins(s) for s in settings.ice_servers]
     ice = [{k: v for k, v in s.items() if v is not None} for s in ice]
     local: LocalCircles
+    # LINGKAR_MEDIA_ADDRESS: a host behind 1:1 NAT counts as public (DESIGN §7, §10)
+    kinds = own_address_kinds([settings.media_address]) if settings.media_address else None
     relay = MediaRelay(slots=settings.slots, ice_servers=ice,
                        on_slots=lambda c, m, s: local.on_slots(c, m, s),
-                       on_levels=lambda c, lv: local.on_levels(c, lv))
+                       on_levels=lambda c, lv: local.on_levels(c, lv),
+                       address_kinds=kinds, media_address=settings.media_address,
+                       media_ports=settings.media_ports)
     local = LocalCircles(manager, relay)
     # DESIGN §8: this process's id (unique per start) and public URL go into its leases.
     homes = Homes(store, uuid.uuid4().hex, settings.public_url, ttl_ms=settings.lease_ms,

@@ -22,6 +22,7 @@ BUILTIN_HELPLINES: Final = Path(__file__).with_name("helplines.json")
 MIN_SECRET_BYTES: Final = 32
 MIN_API_KEY_CHARS: Final = 24
 MIN_TURN_SECRET_CHARS: Final = 16
+MIN_MEDIA_PORT: Final = 1024
 DEFAULT_TRUSTED_PROXIES: Final = ("127.0.0.1", "::1")
 LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -49,6 +50,8 @@ ENV_NAMES: Final = {
     "turn_urls": "LINGKAR_TURN_URLS",
     "turn_secret": "LINGKAR_TURN_SECRET",
     "turn_ttl": "LINGKAR_TURN_TTL",
+    "media_address": "LINGKAR_MEDIA_ADDRESS",
+    "media_ports": "LINGKAR_MEDIA_PORTS",
 }
 
 
@@ -123,6 +126,11 @@ class Settings:
     """coturn's ``static-auth-secret``: each member's credentials are minted with it."""
     turn_ttl: int = 4 * 3600
     """How long minted TURN credentials are valid, in seconds (fresh ones on every resume)."""
+    media_address: str | None = None
+    """The one address the media relay announces (the public one of a host behind 1:1 NAT);
+    None: the addresses of this host's interfaces."""
+    media_ports: tuple[int, int] | None = None
+    """(low, high), both included: the UDP ports every media socket is bound in (None: any)."""
 
     @property
     def uses_redis(self) -> bool:
@@ -164,6 +172,8 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, object] | None
         lease_ms=_int(values, "lease_ms", 3000, 300, 60_000),
         trusted_proxies=_trusted_proxies(values.get("trusted_proxies")),
         **_turn(values),
+        media_address=_media_address(values.get("media_address")),
+        media_ports=_media_ports(values.get("media_ports")),
     )
 
 
@@ -278,6 +288,31 @@ def _turn(values: Mapping[str, str]) -> dict[str, object]:
     if secret and not urls:
         raise ConfigError("LINGKAR_TURN_SECRET is set but LINGKAR_TURN_URLS is not")
     return {"turn_urls": urls, "turn_secret": secret, "turn_ttl": ttl}
+
+
+def _media_address(raw: str | None) -> str | None:
+    if raw is None or not raw.strip():
+        return None
+    try:
+        address = ipaddress.ip_address(raw.strip())
+    except ValueError:
+        address = None
+    if (address is None or address.is_unspecified or address.is_multicast or address.is_link_local
+            or getattr(address, "scope_id", None)):
+        raise ConfigError("LINGKAR_MEDIA_ADDRESS must be the IP address clients reach the media at "
+                          f"(the public one of a host behind 1:1 NAT), got {_shown(raw)}")
+    return str(address)
+
+
+def _media_ports(raw: str | None) -> tuple[int, int] | None:
+    if raw is None or not raw.strip():
+        return None
+    match = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", raw, re.ASCII)
+    low, high = (int(match[1]), int(match[2])) if match else (0, -1)
+    if not MIN_MEDIA_PORT <= low <= high <= 65535:
+        raise ConfigError(f"LINGKAR_MEDIA_PORTS must be a UDP port range low-high within {MIN_MEDIA_PORT}-65535 "
+                          f"(e.g. 40000-40999), got {_shown(raw)}")
+    return low, high
 
 
 def _trusted_proxies(raw: str | None) -> tuple[str, ...]:

@@ -77,6 +77,8 @@ def test_every_variable_is_read() -> None:
             "LINGKAR_GRACE_SECONDS": "45",
             "LINGKAR_MAX_CONNECTIONS_PER_ADDRESS": "8",
             "LINGKAR_TRUSTED_PROXIES": "10.0.0.0/8, ::1",
+            "LINGKAR_MEDIA_ADDRESS": "203.0.113.10",
+            "LINGKAR_MEDIA_PORTS": "40000-40999",
         }
     )
     assert settings == Settings(
@@ -94,6 +96,8 @@ def test_every_variable_is_read() -> None:
         grace_seconds=45,
         max_per_address=8,
         trusted_proxies=("10.0.0.0/8", "::1"),
+        media_address="203.0.113.10",
+        media_ports=(40000, 40999),
     )
     assert settings.uses_redis
 
@@ -369,3 +373,25 @@ def test_turn_settings_are_read_and_the_secret_never_echoed() -> None:
 def test_bad_turn_settings_are_refused(env: dict[str, str]) -> None:
     message = refused(env)
     assert "LINGKAR_TURN" in message and "coturn-static-secret-xyz" not in message and "short-secret" not in message
+
+
+def test_media_address_and_ports_are_read() -> None:
+    settings = load_settings({"LINGKAR_MEDIA_ADDRESS": " 203.0.113.10 ", "LINGKAR_MEDIA_PORTS": "40000-40999"})
+    assert (settings.media_address, settings.media_ports) == ("203.0.113.10", (40000, 40999))
+    settings = load_settings({"LINGKAR_MEDIA_ADDRESS": "2001:DB8:0::1", "LINGKAR_MEDIA_PORTS": " 50000 - 50000 "})
+    assert (settings.media_address, settings.media_ports) == ("2001:db8::1", (50000, 50000))
+    for env in ({}, {"LINGKAR_MEDIA_ADDRESS": "", "LINGKAR_MEDIA_PORTS": " "}):
+        assert (load_settings(env).media_address, load_settings(env).media_ports) == (None, None)
+
+
+@pytest.mark.parametrize("address", ["circle.example.org", "203.0.113.300", "203.0.113.10/32", "0.0.0.0", "::",
+                                     "224.0.0.1", "fe80::1", "2001:db8::1%eth0", "203.0.113.10:40000"])
+def test_bad_media_address_is_refused(address: str) -> None:
+    assert "LINGKAR_MEDIA_ADDRESS must be the IP address" in refused({"LINGKAR_MEDIA_ADDRESS": address})
+
+
+@pytest.mark.parametrize("ports", ["40000", "40999-40000", "80-1000", "1023-2000", "40000-70000", "a-b",
+                                   "40000:40999", "40000-", "-40999", "\u0664\u0660\u0660\u0660\u0660-40999"])
+def test_bad_media_ports_are_refused(ports: str) -> None:
+    message = refused({"LINGKAR_MEDIA_PORTS": ports})
+    assert message.startswith("LINGKAR_MEDIA_PORTS must be a UDP port range low-high within 1024-65535")
