@@ -20,7 +20,6 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 PREFIX = "lknet"
 PUBLIC_NET = "10.77.0"  # the "internet" of a test: a bridge in the public namespace
@@ -112,7 +111,6 @@ class Lab:
     """The namespaces of one test, deleted by `close` (also when the test failed)."""
 
     names: list[str] = field(default_factory=list)
-    logs: Path | None = None
 
     def netns(self, role: str) -> str:
         global _counter
