@@ -42,7 +42,9 @@ def content_security_policy(request: Request, extra_connect_src: Sequence[str] =
     `wss://node2.example.org`.
     """
     host = request.headers.get("host", "")
-    ws_sources = f" ws://{host} wss://{host}" if host and _is_plain_host(host) else ""
+    # A page served over https (directly, or as a trusted proxy says) never speaks plain ws.
+    schemes = ("wss",) if request.url.scheme == "https" else ("ws", "wss")
+    ws_sources = "".join(f" {scheme}://{host}" for scheme in schemes) if host and _is_plain_host(host) else ""
     ws_sources += "".join(f" {src}" for src in extra_connect_src)
     return (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "

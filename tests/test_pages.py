@@ -127,3 +127,12 @@ def test_the_join_form_cannot_put_a_name_in_a_url_before_its_script_runs(base_ur
     button = re.search(r'<button type="submit" id="join"[^>]*>([^<]*)</button>', html)
     assert button and " disabled" in button.group(0), button
     assert button.group(1) == "Memuat…"
+
+
+def test_a_page_served_over_https_allows_only_wss(base_url: str) -> None:
+    # As a trusted proxy (loopback) reports a TLS front end: no plain ws:// in the policy.
+    request = urllib.request.Request(base_url + "/c/some-circle", headers={"X-Forwarded-Proto": "https"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        csp = resp.headers["Content-Security-Policy"]
+    host = base_url.removeprefix("http://")
+    assert f"wss://{host}" in csp and "ws://" not in csp.replace("wss://", "")
