@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_UPDATED := /tmp/.lingkar-apt-updated
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint bench loadtest setup system web clean
+.PHONY: serve test lint bench loadtest fuzz setup system web clean
 
 serve: setup web
 	$(VENV)/bin/lingkar serve
@@ -24,6 +24,12 @@ bench: setup system web
 	$(PY) -m server.media.bench
 	$(PY) -m loadtest.fanout
 	$(PY) -m loadtest.fanout --store redis --rooms 400
+
+# A million frames through the real session, manager and rules in process (as a member, then
+# as a moderator), and a hundred thousand over real sockets to uvicorn (tests/fuzz).
+fuzz: setup system web
+	$(PY) -m tests.fuzz --frames 1000000 --seconds 900 --socket 100000
+	$(PY) -m tests.fuzz --frames 200000 --seconds 300 --role moderator --seed 2
 
 loadtest: setup system web
 	$(VENV)/bin/lingkar loadtest --rooms 20 --members 8 --duration 30 --media-rooms 2 --out loadtest-out

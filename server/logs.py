@@ -77,6 +77,7 @@ def scrub(text: str) -> str:
 
 
 _WEBSOCKETS_DIR = f"{os.sep}websockets{os.sep}"
+_BAD_UTF8 = "Invalid UTF-8 sequence received from client."  # uvicorn's websockets_sansio_impl
 
 
 class NoAddresses(logging.Filter):
@@ -93,6 +94,12 @@ class NoAddresses(logging.Filter):
             if record.levelno <= logging.INFO:
                 return False
             record.exc_info, record.exc_text = None, None
+        if record.msg == _BAD_UTF8:
+            # uvicorn logs a client's text frame with bad UTF-8 as an error with a traceback:
+            # any client could fill the log with them. It is the client's fault, closed 1007.
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "a client sent bad UTF-8 in a text frame; closed 1007", ()
         try:
             message = record.getMessage()
         except Exception:

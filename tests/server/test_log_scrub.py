@@ -45,3 +45,16 @@ def test_the_formatter_scrubs_every_logger_and_the_filter_uvicorns() -> None:
     uvicorn_record = logging.makeLogRecord({"name": "uvicorn.error", "msg": '%s - "WebSocket /ws" [accepted]',
                                             "args": ("[2001:db8::5]:5123",)})
     assert NoAddresses().filter(uvicorn_record) and uvicorn_record.getMessage() == '- - "WebSocket /ws" [accepted]'
+
+
+def test_a_clients_bad_utf8_is_no_error_and_no_traceback() -> None:
+    try:
+        b"\xff".decode()
+    except UnicodeDecodeError:
+        import sys
+
+        exc_info = sys.exc_info()
+    record = logging.makeLogRecord({"name": "uvicorn.error", "msg": "Invalid UTF-8 sequence received from client.",
+                                    "levelno": logging.ERROR, "levelname": "ERROR", "exc_info": exc_info})
+    assert NoAddresses().filter(record)
+    assert record.levelno == logging.INFO and record.exc_info is None and "1007" in record.getMessage()
