@@ -114,6 +114,15 @@ class Client:
             raise Closed(f"no answer to {type_} within {timeout} s") from None
         return answer, sent, at
 
+    async def closed(self, timeout: float = 10.0) -> int | None:
+        """Wait until the server has closed the socket (or `timeout` s); its close code."""
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+            except TimeoutError:
+                pass
+        return self.close_code
+
     async def close(self) -> None:
         if self.ws is not None:
             try:

@@ -172,13 +172,18 @@ class RedisProcess:
 
 
 class ServerProcess:
-    """`lingkar serve` in a subprocess (never inside the load generator)."""
+    """`lingkar serve` in a subprocess (never inside the load generator). `module` is what
+    `python -m` runs with the argument `serve` (a wrapper such as `loadtest.tracemem` that
+    sets something up and then runs `server.cli`); `env` is added to the environment."""
 
-    def __init__(self, store: str, log_path: Path) -> None:
+    def __init__(self, store: str, log_path: Path, *, module: str = "server.cli",
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.store = store
         self.api_key = secrets.token_urlsafe(24)
         self.log_path = log_path
+        self.module = module
+        self.extra_env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -196,10 +201,10 @@ class ServerProcess:
                "LINGKAR_HOST": "127.0.0.1", "LINGKAR_PORT": str(self.port),
                "LINGKAR_STORE": self.store, "LINGKAR_SECRET": secrets.token_urlsafe(48),
                "LINGKAR_API_KEY": self.api_key, "LINGKAR_MAX_CONNECTIONS_PER_ADDRESS": "0",
-               "LINGKAR_LOG_LEVEL": "WARNING"}
+               "LINGKAR_LOG_LEVEL": "WARNING", **self.extra_env}
         env.pop("LINGKAR_PUBLIC_URL", None)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, "serve"], cwd=REPO, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         wait_ready(self.url, timeout, alive=lambda: self.proc is not None and self.proc.poll() is None)
