@@ -39,6 +39,10 @@ class Closed:
 Item = Event | Resync | Closed
 
 
+def _unsubscribed() -> None:
+    """What a hub calls to unsubscribe once it has."""
+
+
 class Subscription:
     """Events of one circle after `from_version`: `await get()`, or `async for`. Ephemeral
     events (private notes) come as they arrive, carrying the version current then."""
@@ -76,6 +80,10 @@ class Subscription:
         if not self._done:
             self._done = True
             self._hub.remove(self)
+        # The listener is usually a bound method of the subscriber, which holds this
+        # subscription: a cycle that only a full collection would free, taking the whole
+        # connection with it (issue 17). Nothing is handed over once closed anyway.
+        self._listener = None
 
     def push(self, item: Item) -> None:
         if self._done:
@@ -138,12 +146,19 @@ class CircleHub:
 
     async def close(self) -> None:
         self._closed = True
-        self._unsubscribe()
+        self._drop_store_subscription()
         self._dirty.set()  # the pump stops even if the cancel below is swallowed (see _run)
         self._pump.cancel()
         await asyncio.gather(self._pump, return_exceptions=True)
         for sub in list(self._subs):
             sub.close()
+
+    def _drop_store_subscription(self) -> None:
+        """Unsubscribe, once, and let go of the store's callable: it holds the store's record
+        of this subscription, which holds this hub's methods, a cycle that would keep the hub
+        (and its last events) until a full collection (issue 17)."""
+        unsubscribe, self._unsubscribe = self._unsubscribe, _unsubscribed
+        unsubscribe()
 
     # ---- from the store ----------------------------------------------------------------
 
@@ -216,7 +231,7 @@ class CircleHub:
                 for sub in list(self._subs):
                     sub.push(Closed())
                     sub.close()
-                self._unsubscribe()
+                self._drop_store_subscription()
                 self._on_gone()
                 return
 
