@@ -15,6 +15,8 @@ retried on every round; the sessions stay open (nobody is dropped) but cannot wr
 
 A lease is given up when no session of the circle is left here (`in_use`) for a whole TTL,
 and all at once on drain (`release_all`), so another process can take the circles at once.
+A deleted circle's lease went with its keys: `deleted` forgets it at once. Nothing is kept
+per circle beyond its lease (locks last while used: `rooms.locks`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from rooms.codec import CorruptState
+from rooms.locks import KeyedLock
 from rooms.store import Lease, NoSuchCircle, Owner, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ class Homes:
         self._leases: dict[str, Lease] = {}
         self._valid_until: dict[str, float] = {}  # monotonic s; 0: unconfirmed (retry)
         self._claimed_at: dict[str, float] = {}
-        self._locks: dict[str, asyncio.Lock] = {}  # claims and releases of one circle in turn
+        self._locks = KeyedLock()  # claims and releases of one circle in turn
         self._rechecking: set[str] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -66,8 +69,7 @@ class Homes:
         NoSuchCircle, StoreUnavailable (also once stopped)."""
         if self.closed:
             raise StoreUnavailable("this process is shutting down")
-        lock = self._locks.setdefault(circle_id, asyncio.Lock())
-        async with lock:
+        async with self._locks(circle_id):
             return await self._claim(circle_id)
 
     async def _claim(self, circle_id: str) -> Lease | Owner:
@@ -77,11 +79,9 @@ class Homes:
             got = await self.store.acquire(circle_id, self.owner_id, self.url, self.ttl_ms)
         except NoSuchCircle:
             self._forget(circle_id)
-            self._claimed_at.pop(circle_id, None)
             raise
         if isinstance(got, Owner):
             self._forget(circle_id)
-            self._claimed_at.pop(circle_id, None)
             return got
         self._leases[circle_id] = got
         self._valid_until[circle_id] = sent + self.ttl_ms / 1000
@@ -119,8 +119,7 @@ class Homes:
 
     async def _reclaim(self, circle_id: str) -> None:
         try:
-            lock = self._locks.setdefault(circle_id, asyncio.Lock())
-            async with lock:
+            async with self._locks(circle_id):
                 if self.closed:
                     return
                 try:
@@ -141,8 +140,20 @@ class Homes:
             self._rechecking.discard(circle_id)
 
     def _forget(self, circle_id: str) -> None:
+        """Nothing of the circle is kept here any more (its lock goes once unused)."""
         self._leases.pop(circle_id, None)
         self._valid_until.pop(circle_id, None)
+        self._claimed_at.pop(circle_id, None)
+
+    def deleted(self, circle_id: str) -> None:
+        """The circle was deleted, and its lease with it: nothing to renew or release."""
+        self._forget(circle_id)
+
+    def keeps(self, circle_id: str) -> bool:
+        """Whether anything of the circle is kept here (for leak checks, issue 17)."""
+        return (circle_id in self._leases or circle_id in self._valid_until
+                or circle_id in self._claimed_at or circle_id in self._locks
+                or circle_id in self._rechecking)
 
     # ---- renewing ------------------------------------------------------------------------
 
@@ -194,19 +205,15 @@ class Homes:
     # ---- giving up -------------------------------------------------------------------------
 
     async def _release(self, circle_id: str) -> None:
-        lock = self._locks.setdefault(circle_id, asyncio.Lock())
-        async with lock:
+        async with self._locks(circle_id):
             lease = self._leases.get(circle_id)
             if lease is None:
                 return
             self._forget(circle_id)
-            self._claimed_at.pop(circle_id, None)
             try:
                 await self.store.release(lease)
             except StoreError:
                 pass  # it expires on its own within the TTL
-        if not lock.locked():
-            self._locks.pop(circle_id, None)
 
     async def release_all(self) -> None:
         """Drain: every lease given up now, so another process can take these circles at

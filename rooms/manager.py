@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from rooms.codec import CorruptState, decode_state, encode_event, encode_state
 from rooms.commands import Command, Tick
 from rooms.errors import RoomError
 from rooms.events import Event
+from rooms.locks import KeyedLock
 from rooms.model import Circle, Invite, RoomState
 from rooms.store import NoSuchCircle, Store, StoreError, StoreUnavailable, VersionConflict
 from rooms.subscription import CircleHub, Subscription
@@ -52,12 +53,31 @@ class RoomManager:
         self._clock: Clock = clock or RealClock()
         self._max_tries = max_tries
         self._cache: dict[str, RoomState] = {}  # last state seen per circle (may be stale)
-        self._locks: dict[str, asyncio.Lock] = {}  # one writer per circle in this process
+        self._locks = KeyedLock()  # one writer per circle in this process
         self._known: dict[str, _Known] = {}
         self._refreshing: set[str] = set()
         self._saving: dict[str, int] = {}  # circle -> version this process is saving now
         self._tasks: set[asyncio.Task[None]] = set()
+        self._on_deleted: list[Callable[[str], None]] = []
         self._closed = False
+
+    def when_deleted(self, callback: Callable[[str], None]) -> None:
+        """Have `callback(circle_id)` called (perhaps twice) once this process learns that a
+        circle was deleted: it ended here, or its hub heard so. Whatever keeps something
+        per circle lets go of it then, not at some later sweep (issue 17)."""
+        self._on_deleted.append(callback)
+
+    def keeps(self, circle_id: str) -> bool:
+        """Whether anything of the circle is kept here (for leak checks, issue 17)."""
+        return (circle_id in self._cache or circle_id in self._locks or circle_id in self._known
+                or circle_id in self._refreshing or circle_id in self._saving)
+
+    def _deleted(self, circle_id: str) -> None:
+        for callback in self._on_deleted:
+            try:
+                callback(circle_id)
+            except Exception:
+                log.exception("a deletion callback failed")
 
     # ---- reading -----------------------------------------------------------------------
 
@@ -110,8 +130,7 @@ class RoomManager:
         Busy, StoreUnavailable (the outcome of a save cut off mid-way is unknown; resume and
         the version tell). With `fence` (this process's lease token, DESIGN §8) the save is
         refused with StaleOwner once another process has taken the circle."""
-        lock = self._locks.setdefault(circle_id, asyncio.Lock())
-        async with lock:
+        async with self._locks(circle_id):
             return await self._execute(circle_id, command, fence)
 
     async def _execute(self, circle_id: str, command: Command, fence: int | None = None
@@ -171,10 +190,14 @@ class RoomManager:
         except StoreUnavailable:
             # The saved state says ended (every command is refused); the idle TTL removes it.
             log.warning("an ended circle could not be deleted now; it will expire")
+            deleted = False
+        else:
+            deleted = True
         self._cache.pop(circle_id, None)
-        self._locks.pop(circle_id, None)
         self._saving.pop(circle_id, None)
         self._disarm(circle_id)
+        if deleted:
+            self._deleted(circle_id)
 
     # ---- subscriptions -----------------------------------------------------------------
 
@@ -266,6 +289,7 @@ class RoomManager:
         if known is not None and known.timer is not None:
             known.timer.cancel()
         self._cache.pop(circle_id, None)
+        self._deleted(circle_id)
 
     # ---- lifecycle ---------------------------------------------------------------------
 

@@ -192,6 +192,10 @@ class MemoryStore:
     async def ping(self) -> None:
         return None
 
+    def keeps(self, circle_id: str) -> bool:
+        """Whether anything of the circle is kept here (for leak checks, issue 17)."""
+        return circle_id in self._rooms or circle_id in self._subscribers
+
     def subscribe(self, circle_id: str, on_wake: WakeUp, on_ephemeral: Ephemeral) -> Unsubscribe:
         sub = _Subscriber(on_wake, on_ephemeral)
         self._subscribers.setdefault(circle_id, []).append(sub)

@@ -496,6 +496,10 @@ class RedisStore:
         with _mapped("ping"):
             await self._redis.ping()
 
+    def keeps(self, circle_id: str) -> bool:
+        """Whether this process keeps anything of the circle (for leak checks, issue 17)."""
+        return circle_id in self._subs or circle_id in self._woken or circle_id in self._confirmed
+
     async def close(self) -> None:
         self._closed = True
         if self._pubsub is not None and self._pubsub.connection is not None:

@@ -125,6 +125,11 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise StoreUnavailable when the store cannot be reached."""
 
+    def keeps(self, circle_id: str) -> bool:
+        """Whether this process keeps anything of the circle (its state, subscribers,
+        bookkeeping): for leak checks, issue 17. False for an ended circle once its
+        subscribers are gone."""
+
     def subscribe(self, circle_id: str, on_wake: WakeUp, on_ephemeral: Ephemeral) -> Unsubscribe:
         """Call back on every save, deletion and ephemeral event of the circle (see `WakeUp`),
         from the event loop's thread, in the order they happened."""

@@ -83,6 +83,7 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
     homes = Homes(store, uuid.uuid4().hex, settings.public_url, ttl_ms=settings.lease_ms,
                   in_use=local.in_use, on_takeover=local.take_over, on_lost=local.moved)
     local.homes = homes
+    manager.when_deleted(homes.deleted)  # its lease went with it: nothing to renew
     member_ice = IceServers(stun=ice, turn_urls=settings.turn_urls, turn_secret=settings.turn_secret,
                             turn_ttl=settings.turn_ttl)
     ws = WebSocketEndpoint(settings, local, manager, limits, settings.max_per_address, member_ice)

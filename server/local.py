@@ -103,6 +103,10 @@ class LocalCircles:
     def in_use(self, circle_id: str) -> bool:
         return circle_id in self._circles
 
+    def keeps(self, circle_id: str) -> bool:
+        """Whether anything of the circle is kept here (for leak checks, issue 17)."""
+        return circle_id in self._circles
+
     def moved(self, circle_id: str) -> None:
         """Another process holds the circle now: close its sessions here with 1013 (the
         protocol's "try again"), so their clients reconnect with the resume secret and are

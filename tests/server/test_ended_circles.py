@@ -21,7 +21,7 @@ import pytest
 from rooms.subscription import CircleHub, Closed, Subscription
 from signaling.close import CloseCode
 from signaling.session import Session
-from tests.live import Client, Live
+from tests.live import Client, Live, token_of
 from tests.server.conftest import ack_of, circle_of
 
 
@@ -34,6 +34,13 @@ def no_cycle_collector() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+def kept_anywhere(live: Live, circle_id: str) -> dict[str, bool]:
+    parts = live.parts
+    return {"manager": parts.manager.keeps(circle_id), "local": parts.local.keeps(circle_id),
+            "store": parts.store.keeps(circle_id), "homes": parts.homes.keeps(circle_id),
+            "relay": parts.relay.stats()["circles"] > 0}
 
 
 async def end_through_the_api(live: Live, circle_id: str, moderator: Client) -> None:
@@ -52,6 +59,44 @@ async def end_through_the_api(live: Live, circle_id: str, moderator: Client) -> 
 
     assert isinstance(await asyncio.wait_for(last_item(), 10), Closed)
     await asyncio.wait_for(parts.local.idle.wait(), 10)
+
+
+async def test_an_ended_circle_is_forgotten_everywhere(live: Live) -> None:
+    circle, mod, a, b = await circle_of(live)
+    circle_id = circle["id"]
+    assert kept_anywhere(live, circle_id) == {"manager": True, "local": True, "store": True,
+                                              "homes": True, "relay": True}
+    await ack_of(a, "raise_hand")
+    await ack_of(a, "leave")
+    await ack_of(b, "leave_quietly")
+    assert await a.closed() == await b.closed() == CloseCode.LEFT
+
+    await end_through_the_api(live, circle_id, mod)
+
+    assert kept_anywhere(live, circle_id) == {"manager": False, "local": False, "store": False,
+                                              "homes": False, "relay": False}
+
+
+async def test_knocking_on_an_ended_or_made_up_circle_leaves_no_lock_behind(live: Live) -> None:
+    """A lock per circle id used to be made on first use and kept for good: one for every
+    ended circle, and one for every id a hello or an API call named, made up or not."""
+    circle, mod, _, _ = await circle_of(live)
+    circle_id = circle["id"]
+    await end_through_the_api(live, circle_id, mod)
+
+    late = await Client.connect(live)  # a valid member link of the ended circle
+    await late.send({"type": "hello", "token": token_of(circle["links"]["member"]), "name": "Melati"})
+    assert await late.closed() == CloseCode.NO_SUCH_CIRCLE
+    for method, path, body in [("DELETE", f"/api/circles/{circle_id}", None),
+                               ("POST", f"/api/circles/{circle_id}/invites", {"role": "member"}),
+                               ("DELETE", "/api/circles/made-up-circle", None),
+                               ("POST", "/api/circles/made-up-circle/invites", {"role": "member"})]:
+        status, _ = await live.api(method, path, body)
+        assert status == 404, (method, path)
+
+    for cid in (circle_id, "made-up-circle"):
+        assert kept_anywhere(live, cid) == {"manager": False, "local": False, "store": False,
+                                            "homes": False, "relay": False}
 
 
 async def test_closed_connections_and_the_hub_are_freed_by_reference_counting(
