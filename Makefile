@@ -24,6 +24,8 @@ bench: setup system web
 	$(PY) -m server.media.bench
 	$(PY) -m loadtest.fanout
 	$(PY) -m loadtest.fanout --store redis --rooms 400
+	$(PY) -m loadtest.soak --store memory --circles 100 --rounds 20
+	$(PY) -m loadtest.soak --store redis --circles 100 --rounds 20
 
 # A million frames through the real session, manager and rules in process (as a member, then
 # as a moderator), and a hundred thousand over real sockets to uvicorn (tests/fuzz).
