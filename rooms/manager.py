@@ -4,6 +4,11 @@ publish what happened, and keep each circle's timer armed.
 Several managers (processes) may share one store: a save that loses the race reloads and
 applies the command again, so every accepted command lands exactly once on the latest state.
 Refusals and no-ops are always decided on a freshly loaded state, never on the cache.
+
+A process keeps a circle (its event hub, its store subscription, its timer, the cached state)
+only while someone here subscribes to it or something in it falls due: a circle everyone
+left without ending it is forgotten then, not kept until the process stops (issue 17). The
+process that saves a deadline arms its own timer, so every deadline has one.
 """
 
 from __future__ import annotations
@@ -97,9 +102,10 @@ class RoomManager:
         except NoSuchCircle:
             self._cache.pop(circle_id, None)
             raise
-        cached = self._cache.get(circle_id)
-        if cached is None or cached.version <= state.version:
-            self._cache[circle_id] = state
+        if circle_id in self._known:  # the cache is for the circles kept here (see `_know`)
+            cached = self._cache.get(circle_id)
+            if cached is None or cached.version <= state.version:
+                self._cache[circle_id] = state
         return state
 
     async def circles(self) -> list[RoomState]:
@@ -213,29 +219,54 @@ class RoomManager:
         if known is None:
             hub = CircleHub(self._store, circle_id, load=lambda: self.load(circle_id),
                             on_version=lambda v: self._on_version(circle_id, v),
-                            on_gone=lambda: self._gone(circle_id))
+                            on_gone=self._gone, on_empty=self._unfollowed)
             known = self._known[circle_id] = _Known(hub)
         return known
 
     def _know(self, circle_id: str, state: RoomState) -> None:
-        """Make sure the circle has a hub, and its timer is at the state's next deadline."""
+        """Keep the circle's timer at the state's next deadline (with a hub, to hear of other
+        processes' saves); a circle with no deadline and no subscriber here is not kept."""
         if self._closed:
             return
-        known = self._hub(circle_id)
         due = rules.next_deadline(state)
-        if due == known.timer_at and (due is None or known.timer is not None):
-            return
-        if known.timer is not None:
-            known.timer.cancel()
-        known.timer, known.timer_at = None, due
-        if due is not None:
-            known.timer = self._clock.call_at(due, lambda: self._spawn_tick(circle_id))
+        known = self._known.get(circle_id)
+        if known is None:
+            if due is None:
+                self._forget(circle_id)
+                return
+            known = self._hub(circle_id)
+        if not (due == known.timer_at and (due is None or known.timer is not None)):
+            if known.timer is not None:
+                known.timer.cancel()
+            known.timer, known.timer_at = None, due
+            if due is not None:
+                known.timer = self._clock.call_at(due, lambda: self._spawn_tick(circle_id))
+        if due is None and not known.hub.followed:
+            self._forget(circle_id)
+
+    def _unfollowed(self, hub: CircleHub) -> None:
+        """The hub's last subscriber left: the circle goes too, unless a timer is armed."""
+        known = self._known.get(hub.circle_id)
+        if known is not None and known.hub is hub and known.timer is None:
+            self._forget(hub.circle_id)
+
+    def _forget(self, circle_id: str) -> None:
+        """Nothing of a circle nobody here follows and nothing is due in is kept here."""
+        known = self._known.pop(circle_id, None)
+        self._cache.pop(circle_id, None)
+        self._saving.pop(circle_id, None)
+        if known is not None:
+            if known.timer is not None:
+                known.timer.cancel()
+            known.hub.stop()  # nobody subscribes: nothing to close
 
     def _disarm(self, circle_id: str) -> None:
         known = self._known.get(circle_id)
         if known is not None and known.timer is not None:
             known.timer.cancel()
             known.timer, known.timer_at = None, None
+        if known is not None and not known.hub.followed:
+            self._forget(circle_id)
 
     def _spawn_tick(self, circle_id: str) -> asyncio.Task[None]:
         known = self._known.get(circle_id)
@@ -261,6 +292,7 @@ class RoomManager:
         if version < 0:
             self._cache.pop(circle_id, None)
             self._disarm(circle_id)
+            self._deleted(circle_id)
             return
         cached = self._cache.get(circle_id)
         if cached is not None and cached.version >= version:
@@ -283,12 +315,16 @@ class RoomManager:
             self._refreshing.discard(circle_id)
         self._know(circle_id, state)
 
-    def _gone(self, circle_id: str) -> None:
-        self._saving.pop(circle_id, None)
-        known = self._known.pop(circle_id, None)
-        if known is not None and known.timer is not None:
-            known.timer.cancel()
-        self._cache.pop(circle_id, None)
+    def _gone(self, hub: CircleHub) -> None:
+        """The hub heard that its circle was deleted (it has closed its subscribers)."""
+        circle_id = hub.circle_id
+        known = self._known.get(circle_id)
+        if known is not None and known.hub is hub:  # not a newer hub of the same id
+            del self._known[circle_id]
+            if known.timer is not None:
+                known.timer.cancel()
+            self._saving.pop(circle_id, None)
+            self._cache.pop(circle_id, None)
         self._deleted(circle_id)
 
     # ---- lifecycle ---------------------------------------------------------------------

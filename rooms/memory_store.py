@@ -100,14 +100,30 @@ class MemoryStore:
     def _room(self, circle_id: str) -> _Room:
         room = self._rooms.get(circle_id)
         if room is not None and self._clock() - room.touched >= self._idle_ms:
-            del self._rooms[circle_id]
+            self._drop(circle_id)
             room = None
         if room is None:
             raise NoSuchCircle(circle_id)
         return room
 
+    def _drop(self, circle_id: str) -> _Room | None:
+        room = self._rooms.pop(circle_id, None)
+        if room is not None:
+            if room.trim is not None:
+                room.trim.cancel()
+            room.log.clear()
+        return room
+
+    def _expire_idle(self) -> None:
+        """Circles nobody saved for `idle_seconds` are gone: checked on every listing and
+        creation too, so one that nobody touches again does not stay for good (issue 17)."""
+        now = self._clock()
+        for cid in [c for c, r in self._rooms.items() if now - r.touched >= self._idle_ms]:
+            self._drop(cid)
+
     async def create(self, circle_id: str, blob: bytes) -> None:
         version = state_version(blob)
+        self._expire_idle()
         try:
             self._room(circle_id)
         except NoSuchCircle:
@@ -176,17 +192,11 @@ class MemoryStore:
         return kept_events(room.log, room.version, version)
 
     async def delete(self, circle_id: str) -> None:
-        room = self._rooms.pop(circle_id, None)
-        if room is not None:
-            if room.trim is not None:
-                room.trim.cancel()
-            room.log.clear()
+        if self._drop(circle_id) is not None:
             self._wake(circle_id, -1, None)
 
     async def circle_ids(self) -> list[str]:
-        now = self._clock()
-        for cid in [c for c, r in self._rooms.items() if now - r.touched >= self._idle_ms]:
-            del self._rooms[cid]
+        self._expire_idle()
         return list(self._rooms)
 
     async def ping(self) -> None:

@@ -289,10 +289,12 @@ class RedisStore:
         # pub/sub: the circle's sessions live here (DESIGN §8), so that is the hot fan-out path.
         # Each version wakes them once: whichever of this and its published wake-up (an
         # unfenced save publishes one) comes second is skipped.
-        if self._woken.get(circle_id, -1) >= new_version:
+        # Only for circles someone here subscribes to: `_woken` must not outlive them.
+        subs = self._subs.get(circle_id)
+        if not subs or self._woken.get(circle_id, -1) >= new_version:
             return
         self._woken[circle_id] = new_version
-        for sub in list(self._subs.get(circle_id, ())):
+        for sub in list(subs):
             _call(sub.on_wake, circle_id, new_version, list(events))
 
     # Saves are pipelined on one connection of their own: whatever was asked for while the
@@ -541,6 +543,7 @@ class RedisStore:
             if current or circle_id not in self._subs:
                 return
             del self._subs[circle_id]
+            self._woken.pop(circle_id, None)
             self._confirmed.discard(circle_id)
             if self._pubsub is not None and not self._closed:
                 self._spawn(self._pubsub_call(self._pubsub.unsubscribe,
@@ -660,6 +663,8 @@ class RedisStore:
                     return
                 if version < 0:
                     self._woken.pop(circle_id, None)  # deleted (by any process)
+                elif not subs:
+                    return  # sent before we unsubscribed: nobody to wake, nothing to note
                 elif version <= self._woken.get(circle_id, -1):
                     return  # heard already (saved by this process)
                 else:

@@ -112,15 +112,19 @@ class CircleHub:
     """The one store subscription of a circle in this process, and its local subscribers.
 
     `on_version(v)` is told about every version seen (-1: deleted), so the manager can re-arm
-    the circle's timer; `load` gives the state for a `Resync`."""
+    the circle's timer; `load` gives the state for a `Resync`; `on_gone(hub)` once the circle
+    is deleted, `on_empty(hub)` when its last subscriber leaves (the hub itself is passed, so
+    that the callbacks need not hold it)."""
 
     def __init__(self, store: Store, circle_id: str, *, load: Callable[[], Awaitable[RoomState]],
-                 on_version: Callable[[int], None], on_gone: Callable[[], None]) -> None:
+                 on_version: Callable[[int], None], on_gone: Callable[[CircleHub], None],
+                 on_empty: Callable[[CircleHub], None] = lambda hub: None) -> None:
         self.circle_id = circle_id
         self._store = store
         self._load = load
         self._on_version = on_version
         self._on_gone = on_gone
+        self._on_empty = on_empty
         self._subs: list[Subscription] = []
         self._carried: dict[int, list[Event]] = {}  # version -> events, from wake-ups
         self._latest = -1
@@ -143,12 +147,23 @@ class CircleHub:
     def remove(self, sub: Subscription) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
+            if not self._subs and not self._deleted and not self._closed:
+                self._on_empty(self)
 
-    async def close(self) -> None:
+    @property
+    def followed(self) -> bool:
+        """Someone here subscribes to the circle."""
+        return bool(self._subs)
+
+    def stop(self) -> None:
+        """Unsubscribe from the store and stop the pump, now (`close` also waits for it)."""
         self._closed = True
         self._drop_store_subscription()
         self._dirty.set()  # the pump stops even if the cancel below is swallowed (see _run)
         self._pump.cancel()
+
+    async def close(self) -> None:
+        self.stop()
         await asyncio.gather(self._pump, return_exceptions=True)
         for sub in list(self._subs):
             sub.close()
@@ -232,7 +247,7 @@ class CircleHub:
                     sub.push(Closed())
                     sub.close()
                 self._drop_store_subscription()
-                self._on_gone()
+                self._on_gone(self)
                 return
 
     def _from_carried(self, last: int) -> list[Event] | None:

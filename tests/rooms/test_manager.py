@@ -15,7 +15,7 @@ from rooms.events import Event, Name
 from rooms.manager import RoomManager
 from rooms.model import Circle, FloorMode, Invite, Role
 from rooms.redis_store import RedisStore
-from rooms.store import NoSuchCircle, StoreUnavailable
+from rooms.store import NoSuchCircle, Store, StoreUnavailable
 from rooms.subscription import Closed, Item, Resync, Subscription
 from tests.redis_server import RedisServer
 from tests.rooms.conftest import MakeStore
@@ -200,6 +200,63 @@ async def test_ending_delivers_the_final_events_then_closes_and_deletes(
     with pytest.raises(NoSuchCircle):
         await make_store().load(circle_id)
     assert await a.circles() == []
+
+
+async def test_an_ended_circle_is_kept_by_no_manager(
+        managers: Callable[..., RoomManager], circle_id: str) -> None:
+    """Issue 17: neither the manager that ended it nor another that followed it keeps
+    anything of it, nor of an id it was asked about after it ended."""
+    a, b = managers(), managers()
+    await a.create(circle(circle_id), INVITES)
+    await a.execute(circle_id, join("mod", Role.MODERATOR))
+    sub = b.subscribe(circle_id, 1)
+    await asyncio.wait_for(sub.ready(), 10)
+    await a.execute(circle_id, c.End("mod"))
+    await take_until(sub, lambda i: isinstance(i, Closed))
+    for manager in (a, b):
+        with pytest.raises(NoSuchCircle):
+            await manager.execute(circle_id, c.RaiseHand("mod"))
+    assert not a.keeps(circle_id) and not b.keeps(circle_id)
+
+
+async def test_a_circle_left_without_ending_is_let_go_once_nobody_follows_it_and_nothing_is_due(
+        make_store: MakeStore, fake_clock: FakeClock, circle_id: str) -> None:
+    """Issue 17: everyone left and nobody ended the circle. It stays in the store until its
+    idle TTL, but the manager keeps nothing of it (hub, store subscription, cached state)
+    from when its last subscriber leaves and its last deadline has passed."""
+    store = make_store()
+    manager = RoomManager(store, clock=fake_clock)
+    try:
+        await _left_without_ending(manager, store, fake_clock, circle_id)
+    finally:
+        await manager.close()
+
+
+async def _left_without_ending(manager: RoomManager, store: Store, fake_clock: FakeClock,
+                               circle_id: str) -> None:
+    await manager.create(circle(circle_id), INVITES)
+    await manager.execute(circle_id, join("mod", Role.MODERATOR))
+    assert not manager.keeps(circle_id)  # what the organizer API does keeps nothing
+    await manager.load(circle_id)
+    assert not manager.keeps(circle_id)
+
+    sub = manager.subscribe(circle_id, 1)
+    state, _ = await manager.execute(circle_id, join("m1"))
+    await take_until(sub, lambda i: getattr(i, "name", None) is Name.MEMBER_JOINED)
+    assert manager.keeps(circle_id)
+    await manager.execute(circle_id, c.Leave("mod"))
+    await manager.execute(circle_id, c.Disconnect("m1", state.members["m1"].session))  # grace
+    sub.close()
+    assert manager.keeps(circle_id)  # the grace period's timer
+    await fake_clock.advance(30_000)  # the grace period runs out: the seat goes
+    assert "m1" not in (await manager.load(circle_id)).members
+    assert not manager.keeps(circle_id)
+    if isinstance(store, RedisStore):  # no subscription, nor the last version it woke
+        assert not store.keeps(circle_id)
+
+    again = manager.subscribe(circle_id, (await manager.load(circle_id)).version)  # it comes back
+    await manager.execute(circle_id, join("m2"))
+    assert [getattr(i, "name", None) for i in await take(again, 1)] == [Name.MEMBER_JOINED]
 
 
 async def test_concurrent_commands_from_several_managers_all_land(

@@ -217,6 +217,18 @@ async def test_memory_circles_expire_when_idle(fake_clock: FakeClock) -> None:
     await store.create("a", blob("a", 0))  # the id is free again
 
 
+async def test_an_idle_memory_circle_nobody_lists_goes_at_the_next_creation(
+        fake_clock: FakeClock) -> None:
+    from rooms.memory_store import MemoryStore
+
+    store = MemoryStore(idle_seconds=60, clock=fake_clock.now)
+    await store.create("a", blob("a", 0))
+    await fake_clock.advance(61_000)
+    assert store.keeps("a")  # nobody asked since
+    await store.create("b", blob("b", 0))
+    assert not store.keeps("a") and store.keeps("b")
+
+
 async def test_circle_ids_lists_live_circles(make_store: MakeStore) -> None:
     store = make_store()
     for cid in ("x1", "x2", "x3"):
