@@ -108,15 +108,20 @@ _ENCODED: dict[int, tuple[Event, bytes]] = {}
 
 
 def _encoded_event(event: Event) -> bytes:
-    """An event's frame bytes, encoded once for all the members it reaches (the hub hands
-    the same object to every subscriber; keeping it here keeps its id unique)."""
+    """An event's frame bytes, encoded once for all the members it reaches: the hub hands
+    the same object to every subscriber in one step of the event loop, so the cache lives
+    for that step only (keeping the event keeps its id unique meanwhile). Kept longer, it
+    held the last few hundred events, pseudonyms of departed members included, for as long
+    as the server stayed quiet (issue 17)."""
     if event.ephemeral:  # a private note's text is not kept, not even in this cache
         return f.encode_server_frame(event_frame(event))
     hit = _ENCODED.get(id(event))
     if hit is not None and hit[0] is event:
         return hit[1]
-    if len(_ENCODED) > 256:
-        _ENCODED.clear()
+    if not _ENCODED:
+        asyncio.get_running_loop().call_soon(_ENCODED.clear)
+    elif len(_ENCODED) > 256:
+        _ENCODED.clear()  # a clear is already due
     data = f.encode_server_frame(event_frame(event))
     _ENCODED[id(event)] = (event, data)
     return data

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from rooms.subscription import CircleHub, Closed, Subscription
+from signaling import session as session_module
 from signaling.close import CloseCode
 from signaling.session import Session
 from tests.live import Client, Live, token_of
@@ -75,6 +76,12 @@ async def test_an_ended_circle_is_forgotten_everywhere(live: Live) -> None:
 
     assert kept_anywhere(live, circle_id) == {"manager": False, "local": False, "store": False,
                                               "homes": False, "relay": False}
+    # The frames encoded once for every member are kept for one turn of the loop only:
+    # not the pseudonyms of those who left, for as long as the server stays quiet.
+    turn = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(turn.set_result, None)
+    await turn
+    assert session_module._ENCODED == {}
 
 
 async def test_knocking_on_an_ended_or_made_up_circle_leaves_no_lock_behind(live: Live) -> None:
