@@ -11,6 +11,7 @@ Timers are deadlines in the state; `next_deadline` says when a `Tick` is due.
 from __future__ import annotations
 
 import hmac
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -173,10 +174,18 @@ def joined_member_id(state: RoomState, command: c.Join) -> str:
     return state.invite_holders.get(command.invite_id, command.member_id)
 
 
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def valid_name(name: str) -> str | None:
-    """The pseudonym trimmed, or None when it is empty, too long or has control characters."""
+    """The pseudonym rule, the one place it is written (DESIGN §5): the name trimmed, or None
+    when it is not 1-32 characters or has a control character (Unicode Cc), a line or
+    paragraph separator, or a bidi override or isolate (a name that reverses the text after it
+    on everyone's screen)."""
     name = name.strip()
-    if not 1 <= len(name) <= NAME_MAX or any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
+    if not 1 <= len(name) <= NAME_MAX:
+        return None
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS for ch in name):
         return None
     return name
 

@@ -9,13 +9,14 @@ with :func:`decode_client_frame`, which raises :class:`FrameError` carrying an
 from __future__ import annotations
 
 import enum
-import unicodedata
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from rooms.rules import NAME_MAX, valid_name
+
 MAX_FRAME_BYTES: Final = 64 * 1024
-NAME_MAX_CHARS: Final = 32
+NAME_MAX_CHARS: Final = NAME_MAX
 PRIVATE_NOTE_MAX_CHARS: Final = 500
 
 Role = Literal["moderator", "member", "guest"]
@@ -321,22 +322,16 @@ _encoder: Final = msgspec.msgpack.Encoder()
 # (DecodeError, ValidationError), bad UTF-8 (UnicodeDecodeError, a ValueError), deep nesting.
 _DECODE_FAILURES: Final = (msgspec.DecodeError, ValueError, RecursionError)
 
-# Bidi overrides and isolates can make a pseudonym display as someone else's.
-_BIDI_CONTROLS: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
 def clean_name(raw: str) -> str:
     """Return the pseudonym trimmed, or raise ``FrameError(bad_frame)``.
 
     A name is 1–32 characters after trimming whitespace, with no control characters
     (Unicode category Cc), line or paragraph separators, or bidi overrides/isolates.
     """
-    name = raw.strip()
-    if not 1 <= len(name) <= NAME_MAX_CHARS:
-        raise FrameError(ErrorCode.BAD_FRAME, f"name must be 1-{NAME_MAX_CHARS} characters")
-    for char in name:
-        if unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in _BIDI_CONTROLS:
-            raise FrameError(ErrorCode.BAD_FRAME, "name must not contain control characters")
+    name = valid_name(raw)  # the rule is the room's (rooms.rules), written once
+    if name is None:
+        raise FrameError(ErrorCode.BAD_FRAME,
+                         f"name must be 1-{NAME_MAX_CHARS} characters, without control characters")
     return name
 
 

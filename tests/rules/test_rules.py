@@ -13,7 +13,9 @@ from rooms.rules import (
     lobby_circle,
     next_deadline,
     snapshot,
+    valid_name,
 )
+from signaling.frames import FrameError, clean_name
 from tests.rules.room import Room
 
 
@@ -482,3 +484,16 @@ def test_audible_event_tells_the_relay_when_who_is_heard_changes(room: Room) -> 
     heard = [e for e in events if e.name is Name.AUDIBLE]
     assert heard and heard[0].data == {"members": [a, mod]}
     assert heard[0].audience.kind is AudienceKind.SERVER
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 33, "Mel\x00ati", "Mel\u2028ati", "Mel\u202eati", "Mel\x85ati"])
+def test_the_rules_refuse_a_pseudonym_the_wire_refuses(name: str) -> None:
+    # One rule (rooms.rules.valid_name), which signaling.frames.clean_name applies too.
+    assert valid_name(name) is None
+    with pytest.raises(FrameError):
+        clean_name(name)
+
+
+def test_a_pseudonym_is_trimmed_and_may_carry_any_script() -> None:
+    assert valid_name("  Budi 👨‍👩‍👧 ") == "Budi 👨‍👩‍👧"
+    assert valid_name("ß" * 32) == "ß" * 32
