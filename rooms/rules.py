@@ -147,14 +147,6 @@ def audible(state: RoomState) -> list[str]:
     return heard
 
 
-def may_be_heard(state: RoomState, member_id: str) -> bool:
-    """Invariant 2, stated directly (the tests compare it with `audible`)."""
-    m = state.members.get(member_id)
-    if m is None or m.muted or m.listen_only or not m.connected:
-        return False
-    return m.role is Role.MODERATOR or state.holder == member_id or state.mode is FloorMode.OPEN
-
-
 def next_deadline(state: RoomState) -> int | None:
     """When a `Tick` is next due, or None."""
     due = [m.grace_deadline for m in (*state.members.values(), *state.lobby.values())

@@ -86,7 +86,7 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
     manager.when_deleted(homes.deleted)  # its lease went with it: nothing to renew
     member_ice = IceServers(stun=ice, turn_urls=settings.turn_urls, turn_secret=settings.turn_secret,
                             turn_ttl=settings.turn_ttl)
-    ws = WebSocketEndpoint(settings, local, manager, limits, settings.max_per_address, member_ice)
+    ws = WebSocketEndpoint(settings, local, limits, settings.max_per_address, member_ice)
     parts = Parts(settings, store, manager, relay, local, ws, homes)
     api = OrganizerApi(settings, manager)
 

@@ -147,13 +147,12 @@ class _StarletteTransport:
 
 
 class WebSocketEndpoint:
-    def __init__(self, settings: Settings, local: LocalCircles, manager: object,
+    def __init__(self, settings: Settings, local: LocalCircles,
                  limits: Limits = DEFAULT_LIMITS, max_per_address: int = 0,
                  ice: IceServers | None = None) -> None:
         self.settings = settings
         self.ice = ice or IceServers()
         self.local = local
-        self.manager = manager
         self.limits = limits
         self.max_per_address = max_per_address
         self._per_address: Counter[str] = Counter()
