@@ -5,14 +5,17 @@ Rounds of N circles on a `lingkar serve` subprocess of its own (free loopback po
 organizer creates it, a moderator joins, four members knock and are admitted from the lobby,
 each raises a hand and leaves (every other one quietly), and the organizer ends the circle
 (`DELETE /api/circles/{id}`). After each round the soak waits until the server reports no
-circle and no connection, then reads the server's RSS (VmRSS, /proc/<pid>/status).
+circle and no connection, then reads the server's RSS (VmRSS, /proc/<pid>/status). With
+`--media-circles K`, everyone in the first K circles of a round also connects to the media
+relay (an aiortc peer listening on its slots, `loadtest.peer`) before the hands go up, and
+closes it on the way out.
 
 Verdict: the RSS after the last round is within `--tolerance` (5 %) of the warm level, the
 RSS after round `--warm-round` (2), once at least 2,000 circles came and went. The exit
 status is 1 when it grew more, or when circles failed (2 when the run was too short to say).
 
     python -m loadtest.soak --store memory|redis [--circles 100] [--rounds 20] [--members 4]
-                            [--tracemalloc DIR [--frames 16]] [--out soak.json]
+                            [--media-circles 0] [--tracemalloc DIR [--frames 16]] [--out soak.json]
 
 With `--tracemalloc DIR` the server runs under `loadtest.tracemem`, which after every round
 writes DIR/growth-<n>.txt (the top of each is printed): the reference cycles a full
@@ -58,11 +61,12 @@ class RoundResult:
 
 
 class Soak:
-    def __init__(self, base_url: str, api_key: str, members: int) -> None:
+    def __init__(self, base_url: str, api_key: str, members: int, media_circles: int = 0) -> None:
         self.base = base_url
         self.key = api_key
         self.ws_url = base_url.replace("http://", "ws://") + "/ws"
         self.members = members
+        self.media_circles = media_circles
         self.connect_limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -100,6 +104,7 @@ class Soak:
         mod = Client(self.ws_url, f"Pendamping {index}")
         mod.on_event = on_moderator_event
         people = [mod]
+        peers: list[Any] = []
         try:
             await self.hello(mod, links["moderator"], "welcome")
 
@@ -117,6 +122,8 @@ class Soak:
                 return client
 
             inside = await asyncio.gather(*(member(k) for k in range(self.members)))
+            if index < self.media_circles:
+                await asyncio.gather(*(self.media(client, peers) for client in [mod, *inside]))
             for client in inside:
                 answer, _, _ = await client.command("raise_hand", STEP_TIMEOUT)
                 if answer["type"] != "ack":
@@ -133,7 +140,20 @@ class Soak:
             if code != CloseCode.ENDED:
                 raise RuntimeError(f"the moderator was closed with {code}, not {CloseCode.ENDED:d}")
         finally:
+            await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)
             await asyncio.gather(*(c.close() for c in people), return_exceptions=True)
+
+    async def media(self, client: Client, peers: list[Any]) -> None:
+        """Connect `client` to the relay: offer, answer, ICE and DTLS done."""
+        from loadtest.peer import LoadPeer  # aiortc only when media is asked for
+
+        peer = LoadPeer(lambda *heard: None)
+        peers.append(peer)
+        answer, _, _ = await client.command("offer", STEP_TIMEOUT, sdp=await peer.offer())
+        if answer["type"] != "answer":
+            raise RuntimeError(f"offer: {answer.get('code')}")
+        await peer.accept(answer["sdp"])
+        await asyncio.wait_for(peer.connected.wait(), STEP_TIMEOUT)
 
     async def round(self, circles: int) -> Counter[str]:
         results = await asyncio.gather(*(self.circle(i) for i in range(circles)),
@@ -190,7 +210,8 @@ def _mib(n: int) -> str:
 
 
 async def run(store_label: str, circles: int, rounds: int, members: int,
-              trace_dir: Path | None = None, frames: int = 16, top: int = 8) -> list[RoundResult]:
+              trace_dir: Path | None = None, frames: int = 16, top: int = 8,
+              media_circles: int = 0) -> list[RoundResult]:
     redis: RedisProcess | None = None
     server: ServerProcess | None = None
     log_path = Path(tempfile.gettempdir()) / f"lingkar-soak-{store_label}-{os.getpid()}.log"
@@ -208,7 +229,7 @@ async def run(store_label: str, circles: int, rounds: int, members: int,
         else:
             server = ServerProcess(store, log_path)
         await asyncio.to_thread(server.start)
-        soak = Soak(server.url, server.api_key, members)
+        soak = Soak(server.url, server.api_key, members, media_circles)
         print(f"{store_label}: server pid {server.pid} at {server.url}; RSS at start "
               f"{_mib(rss_bytes(server.pid))}", flush=True)
         traces = 0
@@ -280,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--circles", type=int, default=100, help="circles per round")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--members", type=int, default=4, help="members per circle, besides the moderator")
+    parser.add_argument("--media-circles", type=int, default=0, metavar="K",
+                        help="in the first K circles of each round everyone connects to the media relay")
     parser.add_argument("--warm-round", type=int, default=2, help="the RSS after this round is the warm level")
     parser.add_argument("--tolerance", type=float, default=0.05)
     parser.add_argument("--tracemalloc", type=Path, metavar="DIR",
@@ -291,17 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the rounds as JSON here")
     args = parser.parse_args(argv)
     if not (1 <= args.circles <= 500 and 1 <= args.rounds <= 200 and 1 <= args.members <= 12
-            and 1 <= args.warm_round):
-        parser.error("need 1 ≤ --circles ≤ 500, 1 ≤ --rounds ≤ 200, 1 ≤ --members ≤ 12, --warm-round ≥ 1")
+            and 1 <= args.warm_round and 0 <= args.media_circles <= args.circles):
+        parser.error("need 1 ≤ --circles ≤ 500, 1 ≤ --rounds ≤ 200, 1 ≤ --members ≤ 12, "
+                     "--warm-round ≥ 1, 0 ≤ --media-circles ≤ --circles")
     if args.tracemalloc is not None:
         args.tracemalloc.mkdir(parents=True, exist_ok=True)
     results = _run(run(args.store, args.circles, args.rounds, args.members, args.tracemalloc,
-                       args.frames, args.top))
+                       args.frames, args.top, args.media_circles))
     code, text = verdict(results, args.warm_round, args.tolerance, args.tracemalloc is not None)
     print(f"{args.store}: {text}", flush=True)
     if args.out:
         args.out.write_text(json.dumps({
             "store": args.store, "circles_per_round": args.circles, "members": args.members,
+            "media_circles": args.media_circles,
             "verdict": text, "rounds": [{"round": r.round, "circles": r.circles, "rss": r.rss,
                                          "seconds": round(r.seconds, 2), "failures": dict(r.failures)}
                                         for r in results]}, indent=1))

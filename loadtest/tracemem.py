@@ -25,6 +25,7 @@ import linecache
 import os
 import signal
 import sys
+import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -91,9 +92,11 @@ def _garbage_census() -> str:
     before = _rss()
     counts = gc.get_count()
     gc.set_debug(gc.DEBUG_SAVEALL)
+    started = time.perf_counter()
     try:
         found = gc.collect()
     finally:
+        took = time.perf_counter() - started
         gc.set_debug(0)
     by_type = Counter(_name(o) for o in gc.garbage)
     size = sum(sys.getsizeof(o) for o in gc.garbage)
@@ -101,7 +104,9 @@ def _garbage_census() -> str:
     gc.garbage.clear()
     gc.collect()
     lines = [f"gc: {found} unreachable objects in cycles ({size} B shallow) awaited a full "
-             f"collection (counts before {counts}); RSS {before} B -> {_rss()} B after freeing them\n"]
+             f"collection (counts before {counts}; it took {took * 1000:.1f} ms with "
+             f"{len(gc.get_objects())} objects tracked); RSS {before} B -> {_rss()} B after "
+             f"freeing them\n"]
     lines.extend(f"    {n:7d} {name}\n" for name, n in by_type.most_common(TOP))
     if cycles:
         lines.append("the cycles themselves (strongly connected parts of that garbage), by the "
