@@ -281,8 +281,9 @@ class RoomManager:
             self._disarm(circle_id)  # gone or ended: nothing more is due
         except (StoreError, CorruptState, Busy) as exc:
             log.warning("tick failed (%s); trying again", type(exc).__name__)
-            known = self._known.get(circle_id)
-            if known is not None and not self._closed:
+            if not self._closed:
+                # Kept for the retry, even if its last subscriber left while the tick ran.
+                known = self._hub(circle_id)
                 retry_at = self._clock.now() + TICK_RETRY_MS
                 known.timer = self._clock.call_at(retry_at, lambda: self._spawn_tick(circle_id))
                 known.timer_at = retry_at

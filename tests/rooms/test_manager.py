@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -257,6 +258,41 @@ async def _left_without_ending(manager: RoomManager, store: Store, fake_clock: F
     again = manager.subscribe(circle_id, (await manager.load(circle_id)).version)  # it comes back
     await manager.execute(circle_id, join("m2"))
     assert [getattr(i, "name", None) for i in await take(again, 1)] == [Name.MEMBER_JOINED]
+
+
+async def test_a_failed_tick_is_retried_even_if_the_last_subscriber_left_meanwhile(
+        fake_clock: FakeClock, circle_id: str) -> None:
+    from rooms.manager import TICK_RETRY_MS
+    from rooms.memory_store import MemoryStore
+
+    class Flaky(MemoryStore):
+        """Fails the next save, after running `during` (someone leaving as it happens)."""
+
+        during: Callable[[], None] | None = None
+
+        async def save(self, *args: Any, **kwargs: Any) -> None:
+            during, self.during = self.during, None
+            if during is not None:
+                during()
+                raise StoreUnavailable("down for a moment")
+            await super().save(*args, **kwargs)
+
+    store = Flaky(clock=fake_clock.now, timers=fake_clock)
+    manager = RoomManager(store, clock=fake_clock)
+    try:
+        await manager.create(circle(circle_id), INVITES)
+        await manager.execute(circle_id, join("mod", Role.MODERATOR))
+        state, _ = await manager.execute(circle_id, join("m1"))
+        sub = manager.subscribe(circle_id, state.version)
+        await manager.execute(circle_id, c.Disconnect("m1", state.members["m1"].session))
+        store.during = sub.close  # the grace tick fails as the last subscriber leaves
+        await fake_clock.advance(30_000)
+        assert "m1" in (await manager.load(circle_id)).members
+        await fake_clock.advance(TICK_RETRY_MS)
+        assert "m1" not in (await manager.load(circle_id)).members
+        assert not manager.keeps(circle_id)
+    finally:
+        await manager.close()
 
 
 async def test_concurrent_commands_from_several_managers_all_land(
