@@ -2,12 +2,17 @@
 // listening only), then S recvonly slots; complete (non-trickle) offer. No camera: audio only.
 //
 // Media that recovers (§7 "Real networks"): when the connection fails, stays `disconnected` for
-// ~2 s, receives nothing at all for ~4 s (Chrome takes 7 s or more to call a dead path
-// `disconnected`), has its DTLS closed by the server, never connects, or the network changes, a new
-// RTCPeerConnection (the same microphone track, the same slots) is offered on the same signaling
-// session. That is our "ICE restart": aiortc cannot answer a real one, and the server replaces a
-// member's PeerConnection on every offer without touching seat, floor or mutes. Attempts after the
-// first back off (1 s, 2 s, … 30 s); nothing runs after stop().
+// ~2 s, receives nothing at all for ~3 s while a STUN check of its own goes unanswered (Chrome
+// takes 7 s or more to call a dead path `disconnected`), has its DTLS closed by the server, never
+// connects, or the network changes, a new RTCPeerConnection (the same microphone track, the same
+// slots) is offered on the same signaling session. That is our "ICE restart": aiortc cannot answer
+// a real one, and the server replaces a member's PeerConnection on every offer without touching
+// seat, floor or mutes. Attempts after the first back off (1 s, 2 s, … 30 s); nothing runs after
+// stop().
+//
+// A path that is lost (failed, disconnected, silent, another network) is told to onPathLost: the
+// signaling WebSocket went out the same way, and Chromium keeps a socket whose local address is
+// gone OPEN for minutes (tests/net/test_browser_networks.py), so the offer would wait on it.
 
 const GATHER_TIMEOUT_MS = 5000;
 const SPEAKING_LEVEL = 0.03;
@@ -17,12 +22,25 @@ const CONNECT_TIMEOUT_MS = 15000;     // answered but never connected: try again
 const RETRY_BASE_MS = 1000;
 const RETRY_MAX_MS = 30000;
 const STABLE_MS = 10000;              // connected this long: the backoff starts over
-// A connected path carries something several times a second: the server's RTCP (a sender report
-// per slot every 0.5–1.5 s) and the answers to ICE consent checks. Received bytes are read once a
-// second; this many reads in a row without a new byte mean the path is gone. (Counted in reads,
-// not in clock time: a tab in the background reads less often and never looks silent for it.)
-const WATCH_MS = 1000;
-const SILENT_READS = 4;
+// What arrives on a live path: RTP and RTCP when anyone is heard or we send (the server's receiver
+// reports), and always the STUN answers to the browser's own checks (Chromium checks the selected
+// pair every 2.5 s once it is stable; RFC 7675 consent checks come every 4-6 s) and the server's
+// consent checks (aioice: every 4-6 s). A listener in a quiet circle gets no RTP or RTCP at all:
+// bytes alone would call her path dead, and did, every ~5 s (tests/net/test_browser_networks.py).
+// What arrived and how many checks went out are read twice a second; the path is gone when
+// nothing arrived for SILENT_READS reads and a check of ours has gone unanswered for
+// UNANSWERED_READS of them (on a live path every check is answered within a round trip), or when
+// nothing arrived for MUTE_READS reads whatever the checks say (a browser that does not count
+// them). Chromium after an address change: its next check goes out within 2.5 s, unanswered, and
+// the rebuild starts 3-4 s after the last packet (its own `disconnected` comes 7 s in). (Counted in
+// reads, not in clock time: a tab in the background reads less often and never looks silent.)
+const WATCH_MS = 500;
+const SILENT_READS = 6;
+const UNANSWERED_READS = 2;
+const MUTE_READS = 16;
+// Reasons to rebuild that say the network path itself is gone (not the server's DTLS close, a
+// refused or unanswered offer, or a connection that never came up).
+const PATH_LOST = new Set(['failed', 'disconnected', 'silent', 'network']);
 
 /** Ask for the microphone. Only ever called when the member chose to speak. */
 export function requestMicrophone() {
@@ -60,8 +78,10 @@ export class Media {
    * negotiate(sdp): sends the offer on the signaling session and resolves with the answer's SDP;
    *   rejects with {code: 'offline'} while the session is down (its next welcome calls start()).
    * onStatus(status): 'connecting' (the first time) | 'connected' | 'reconnecting' | 'idle'.
+   * onPathLost(reason): the network path is gone ('failed', 'disconnected', 'silent', 'network'),
+   *   told as the rebuild starts; the socket that went out the same way may be dead too.
    */
-  constructor({ iceServers, slots, listenOnly, stream, audioElements, onSpeaking, negotiate, onStatus }) {
+  constructor({ iceServers, slots, listenOnly, stream, audioElements, onSpeaking, negotiate, onStatus, onPathLost }) {
     this.iceServers = [];
     this.setIceServers(iceServers);
     this.slotCount = Math.min(slots ?? 3, audioElements.length);
@@ -71,6 +91,7 @@ export class Media {
     this.onSpeaking = onSpeaking ?? (() => {});
     this.negotiate = negotiate;
     this.onStatus = onStatus ?? (() => {});
+    this.onPathLost = onPathLost ?? (() => {});
     this.slotMembers = new Array(this.slotCount).fill(null);
     this.pc = null;
     this.slotReceivers = [];
@@ -161,6 +182,7 @@ export class Media {
     this.generation += 1;            // from now on the old connection's news is stale
     this.lastReason = reason;
     this.setStatus('reconnecting');
+    if (PATH_LOST.has(reason)) this.onPathLost(reason);
     const n = this.attempts++;
     const delay = n === 0 ? 0 : Math.min(RETRY_MAX_MS, RETRY_BASE_MS * 2 ** (n - 1)) * (0.75 + Math.random() / 2);
     this.retryTimer = setTimeout(() => { this.retryTimer = null; this.connect(); }, delay);
@@ -193,20 +215,32 @@ export class Media {
     }
   }
 
-  /** While connected: the bytes received, once a second; SILENT_READS reads without any, recover(). */
+  /** While connected: what arrived and the checks sent, twice a second; a path gone, recover(). */
   watchSilence(pc, gen) {
     if (this.watchTimer) return;
-    let last = null;
-    let silent = 0;
+    let read = 0;
+    let last = null;              // what had arrived at the previous read
+    let lastSent = null;          // checks sent by then
+    let arrivedAt = 0;            // the read that last saw something new
+    let checkAt = null;           // the first read that saw a check go out after that
     const timer = setInterval(async () => {
       if (gen !== this.generation || this.stopped) { clearInterval(timer); return; }
       if (pc.connectionState !== 'connected') return;   // the state checks deal with that
-      let bytes;
-      try { bytes = receivedBytes(await pc.getStats()); } catch { return; }
-      if (gen !== this.generation || bytes === null) return;
-      silent = bytes === last ? silent + 1 : 0;
-      last = bytes;
-      if (silent >= SILENT_READS) this.recover('silent');
+      let now;
+      try { now = arrivals(await pc.getStats()); } catch { return; }
+      if (gen !== this.generation || now.seen === null) return;
+      read += 1;
+      if (now.seen !== last) {
+        arrivedAt = read;
+        checkAt = null;
+      } else if (checkAt === null && now.sent !== null && lastSent !== null && now.sent > lastSent) {
+        checkAt = read;
+      }
+      last = now.seen;
+      lastSent = now.sent;
+      const quiet = read - arrivedAt;
+      const unanswered = checkAt !== null && read - checkAt >= UNANSWERED_READS;
+      if ((quiet >= SILENT_READS && unanswered) || quiet >= MUTE_READS) this.recover('silent');
     }, WATCH_MS);
     this.watchTimer = timer;
   }
@@ -346,15 +380,27 @@ export class Media {
   }
 }
 
-/** Bytes received on the connection's transport (all of it: RTP, RTCP, DTLS, STUN), or null. */
-function receivedBytes(stats) {
+/**
+ * seen: a count that grows with everything that arrived on the connection: the bytes of its
+ * transport (RTP, RTCP, DTLS; Chromium counts no STUN in them) and, on every candidate pair, the
+ * STUN answers to our checks and the STUN checks from the server (null when the stats carry none of
+ * it). sent: the STUN checks sent on every candidate pair, or null when they are not counted.
+ */
+function arrivals(stats) {
   let transport = null;
   let pair = null;
+  let stun = null;
+  let sent = null;
+  const add = (sum, n) => (typeof n === 'number' ? (sum ?? 0) + n : sum);
   stats.forEach((r) => {
-    if (r.type === 'transport' && typeof r.bytesReceived === 'number') transport = (transport ?? 0) + r.bytesReceived;
-    if (r.type === 'candidate-pair' && r.nominated && typeof r.bytesReceived === 'number') pair = (pair ?? 0) + r.bytesReceived;
+    if (r.type === 'transport') transport = add(transport, r.bytesReceived);
+    if (r.type !== 'candidate-pair') return;
+    if (r.nominated) pair = add(pair, r.bytesReceived);
+    stun = add(add(stun, r.responsesReceived), r.requestsReceived);
+    sent = add(sent, r.requestsSent);
   });
-  return transport ?? pair;
+  const bytes = transport ?? pair;
+  return { seen: bytes === null && stun === null ? null : (bytes ?? 0) + (stun ?? 0), sent };
 }
 
 /** A PeerConnection with these ICE servers; without them if the browser refuses the list. */

@@ -31,6 +31,12 @@ class FakePC extends EventTarget {
     this.dtls = new FakeDtls();
     this.bytes = 0;
     this.silent = false;        // true: getStats shows no new byte
+    this.checks = 0;            // STUN checks sent on the selected pair: one every checkEvery ms
+    this.checkEvery = 2500;     // Chromium's, once the pair is stable
+    this.answers = 0;           // and the answers to them
+    this.answering = true;      // false: checks go unanswered (the path is gone)
+    this.countsChecks = true;   // false: a browser whose stats carry no requestsSent
+    this.checkedAt = Date.now();
     this.closed = false;
     FakePC.all.push(this);
   }
@@ -46,7 +52,14 @@ class FakePC extends EventTarget {
   async setRemoteDescription(d) { this.remoteDescription = d; }
   async getStats() {
     if (!this.silent) this.bytes += 100;
-    return new Map([['T', { type: 'transport', bytesReceived: this.bytes }]]);
+    while (Date.now() - this.checkedAt >= this.checkEvery) {
+      this.checkedAt += this.checkEvery;
+      this.checks += 1;
+      if (this.answering) this.answers += 1;
+    }
+    const pair = { type: 'candidate-pair', nominated: true, bytesReceived: this.bytes, responsesReceived: this.answers, requestsReceived: 0 };
+    if (this.countsChecks) pair.requestsSent = this.checks;
+    return new Map([['T', { type: 'transport', bytesReceived: this.bytes, selectedCandidatePairId: 'P' }], ['P', pair]]);
   }
   close() { this.closed = true; }
   set(state) {
@@ -72,7 +85,7 @@ const last = () => FakePC.all[FakePC.all.length - 1];
 
 /** A Media whose signaling answers every offer (or as `answer(sdp)` says), with a log. */
 function makeMedia({ answer } = {}) {
-  const log = { offers: [], statuses: [] };
+  const log = { offers: [], statuses: [], lost: [] };
   const media = new Media({
     slots: 3,
     listenOnly: false,
@@ -83,6 +96,7 @@ function makeMedia({ answer } = {}) {
       return answer ? answer(sdp) : `answer to ${sdp}`;
     },
     onStatus: (s) => log.statuses.push(s),
+    onPathLost: (reason) => log.lost.push(reason),
   });
   return { media, log };
 }
@@ -168,17 +182,92 @@ test('the server closing the DTLS transport: a new PeerConnection at once', asyn
   media.stop();
 });
 
-test('nothing received for four reads in a row while connected: a new PeerConnection', async () => {
+/** Reads (500 ms apart) until a second PeerConnection is made, at most `most`; null if none. */
+async function readsUntilRebuilt(most) {
+  for (let read = 1; read <= most; read++) {
+    mock.timers.tick(500);
+    await flush();
+    if (FakePC.all.length > 1) return read;
+  }
+  return null;
+}
+
+test('a path gone (nothing arrives, our checks unanswered): a new PeerConnection after 3-4 s', async () => {
   const { media } = await connected();
-  for (let i = 0; i < 10; i++) { mock.timers.tick(1000); await flush(); }
+  for (let i = 0; i < 20; i++) { mock.timers.tick(500); await flush(); }
   assert.equal(FakePC.all.length, 1, 'a path that carries bytes is left alone');
   last().silent = true;
-  for (let i = 0; i < 3; i++) { mock.timers.tick(1000); await flush(); }
-  assert.equal(FakePC.all.length, 1);
-  mock.timers.tick(1000);
-  await flush();
-  assert.equal(FakePC.all.length, 2);
+  last().answering = false;
+  const read = await readsUntilRebuilt(10);
+  assert.ok(read >= 6 && read <= 8, `rebuilt at read ${read}`);
   assert.equal(media.lastReason, 'silent');
+  media.stop();
+});
+
+test('a quiet circle: no RTP or RTCP at all, only STUN answers every 2.5 s, is a live path', async () => {
+  const { media } = await connected();
+  last().silent = true;                       // a listener, nobody heard: the server sends nothing
+  assert.equal(await readsUntilRebuilt(120), null, 'rebuilt a quiet but live connection');
+  last().answering = false;                   // and then the path goes: no answer any more
+  const read = await readsUntilRebuilt(12);
+  assert.ok(read !== null && read <= 10, `rebuilt at read ${read}`);
+  assert.equal(media.lastReason, 'silent');
+  media.stop();
+});
+
+test('checks every 5 s, each answered, and nothing else: left alone; unanswered: rebuilt', async () => {
+  const { media } = await connected();
+  last().silent = true;                       // a quiet circle in a browser that checks less often
+  last().checkEvery = 5000;
+  assert.equal(await readsUntilRebuilt(60), null, 'quiet spells between answered checks are no dead path');
+  last().answering = false;
+  const read = await readsUntilRebuilt(14);
+  assert.ok(read !== null && read >= 6, `rebuilt at read ${read}`);
+  assert.equal(media.lastReason, 'silent');
+  media.stop();
+});
+
+test('a browser that counts no checks: a new PeerConnection after 8 s with nothing at all', async () => {
+  const { media } = await connected();
+  for (let i = 0; i < 4; i++) { mock.timers.tick(500); await flush(); }
+  last().countsChecks = false;
+  last().silent = true;
+  last().answering = false;
+  assert.equal(await readsUntilRebuilt(20), 16);
+  assert.equal(media.lastReason, 'silent');
+  media.stop();
+});
+
+test('a lost path is told to onPathLost (the socket went that way too); a server close or a refusal is not', async () => {
+  const { media, log } = await connected({ answer: (sdp) => {
+    if (sdp === 'offer 3') throw { code: 'bad_frame' };
+    return `answer to ${sdp}`;
+  } });
+  last().set('failed');
+  await flush();
+  last().set('connected');
+  mock.timers.tick(10000);                    // lasted: the next loss rebuilds at once
+  win.dispatchEvent(new Event('online'));
+  await flush();
+  last().set('connected');
+  mock.timers.tick(10000);
+  last().dtls.set('closed');                  // the server's close: the path is fine
+  await flush();
+  assert.equal(log.offers.length, 4);         // offer 3 refused: a retry after backoff
+  mock.timers.tick(2000);
+  await flush();
+  last().set('connected');
+  mock.timers.tick(10000);
+  last().set('disconnected');
+  mock.timers.tick(2000);
+  await flush();
+  last().set('connected');
+  mock.timers.tick(10000);
+  last().silent = true;
+  last().answering = false;
+  for (let i = 0; i < 10; i++) { mock.timers.tick(500); await flush(); }
+  assert.equal(media.lastReason, 'silent');
+  assert.deepEqual(log.lost, ['failed', 'network', 'disconnected', 'silent']);
   media.stop();
 });
 
