@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import json
 import sys
 import time
 import types
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc.rtp import RtpPacket
 
 from tests.live import Client, token_of
 from tests.media.peers import Arrival, ClientPeer, _poke, wait_until
@@ -42,6 +45,19 @@ class NetPeer(ClientPeer):
         servers = [RTCIceServer(**server) for server in ice_servers]
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
         self.pc.on("connectionstatechange", _poke)
+        self.on_slot_packet: Callable[[int, int], None] | None = None
+
+    def _sink(self, slot: int) -> Callable[[RtpPacket, int], None]:
+        """ClientPeer's counting by marked source, and every packet's slot and payload size
+        (a browser's packets carry no marker: they are told apart by slot)."""
+        counted = super()._sink(slot)
+
+        def on_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
+            counted(packet, arrival_time_ms)
+            if self.on_slot_packet is not None:
+                self.on_slot_packet(slot, len(packet.payload))
+
+        return on_packet
 
     async def close(self) -> None:
         await self._unused.close()
@@ -103,6 +119,7 @@ class Agent:
         self.listen_only = False
         self.ice_servers: list[dict[str, Any]] = []
         self.heard: dict[str, Heard] = {}
+        self.slot_packets: dict[int, list[tuple[float, int]]] = {}  # slot: (arrival, payload size)
         self.joined_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -110,6 +127,9 @@ class Agent:
 
     def _on_arrival(self, arrival: Arrival) -> None:
         self.heard.setdefault(arrival.source, Heard()).add(arrival.seq)
+
+    def _on_slot_packet(self, slot: int, size: int) -> None:
+        self.slot_packets.setdefault(slot, []).append((time.monotonic(), size))
 
     @property
     def source(self) -> str:
@@ -177,6 +197,7 @@ class Agent:
         peer = NetPeer(self.source, self.ice_servers, mic=not self.listen_only,
                        hz=440.0 + 110 * (len(self.name) % 4))
         peer.on_arrival = self._on_arrival
+        peer.on_slot_packet = self._on_slot_packet
         self.peer = peer
         offer = await peer.offer()
         start = len(client.frames)
@@ -234,6 +255,36 @@ class Agent:
 
         await wait_until(enough, within)
         return self.heard[source].summary()
+
+    def _slot_of(self, member_id: str) -> int | None:
+        """The slot the latest `media {slots}` frame gives `member_id`, or None."""
+        latest = next((fr for fr in reversed(self._need_client().frames) if fr.get("type") == "media"), None)
+        slots = list(latest["slots"]) if latest else []
+        return slots.index(member_id) if member_id in slots else None
+
+    async def op_wait_member(self, member_id: str, n: int, since: float = 0.0, min_size: int = 0,
+                             within: float = 30.0) -> dict[str, Any]:
+        """Wait until `n` packets of at least `min_size` payload bytes have arrived after
+        `since` (time.monotonic(), system-wide) in the slot that carries `member_id`: how a
+        listener counts a browser's packets, which carry no marker. Returns the slot, the
+        count, when the first and the n-th of them came, and the sizes seen."""
+        def counted() -> list[tuple[float, int]]:
+            slot = self._slot_of(member_id)
+            packets = self.slot_packets.get(slot, []) if slot is not None else []
+            start = bisect.bisect_right(packets, (since, 1 << 30))  # in arrival order
+            return [(at, size) for at, size in packets[start:] if size >= min_size]
+
+        await wait_until(lambda: len(counted()) >= n, within)
+        got = counted()
+        sizes = sorted(size for _, size in got)
+        return {"slot": self._slot_of(member_id), "count": len(got), "first_at": got[0][0],
+                "nth_at": got[n - 1][0], "size_p50": sizes[len(sizes) // 2], "size_max": sizes[-1]}
+
+    async def op_slot_log(self, member_id: str, since: float = 0.0) -> dict[str, Any]:
+        """Every packet (arrival, size) after `since` in the slot of `member_id`."""
+        slot = self._slot_of(member_id)
+        packets = self.slot_packets.get(slot, []) if slot is not None else []
+        return {"slot": slot, "packets": packets[bisect.bisect_right(packets, (since, 1 << 30)):]}
 
     async def op_heard(self, source: str) -> dict[str, Any]:
         return self.heard.get(source, Heard()).summary()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from . import netlab
+from . import browser, netlab
+from .browser import Browsers
 from .world import World
 
 
@@ -42,3 +43,14 @@ async def world(namespaces: None, tmp_path: Path, request: pytest.FixtureRequest
             for log in sorted(logs.glob("*.log")):
                 lines = log.read_text(errors="replace").splitlines()[-25:]
                 print(f"--- {log.name} (last {len(lines)} lines) ---", *lines, sep="\n")
+
+
+@pytest.fixture
+async def chromium(world: World) -> AsyncIterator[Browsers]:
+    """Playwright, for Chromium processes inside the world's namespaces (tests/net/browser.py);
+    closed before the world is torn down (which kills whatever is left in its namespaces)."""
+    reason = browser.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    async with browser.browsers(world.logs, world.server_url) as the_browsers:
+        yield the_browsers

@@ -392,17 +392,23 @@ table ip lk_nat {{
         home.uplinks.append((interface, address, gateway))
         return "la", "lb"
 
-    def use(self, home: Home, index: int) -> None:
+    def use(self, home: Home, index: int, *, overlap: bool = False) -> None:
         """Switch the home to uplink `index`: the old interface loses its address and goes
-        down (Wi-Fi gone), the new one comes up with its own address and default route."""
-        commands = []
-        if home.current is not None:
-            old = home.uplinks[home.current][0]
-            commands += [f"addr flush dev {old}", f"link set dev {old} down"]
+        down (Wi-Fi gone), the new one comes up with its own address and default route, in
+        one `ip` batch. `overlap`: the new one is up with its address and the default route
+        first, and only then does the old one go (a phone whose mobile data was up all along):
+        the host is never without an address."""
+        old = home.uplinks[home.current][0] if home.current is not None else None
         interface, address, gateway = home.uplinks[index]
-        commands += [f"link set dev {interface} up", f"addr add {address}/24 dev {interface}",
-                     f"route replace default via {gateway} dev {interface}"]
-        self.lab.ip(home.ns, *commands)
+        new = [f"link set dev {interface} up", f"addr add {address}/24 dev {interface}",
+               f"route replace default via {gateway} dev {interface}"]
+        gone = [f"addr flush dev {old}", f"link set dev {old} down"] if old else []
+        if overlap:
+            self.lab.ip(home.ns, *new)
+            if gone:
+                self.lab.ip(home.ns, *gone)
+        else:
+            self.lab.ip(home.ns, *gone, *new)
         home.current = index
 
 
