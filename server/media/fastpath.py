@@ -46,6 +46,7 @@ import logging
 import random
 import struct
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -73,6 +74,15 @@ _RTP_COMPONENT = 1
 PENDING = 10  # packets kept for a listener whose connection is not up yet
 RTCP_INTERVAL = 5.0  # seconds between a slot's sender reports (libwebrtc's audio default)
 _CONNECTED = State.CONNECTED
+
+
+class _Closed:
+    """Stands in for the DTLS transport of a closed `RtpOut`: never connected."""
+
+    _state = State.CLOSED
+
+
+_CLOSED = _Closed()
 _ffi = _srtp_binding.ffi
 _srtp_protect = _srtp_binding.lib.srtp_protect
 _SRTP_TRAILER = pylibsrtp.SRTP_MAX_TRAILER_LEN  # room libsrtp may add to a packet
@@ -253,6 +263,30 @@ class RtpOut:
         sender._run_rtcp = self._run_rtcp  # type: ignore[method-assign]
         sender.getStats = self._get_stats  # type: ignore[method-assign]
 
+    def close(self) -> None:
+        """Send nothing more; take back what this installed on the sender and its DTLS
+        transport and let go of both, so no reference cycle runs through this object (a
+        closed connection is then freed by reference counting, not by a full collection).
+
+        The sender's RTCP loop, if running, goes on until ``RTCRtpSender.stop()`` with the
+        counters brought up to date here (it holds the sender itself). Idempotent."""
+        sender = self._sender
+        if sender is None:
+            return
+        self.sync_counters()
+        installed = vars(sender)
+        for name, method in (("_run_rtcp", self._run_rtcp), ("getStats", self._get_stats)):
+            if installed.get(name) == method:
+                del installed[name]
+        dtls = self._dtls
+        if self._flush in dtls.listeners("statechange"):
+            dtls.remove_listener("statechange", self._flush)
+        self._sender = None
+        self._dtls = _CLOSED
+        self._nominated = {}
+        self._pending = None
+        self._pair = self._sendto = self._session = self._srtp = self._cdata = self._buffer = None
+
     def _flush(self) -> None:
         pending = self._pending
         if pending is None or self._dtls._state is not _CONNECTED:
@@ -335,8 +369,11 @@ class RtpOut:
 
     def sync_counters(self) -> None:
         """Copy what was sent since the last call into aiortc's counters (sender reports
-        and ``getStats()`` read them): at every RTCP tick and in the sender's getStats."""
+        and ``getStats()`` read them): at every RTCP tick and in the sender's getStats
+        (nothing once closed)."""
         sender, dtls = self._sender, self._dtls
+        if sender is None:
+            return
         packets = self.sent - self._synced[0]
         if packets:
             sender._RTCRtpSender__packet_count += packets
@@ -421,13 +458,19 @@ def ignore_rtcp(connection: Any) -> None:
     control for audio it passes through. At 300 listen-only members that was a third of the
     relay's idle CPU (`python -m server.media.bench`). RTP, DTLS and STUN (consent) are
     untouched; `connection` is the peer's ``aioice.Connection`` (RFC 5761 §4 demultiplexing:
-    RTCP packet types 192-223, RFC 7983 first-byte range 128-191)."""
-    queue = connection.data_received
+    RTCP packet types 192-223, RFC 7983 first-byte range 128-191).
+
+    The replacement holds the connection weakly: installed on the connection, a strong
+    reference would make a cycle that only a full collection frees."""
+    queue = type(connection).data_received
+    ref = weakref.ref(connection)
 
     def data_received(data: bytes, component: int) -> None:
         if len(data) > 1 and 127 < data[0] < 192 and 191 < data[1] < 224:
             return
-        queue(data, component)
+        connection = ref()
+        if connection is not None:
+            queue(connection, data, component)
 
     connection.data_received = data_received
 

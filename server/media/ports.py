@@ -46,6 +46,7 @@ import inspect
 import ipaddress
 import logging
 import socket
+import weakref
 from typing import Any
 
 import aioice
@@ -166,9 +167,15 @@ class Gathering:
             self._install(connection)
 
     def _install(self, connection: ice.Connection) -> None:
+        # held weakly: a closure on the connection holding it would be a reference cycle
+        ref = weakref.ref(connection)
+
         async def get_component_candidates(
             component: int, addresses: list[str], timeout: int = 5
         ) -> list[Candidate]:
+            connection = ref()
+            if connection is None:
+                return []
             return await self._gather(connection, component, addresses)
 
         connection.get_component_candidates = get_component_candidates  # type: ignore[method-assign]

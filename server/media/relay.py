@@ -11,13 +11,14 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import (
     RTCConfiguration,
     RTCIceServer,
     RTCPeerConnection,
+    RTCRtpReceiver,
     RTCRtpSender,
     RTCSessionDescription,
     sdp,
@@ -61,6 +62,18 @@ class _Peer:
     member_id: str
     pc: RTCPeerConnection
     closed: bool = False
+    outs: list[fastpath.RtpOut] = field(default_factory=list)
+    tapped: RTCRtpReceiver | None = None
+
+    def release(self) -> None:
+        """Take back what the relay installed on the (closed) connection and drop the
+        handlers that hold the peer, so none of it is kept by a reference cycle."""
+        for out in self.outs:
+            out.close()
+        if self.tapped is not None:
+            tap.remove_tap(self.tapped)
+            self.tapped = None
+        self.pc.remove_all_listeners()
 
 
 @dataclass(frozen=True)
@@ -220,6 +233,7 @@ class MediaRelay:
                 del self._peers[(circle_id, member_id)]
             peer.closed = True
             await pc.close()
+            peer.release()
             self._changed()
             raise
 
@@ -283,13 +297,15 @@ class MediaRelay:
             if codec is None or codec.mimeType.lower() != OPUS:
                 raise OfferError(OfferProblem.UNSUPPORTED)
             tap.install_tap(mic.receiver, self._sink(peer, codec.payloadType))
+            peer.tapped = mic.receiver
         if mic is None and senders:  # listening only: its RTCP is about our slots only
             fastpath.ignore_rtcp(next(iter(senders.values())).transport.transport._connection)
         slots = []
         for mid in shape.slot_mids:
             if mid in senders:
                 out = fastpath.RtpOut(senders[mid], media[mid], first_codec[mid].payloadType)
-                slots.append(Slot(out.send))
+                peer.outs.append(out)
+                slots.append(Slot(out.send, out.close))
         return slots
 
     # -- the packet path ---------------------------------------------------------------
@@ -380,7 +396,7 @@ class MediaRelay:
         peer = self._peers.get((circle_id, member_id))
         if peer is None or not self._detach(peer):
             return self._finish([])
-        return self._finish([peer.pc])
+        return self._finish([peer])
 
     def _detach(self, peer: _Peer) -> bool:
         """The synchronous half of closing a peer; False if it was closed already."""
@@ -394,13 +410,17 @@ class MediaRelay:
             self._notify_slots(peer.circle_id, circle.remove(peer.member_id))
         return True
 
-    async def _finish(self, pcs: list[RTCPeerConnection]) -> None:
-        await asyncio.gather(*(pc.close() for pc in pcs))
+    async def _finish(self, peers: list[_Peer]) -> None:
+        try:
+            await asyncio.gather(*(peer.pc.close() for peer in peers))
+        finally:
+            for peer in peers:
+                peer.release()
         self._changed()
 
     async def _close_peer(self, peer: _Peer) -> None:
         if self._detach(peer):
-            await self._finish([peer.pc])
+            await self._finish([peer])
 
     def close_circle(self, circle_id: str) -> Coroutine[Any, Any, None]:
         """Take every member of the circle out of its media at once and forget the circle;
@@ -417,7 +437,7 @@ class MediaRelay:
             for listener in circle.listeners.values():
                 for slot in listener.slots:
                     slot.stop()
-        return self._finish([p.pc for p in peers])
+        return self._finish(peers)
 
     async def close(self) -> None:
         """Close everything (graceful shutdown)."""

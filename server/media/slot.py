@@ -33,10 +33,13 @@ def _discard(pts: int, payload: bytes, level: int | None, marker: bool, now: flo
 class Slot:
     """Outgoing audio of one slot of one listener."""
 
-    __slots__ = ("_out", "_source", "_offset", "_last_in", "_last_out", "_last_out_time", "_marker", "_live")
+    __slots__ = (
+        "_out", "_on_stop", "_source", "_offset", "_last_in", "_last_out", "_last_out_time", "_marker", "_live"
+    )
 
-    def __init__(self, out: Output | None = None) -> None:
+    def __init__(self, out: Output | None = None, on_stop: Callable[[], None] | None = None) -> None:
         self._out: Output = out or _discard
+        self._on_stop = on_stop  # called once by stop() (the output's close)
         self._source: str | None = None
         self._offset = 0  # out_ts = in_ts + offset for the current source (set by its first packet)
         self._last_in: int | None = None  # last incoming RTP timestamp (unwrapped); None: no packet yet
@@ -97,5 +100,9 @@ class Slot:
         self._last_out_time = now
 
     def stop(self) -> None:
-        """Send nothing more, ever."""
+        """Send nothing more, ever; let go of the output (and close it: `on_stop`)."""
         self._live = False
+        self._out = _discard
+        on_stop, self._on_stop = self._on_stop, None
+        if on_stop is not None:
+            on_stop()

@@ -15,6 +15,7 @@ This is tied to aiortc 1.16 (pinned ``aiortc>=1.16,<1.17``);
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -49,22 +50,37 @@ def install_tap(receiver: RTCRtpReceiver, sink: PacketSink) -> None:
     """Send every RTP packet reaching `receiver` to `sink` first, and never decode it.
 
     Install before the peer connects (right after ``setRemoteDescription``). `sink` runs
-    synchronously on the event loop and must not raise.
+    synchronously on the event loop and must not raise. The receiver is held weakly (the
+    replacements live on it); `remove_tap` takes them away again, and with them `sink`.
     """
-    original_handle = receiver._handle_rtp_packet
-    original_receive = receiver.receive
+    cls = type(receiver)
+    original_handle = cls._handle_rtp_packet
+    original_receive = cls.receive
+    ref = weakref.ref(receiver)
 
     async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
         sink(packet, arrival_time_ms)
-        await original_handle(packet, arrival_time_ms=arrival_time_ms)
+        receiver = ref()
+        if receiver is not None:
+            await original_handle(receiver, packet, arrival_time_ms=arrival_time_ms)
 
     async def receive(parameters: Any) -> None:
-        await original_receive(parameters)
-        stop_decoder(receiver)
+        receiver = ref()
+        if receiver is not None:
+            await original_receive(receiver, parameters)
+            stop_decoder(receiver)
 
     # Instance attributes shadow the class methods for this receiver only.
     receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
     receiver.receive = receive  # type: ignore[method-assign]
+
+
+def remove_tap(receiver: RTCRtpReceiver) -> None:
+    """Undo `install_tap` (call once the connection is closed): the sink, and whatever it
+    holds, is no longer reachable from the receiver. Safe without a tap."""
+    installed = vars(receiver)
+    installed.pop("_handle_rtp_packet", None)
+    installed.pop("receive", None)
 
 
 def stop_decoder(receiver: RTCRtpReceiver) -> None:
