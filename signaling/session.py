@@ -393,9 +393,33 @@ class Session:
             self.gone = True
             self.close(CloseCode.ENDED, "ended")
         elif isinstance(item, Resync):
-            self._send_snapshot(item.state)
+            if not self._still_here(item.state):
+                return
+            if not self.admitted and self.member_id in item.state.members:
+                self._start_admission()  # admitted in events this process never saw
+            else:
+                self._send_snapshot(item.state)
         else:
             self._deliver(item)
+
+    def _still_here(self, state: RoomState) -> bool:
+        """After a snapshot that may hold this member's own server events (removed, declined,
+        left, replaced: swallowed by a replay gap, or saved while an admission loaded), act on
+        them: False, and the connection is closed, when this seat is no longer this one's."""
+        me = state.find(self.member_id)
+        if me is None:
+            self.gone = True
+            self.close(CloseCode.REFUSED, "no longer in the circle")
+            return False
+        if me.session > self.seat_session:
+            self.gone = True
+            self.close(CloseCode.LEFT, "replaced by a newer connection")
+            return False
+        return True
+
+    def _start_admission(self) -> None:
+        self._held = []
+        self._admitting = asyncio.ensure_future(self._admit())
 
     def _deliver(self, event: Event) -> None:
         if not event.ephemeral and event.version <= self.last_version:
@@ -413,8 +437,7 @@ class Session:
         elif who != self.member_id:
             return
         elif name is Name.ADMITTED:
-            self._held = []
-            self._admitting = asyncio.ensure_future(self._admit())
+            self._start_admission()
         elif name in (Name.DECLINED, Name.REMOVED):
             self.gone = True
             self.close(CloseCode.REFUSED, name.value)
@@ -429,11 +452,20 @@ class Session:
         """Send `admitted {state}`, then what arrived meanwhile and is newer than it."""
         try:
             state = await self.manager.load(self.circle_id)
+        except NoSuchCircle:
+            self._held = None
+            self.gone = True
+            self.close(CloseCode.ENDED, "ended")
+            return
         except (StoreError, Busy):
             state = None
         held, self._held = self._held or [], None
         if state is None:
             self.close(CloseCode.TRY_AGAIN_LATER, "try again later")
+            return
+        # Removed (or replaced) while the state loaded: that event is older than the state
+        # loaded, so it would be skipped below as already part of the snapshot.
+        if not self._still_here(state):
             return
         self.admitted = True
         self.last_version = state.version
