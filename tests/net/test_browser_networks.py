@@ -47,9 +47,10 @@ async def test_chromium_whose_address_changes_mid_turn_gets_audio_back_and_keeps
     connected again, the moderator gets her voice again (through router B), and she still holds
     the floor with her microphone on, in the same document (no reload).
 
-    Expected to fail (xfail, with the evidence) while the client keeps a signaling WebSocket
-    that died with the old address: Chromium leaves it OPEN for minutes (TCP from an address that
-    is gone fails silently), so media.js's new offer waits on it for nothing."""
+    The signaling WebSocket died with the old address too, and Chromium leaves it OPEN for
+    minutes (TCP from an address that is gone fails silently): when media.js reports the path
+    lost, the page resumes on a new socket at once (protocol.js `reconnectNow`), or its new
+    offer would wait on the dead one for nothing — the failure names that case."""
     net = world.net
     home = net.home("melati")
     wifi, mobile = net.router(), net.router()
@@ -78,7 +79,7 @@ async def test_chromium_whose_address_changes_mid_turn_gets_audio_back_and_keeps
     outcome = await first_of({"recovered": recovered, "stuck": stuck})
     if outcome == "stuck":
         netlog = (await page.evaluate("window.__netlog"))[logged:]
-        pytest.xfail("the page's offer waited on the signaling WebSocket from before the switch, still "
+        pytest.fail("the page's offer waited on the signaling WebSocket from before the switch, still "
                      f"OPEN (Chromium keeps it; TCP from a vanished address fails silently); page: "
                      f"{[what for what, _ in netlog]}. Needs web/js/protocol.js + room.js to resume on a "
                      "new socket when media.js reports onPathLost")

@@ -81,6 +81,22 @@ export class Session {
     return true;
   }
 
+  /**
+   * The network path went away (media.js: onPathLost): this socket went out the same way, and a
+   * browser keeps a socket whose local address is gone OPEN for minutes. Leave it (no closing
+   * handshake to wait for) and resume on a new one now. A socket still connecting is left alone;
+   * one waiting to reconnect goes now.
+   */
+  reconnectNow() {
+    if (this.closedByUs) return;
+    if (this.timer) { clearTimeout(this.timer); this.timer = null; this.open(); return; }
+    const old = this.ws;
+    if (!old || old.readyState !== WebSocket.OPEN) return;
+    old.onopen = old.onmessage = old.onclose = null;
+    try { old.close(); } catch { /* already closing */ }
+    this.closed(old, 1006, 0);
+  }
+
   /** Send a command; resolves with the ack, rejects with {code, message}. */
   send(type, fields = {}) {
     const ref = ++this.ref;
@@ -160,7 +176,7 @@ export class Session {
     this.storage?.save(secret);
   }
 
-  closed(ws, code) {
+  closed(ws, code, delayMs = null) {
     if (ws !== this.ws) return;
     this.ws = null;
     for (const { reject, timeout } of this.pending.values()) {
@@ -184,7 +200,7 @@ export class Session {
     // and the entry redirects us to wherever the circle lives now (DESIGN §8).
     this.url = this.entryUrl;
     this.cb.onStatus('reconnecting', { code });
-    const delay = Math.min(MAX_BACKOFF_MS, 500 * 2 ** this.attempt) * (0.75 + Math.random() / 2);
+    const delay = delayMs ?? Math.min(MAX_BACKOFF_MS, 500 * 2 ** this.attempt) * (0.75 + Math.random() / 2);
     this.attempt += 1;
     this.timer = setTimeout(() => { this.timer = null; this.open(); }, delay);
   }

@@ -107,6 +107,7 @@ function startMedia(frame) {
         }
       },
       onStatus(status) { mediaStatus = status; renderConnection(); },
+      onPathLost() { session?.reconnectNow(); },
     });
   }
   const minted = frame?.ice_servers;
