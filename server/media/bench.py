@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fractions
+import gc
 import json
 import os
 import struct
@@ -91,6 +92,11 @@ async def _child(probe: bool) -> None:
         elif op == "reset":
             await relay.close()
             reply({"id": request["id"]})
+        elif op == "collect":  # what a full collection costs with these peers alive
+            started = time.perf_counter()
+            gc.collect()
+            pause = time.perf_counter() - started
+            reply({"id": request["id"], "pause": pause, "tracked": len(gc.get_objects())})
 
     tasks = set()
     while line := await reader.readline():

@@ -25,7 +25,7 @@ from aiortc import (
 )
 from aiortc.rtp import RtpPacket
 
-from . import fastpath, metrics, ports, tap
+from . import fastpath, gcpace, metrics, ports, tap
 from .candidates import AddressKind, filter_candidates, own_address_kinds
 from .circle import SILENT_LEVEL, Circle, Listener, Slots
 from .slot import Slot
@@ -176,6 +176,7 @@ class MediaRelay:
         address_kinds: Iterable[AddressKind] | None = None,
         media_address: str | None = None,
         media_ports: tuple[int, int] | None = None,
+        full_collection_interval: float | None = gcpace.INTERVAL,
     ) -> None:
         tap.check_supported()
         fastpath.check_supported()
@@ -201,6 +202,7 @@ class MediaRelay:
         self._level_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiters: list[asyncio.Future[None]] = []  # `wait_until` callers
+        self.full_collections = gcpace.FullCollections(full_collection_interval)
         self.packets_in = 0
         self.packets_forwarded = 0
         self.packets_dropped_gated = 0
@@ -234,6 +236,7 @@ class MediaRelay:
             peer.closed = True
             await pc.close()
             peer.release()
+            self.full_collections.closed()
             self._changed()
             raise
 
@@ -416,6 +419,8 @@ class MediaRelay:
         finally:
             for peer in peers:
                 peer.release()
+            if peers:
+                self.full_collections.closed()
         self._changed()
 
     async def _close_peer(self, peer: _Peer) -> None:
@@ -446,6 +451,7 @@ class MediaRelay:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.full_collections.cancel()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

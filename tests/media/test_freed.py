@@ -2,13 +2,14 @@
 
 `server.gctune` makes full collections rare, so anything of a closed connection that is
 part of a reference cycle stays in memory until one runs (~110 KB per connection). aiortc,
-aioice and pyOpenSSL have cycles of their own; these
+aioice and pyOpenSSL have cycles of their own (`server.media.gcpace` collects those); these
 tests hold the relay's own objects to reference counting: with the collector disabled,
 each is gone as soon as the close completed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from server.media import fastpath, ports, tap
+from server.media import fastpath, gcpace, ports, tap
 
 from .conftest import CIRCLE, Room
 from .peers import wait_until
@@ -51,7 +52,7 @@ def _ours(room: Room, name: str) -> list[weakref.ref[Any]]:
 
 @pytest.mark.parametrize("listen_only", [False, True], ids=["speaker", "listen-only"])
 async def test_a_closed_member_leaves_nothing_of_ours_in_a_cycle(no_collector: None, listen_only: bool) -> None:
-    room = Room()
+    room = Room(full_collection_interval=None)
     try:
         await room.join("mod")
         leaving = await room.join("m1", listen_only=listen_only)
@@ -75,7 +76,7 @@ async def test_a_closed_member_leaves_nothing_of_ours_in_a_cycle(no_collector: N
 
 
 async def test_a_closed_circle_leaves_nothing_of_ours_in_a_cycle(no_collector: None) -> None:
-    room = Room()
+    room = Room(full_collection_interval=None)
     try:
         await room.join("mod")
         await room.join("m1", listen_only=True)
@@ -129,3 +130,26 @@ def test_gathering_does_not_hold_the_connection(no_collector: None) -> None:
     ref = weakref.ref(connection)
     del connection
     assert ref() is None
+
+
+async def test_full_collections_run_once_after_closes_and_never_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    collected = asyncio.Event()
+    calls: list[int] = []
+
+    def collect() -> int:
+        calls.append(1)
+        collected.set()
+        return 0
+
+    monkeypatch.setattr(gcpace, "BATCH", 0.0)
+    monkeypatch.setattr(gcpace.gc, "collect", collect)
+    never = gcpace.FullCollections(None)
+    never.closed()
+    pacer = gcpace.FullCollections(0.0)
+    pacer.closed()
+    pacer.closed()  # armed already: the same collection
+    await collected.wait()
+    assert (calls, pacer.collections, never.collections) == ([1], 1, 0)
+    pacer.closed()
+    pacer.cancel()  # the relay's close() cancels one that is armed
+    assert pacer.collections == 1
