@@ -25,14 +25,13 @@ import json
 import sys
 import time
 import types
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.rtp import RtpPacket
 
-from tests.live import Client, token_of
+from tests.live import Client, Live, token_of
 from tests.media.peers import Arrival, ClientPeer, _poke, wait_until
 
 
@@ -161,21 +160,8 @@ class Agent:
     # -- operations --------------------------------------------------------------------
 
     async def op_api(self, method: str, path: str, key: str, body: Any = None) -> dict[str, Any]:
-        def call() -> dict[str, Any]:
-            data = json.dumps(body).encode() if body is not None else None
-            req = urllib.request.Request(self.server + path, data=data, method=method)
-            req.add_header("Authorization", f"Bearer {key}")
-            if data is not None:
-                req.add_header("Content-Type", "application/json")
-            try:
-                with urllib.request.urlopen(req, timeout=20) as resp:
-                    raw = resp.read()
-                    return {"status": resp.status, "body": json.loads(raw) if raw else None}
-            except urllib.error.HTTPError as err:
-                raw = err.read()
-                return {"status": err.code, "body": json.loads(raw) if raw else None}
-
-        return await asyncio.to_thread(call)
+        status, answer = await Live(self.server, None, None).api(method, path, body, key=key)  # type: ignore[arg-type]
+        return {"status": status, "body": answer}
 
     async def op_join(self, link: str, name: str, listen_only: bool = False) -> dict[str, Any]:
         self.joined_at = time.monotonic()
