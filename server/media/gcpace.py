@@ -13,10 +13,11 @@ Objects frozen at start (``gc.freeze()``) are not visited, but every live connec
 the pause grows with the live peers (measured with ``python -m server.media.bench``'s
 relay child, one speaker and N listen-only peers, 2 CPUs: 101 peers 24-69 ms, 301 peers
 136-169 ms, 601 peers 317-419 ms, about 0.6 ms per live peer), and it holds every circle's
-audio. So the interval is `INTERVAL` seconds at least and `PAUSE_FACTOR` times the last
-pause otherwise: collections take at most 1/`PAUSE_FACTOR` of the loop's time (0.5 %;
-at 600 live peers one ~360 ms pause every ~72 s), and what waits for one is at most
-the connections closed in one interval (~110 KB each).
+audio. So the interval is `INTERVAL` seconds at least, and `PAUSE_FACTOR` times what the
+last collection spent on live objects (at most `MAX_INTERVAL`): collections take about
+1/`PAUSE_FACTOR` of the loop's time at most (0.5 %; at 600 live peers one ~360 ms pause
+every ~72 s), and what waits for one is the connections closed in one interval (~110 KB
+each).
 
 ``LINGKAR_MEDIA_GC_INTERVAL`` overrides `INTERVAL` (seconds; ``off``: never), for
 measuring (``python -m loadtest.soak --media-circles K``).
@@ -36,15 +37,16 @@ logger = logging.getLogger(__name__)
 
 _SETTING = os.environ.get("LINGKAR_MEDIA_GC_INTERVAL", "10")
 BATCH = 1.0  # seconds from the close that arms a collection to it, at least
-PAUSE_FACTOR = 200  # the interval is at least this many times the last collection's pause
+PAUSE_FACTOR = 200  # the interval is at least this many times the last collection's cost of live objects
+MAX_INTERVAL = 120.0  # seconds: the interval is never longer
 # seconds between two full collections at least (see README "Churn soak")
 INTERVAL: float | None = None if _SETTING == "off" else float(_SETTING)
 
 
 class FullCollections:
-    """Runs a full collection once `interval` seconds, and `PAUSE_FACTOR` times the
-    previous collection's pause, went by since it, when `closed` was called since;
-    ``interval=None``: never."""
+    """Runs a full collection, when `closed` was called since the previous one, once
+    `interval` seconds and `PAUSE_FACTOR` times the previous one's cost of live objects
+    (`MAX_INTERVAL` at most) went by since it; ``interval=None``: never."""
 
     def __init__(self, interval: float | None = INTERVAL) -> None:
         if interval is not None and interval < 0:
@@ -53,6 +55,7 @@ class FullCollections:
         self.collections = 0
         self.last_pause = 0.0  # seconds the last collection held the event loop
         self.max_pause = 0.0
+        self._live_pause = 0.0  # the part of the last pause spent on live objects (estimated)
         self._last = float("-inf")  # loop time of the last collection
         self._timer: asyncio.TimerHandle | None = None
 
@@ -61,7 +64,7 @@ class FullCollections:
         if self.interval is None or self._timer is not None:
             return
         loop = asyncio.get_running_loop()
-        wait = max(self.interval, self.last_pause * PAUSE_FACTOR)
+        wait = min(MAX_INTERVAL, max(self.interval, self._live_pause * PAUSE_FACTOR))
         # a second at least: the closes of a circle that ends, or of a burst, go together
         delay = max(BATCH, self._last + wait - loop.time())
         self._timer = loop.call_later(delay, self._collect, loop)
@@ -71,6 +74,10 @@ class FullCollections:
         start = time.perf_counter()
         found = gc.collect()
         pause = time.perf_counter() - start
+        # Garbage makes the pause longer too, and garbage grows with the interval: only the
+        # share of live objects (frozen ones are not counted, nor visited) sets the next one.
+        live = len(gc.get_objects())
+        self._live_pause = pause * live / (live + found) if live + found else pause
         self._last = loop.time()
         self.collections += 1
         self.last_pause = pause
