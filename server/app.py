@@ -77,7 +77,8 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
                        on_slots=lambda c, m, s: local.on_slots(c, m, s),
                        on_levels=lambda c, lv: local.on_levels(c, lv),
                        address_kinds=kinds, media_address=settings.media_address,
-                       media_ports=settings.media_ports)
+                       media_ports=settings.media_ports,
+                       full_collection_interval=settings.media_gc_interval)
     local = LocalCircles(manager, relay)
     # DESIGN §8: this process's id (unique per start) and public URL go into its leases.
     homes = Homes(store, uuid.uuid4().hex, settings.public_url, ttl_ms=settings.lease_ms,

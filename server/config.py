@@ -50,6 +50,7 @@ ENV_NAMES: Final = {
     "turn_urls": "LINGKAR_TURN_URLS",
     "turn_secret": "LINGKAR_TURN_SECRET",
     "turn_ttl": "LINGKAR_TURN_TTL",
+    "media_gc_interval": "LINGKAR_MEDIA_GC_INTERVAL",
     "media_address": "LINGKAR_MEDIA_ADDRESS",
     "media_ports": "LINGKAR_MEDIA_PORTS",
 }
@@ -126,6 +127,9 @@ class Settings:
     """coturn's ``static-auth-secret``: each member's credentials are minted with it."""
     turn_ttl: int = 4 * 3600
     """How long minted TURN credentials are valid, in seconds (fresh ones on every resume)."""
+    media_gc_interval: float | None = 10.0
+    """Seconds between the relay's full collections after connections close at least
+    (server.media.gcpace); None (``off``): never."""
     media_address: str | None = None
     """The one address the media relay announces (the public one of a host behind 1:1 NAT);
     None: the addresses of this host's interfaces."""
@@ -172,6 +176,7 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, object] | None
         lease_ms=_int(values, "lease_ms", 3000, 300, 60_000),
         trusted_proxies=_trusted_proxies(values.get("trusted_proxies")),
         **_turn(values),
+        media_gc_interval=_gc_interval(values.get("media_gc_interval", "10")),
         media_address=_media_address(values.get("media_address")),
         media_ports=_media_ports(values.get("media_ports")),
     )
@@ -313,6 +318,18 @@ def _media_ports(raw: str | None) -> tuple[int, int] | None:
         raise ConfigError(f"LINGKAR_MEDIA_PORTS must be a UDP port range low-high within {MIN_MEDIA_PORT}-65535 "
                           f"(e.g. 40000-40999), got {_shown(raw)}")
     return low, high
+
+
+def _gc_interval(raw: str) -> float | None:
+    if raw.strip() == "off":
+        return None
+    try:
+        seconds = float(raw.strip())
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise ConfigError(f"LINGKAR_MEDIA_GC_INTERVAL must be seconds from 0 to 3600 or 'off', got {_shown(raw)}")
+    return seconds
 
 
 def _trusted_proxies(raw: str | None) -> tuple[str, ...]:

@@ -19,8 +19,8 @@ last collection spent on live objects (at most `MAX_INTERVAL`): collections take
 every ~72 s), and what waits for one is the connections closed in one interval (~110 KB
 each).
 
-``LINGKAR_MEDIA_GC_INTERVAL`` overrides `INTERVAL` (seconds; ``off``: never), for
-measuring (``python -m loadtest.soak --media-circles K``).
+``LINGKAR_MEDIA_GC_INTERVAL`` (server.config) overrides `INTERVAL` (seconds; ``off``:
+never), for measuring (``python -m loadtest.soak --media-circles K``).
 """
 
 from __future__ import annotations
@@ -28,19 +28,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import time
 
 from . import metrics
 
 logger = logging.getLogger(__name__)
 
-_SETTING = os.environ.get("LINGKAR_MEDIA_GC_INTERVAL", "10")
 BATCH = 1.0  # seconds from the close that arms a collection to it, at least
 PAUSE_FACTOR = 200  # the interval is at least this many times the last collection's cost of live objects
 MAX_INTERVAL = 120.0  # seconds: the interval is never longer
 # seconds between two full collections at least (see README "Churn soak")
-INTERVAL: float | None = None if _SETTING == "off" else float(_SETTING)
+INTERVAL: float | None = 10.0
 
 
 class FullCollections:

@@ -395,3 +395,14 @@ def test_bad_media_address_is_refused(address: str) -> None:
 def test_bad_media_ports_are_refused(ports: str) -> None:
     message = refused({"LINGKAR_MEDIA_PORTS": ports})
     assert message.startswith("LINGKAR_MEDIA_PORTS must be a UDP port range low-high within 1024-65535")
+
+
+def test_the_relays_collection_interval_is_read() -> None:
+    assert load_settings({}).media_gc_interval == 10.0
+    assert load_settings({"LINGKAR_MEDIA_GC_INTERVAL": "off"}).media_gc_interval is None
+    assert load_settings({"LINGKAR_MEDIA_GC_INTERVAL": "2.5"}).media_gc_interval == 2.5
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "3601", ""])
+def test_a_bad_collection_interval_stops_the_start_with_one_line(value: str) -> None:
+    assert "LINGKAR_MEDIA_GC_INTERVAL" in refused({"LINGKAR_MEDIA_GC_INTERVAL": value})
