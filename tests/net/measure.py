@@ -227,10 +227,7 @@ async def browser_address_changes(logs: Path, tries: int, limit: float, files: d
         net.uplink(home, mobile)
         net.use(home, 0)
         await world.start_server()
-        mod = await world.member("Pendamping", net.direct("moderator"))
-        await world.create_circle(mod)
-        await mod.join(world.link("moderator"))
-        await mod.media()
+        mod = await world.moderator(net.direct("moderator"))
         async with browser.browsers(world.logs, world.server_url) as chromium:
             page, speaker = await speaker_in_chromium(world, chromium, home.ns, mod, files=files)
             tries_out: list[dict[str, Any]] = []

@@ -48,10 +48,7 @@ async def test_a_member_behind_nat_hears_and_is_heard(world: World) -> None:
     mod_ns = net.direct("moderator")
     await world.start_server()
 
-    mod = await world.member("Pendamping", mod_ns)
-    await world.create_circle(mod)
-    await mod.join(world.link("moderator"))
-    await mod.media()
+    mod = await world.moderator(mod_ns)
     melati, kenanga = await seated(world, [("Melati", home_a.ns, "member"),
                                            ("Kenanga", home_b.ns, "member")])
     for member, home in ((melati, home_a), (kenanga, home_b)):
@@ -101,10 +98,7 @@ async def test_five_percent_loss_and_jitter_keep_speech_flowing(world: World) ->
     await world.start_server()
     line = await world.start_delay_line(line_ns, a, b, delay_ms=40, jitter_ms=30)
 
-    mod = await world.member("Pendamping", mod_ns)
-    await world.create_circle(mod)
-    await mod.join(world.link("moderator"))
-    await mod.media()
+    mod = await world.moderator(mod_ns)
     melati, kenanga = await seated(world, [("Melati", home.ns, "member"), ("Kenanga", ear_ns, "member")])
     await mod.ack("give_floor", member_id=melati.member_id)
     await melati.ack("unmute_self")
@@ -182,10 +176,7 @@ async def test_a_member_whose_address_changes_mid_turn_gets_audio_back_and_keeps
     mod_ns, ear_ns = net.direct("moderator"), net.direct("kenanga")
     await world.start_server()
 
-    mod = await world.member("Pendamping", mod_ns)
-    await world.create_circle(mod)
-    await mod.join(world.link("moderator"))
-    await mod.media()
+    mod = await world.moderator(mod_ns)
     melati, kenanga = await seated(world, [("Melati", home.ns, "member"), ("Kenanga", ear_ns, "member")])
     await mod.ack("give_floor", member_id=melati.member_id)
     await melati.ack("unmute_self")
@@ -240,10 +231,7 @@ async def test_a_server_behind_one_to_one_nat_is_reached_on_its_announced_addres
     await world.start_server(ns=host_ns, host="0.0.0.0", url=f"http://{CLOUD_ADDRESS}:8000",
                              media_address=CLOUD_ADDRESS, media_ports=f"{MEDIA_PORTS[0]}-{MEDIA_PORTS[1]}")
 
-    mod = await world.member("Pendamping", mod_ns)
-    await world.create_circle(mod)
-    await mod.join(world.link("moderator"))
-    await mod.media()
+    mod = await world.moderator(mod_ns)
     [melati] = await seated(world, [("Melati", home.ns, "member")])
     for member in (mod, melati):
         candidates = member.last_media["answer_candidates"]

@@ -514,6 +514,15 @@ class World:
         self.circle = dict(reply["body"])
         return self.circle
 
+    async def moderator(self, ns: str, *, listen_only: bool = False) -> Member:
+        """The moderator in `ns`: makes the circle, joins it through the moderator link and
+        connects to the media."""
+        mod = await self.member("Pendamping", ns)
+        await self.create_circle(mod)
+        await mod.join(self.link("moderator"), listen_only=listen_only)
+        await mod.media()
+        return mod
+
     def link(self, role: str) -> str:
         return str(self.circle["links"][role])
 
