@@ -17,10 +17,10 @@ test: setup system web
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy --strict rooms signaling
+	$(VENV)/bin/mypy --strict rooms storage signaling
 
 bench: setup system web
-	$(PY) -m rooms.bench
+	$(PY) -m storage.bench
 	$(PY) -m server.media.bench
 	$(PY) -m loadtest.fanout
 	$(PY) -m loadtest.fanout --store redis --rooms 400

@@ -17,13 +17,13 @@ from starlette.routing import Route
 
 from rooms import commands as c
 from rooms.errors import Code, RoomError
-from rooms.manager import Busy, RoomManager
 from rooms.model import Circle, FloorMode, Invite, Language, Role, RoomState
-from rooms.store import CircleExists, NoSuchCircle, StoreError
 from server.config import Settings
 from signaling import tokens
 from signaling.addresses import prefix
 from signaling.ratelimit import Window
+from storage.manager import Busy, RoomManager
+from storage.store import CircleExists, NoSuchCircle, StoreError
 
 LINK_TTL_SECONDS = 7 * 24 * 3600
 # A moderator's link hears everything, reads private notes and can end the circle: it lives a

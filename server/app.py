@@ -20,12 +20,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from rooms.clock import Clock
-from rooms.homes import Homes
-from rooms.manager import RoomManager
-from rooms.memory_store import MemoryStore, events_horizon_ms
-from rooms.redis_store import RedisStore
-from rooms.store import Store, StoreError
 from server import logs, metrics
 from server.api import OrganizerApi
 from server.config import Settings
@@ -37,6 +31,12 @@ from server.ws import WebSocketEndpoint, WritePath
 from signaling.close import CloseCode
 from signaling.session import DEFAULT_LIMITS, Limits
 from signaling.turn import IceServers
+from storage.clock import Clock
+from storage.homes import Homes
+from storage.manager import RoomManager
+from storage.memory_store import MemoryStore, events_horizon_ms
+from storage.redis_store import RedisStore
+from storage.store import Store, StoreError
 
 log = logging.getLogger("lingkar.app")
 

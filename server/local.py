@@ -4,7 +4,7 @@ For every circle with a connection here, one watcher follows the room's events a
 relay who may be heard (`audible`) and whose media to close. Media frames (`media {slots}`,
 `levels`) reach the member's session through this registry.
 
-It is also what the process's leases (`rooms.homes.Homes`, DESIGN §8) ask about: a circle is
+It is also what the process's leases (`storage.homes.Homes`, DESIGN §8) ask about: a circle is
 in use while it has a session here; a circle whose lease went to another process has its
 sessions closed with 1013 (they reconnect and are redirected there, where the media runs);
 and a circle taken over from a process that died has the members that process still showed
@@ -22,16 +22,16 @@ from typing import Any
 from rooms import commands as c
 from rooms.errors import RoomError
 from rooms.events import Name
-from rooms.homes import Homes
-from rooms.manager import Busy, RoomManager
 from rooms.rules import audible
-from rooms.store import StoreError
-from rooms.subscription import Closed, Item, Resync
 from server import metrics
 from server.media.relay import MediaRelay
 from signaling import frames as f
 from signaling.close import CloseCode
 from signaling.session import Session
+from storage.homes import Homes
+from storage.manager import Busy, RoomManager
+from storage.store import StoreError
+from storage.subscription import Closed, Item, Resync
 
 log = logging.getLogger("lingkar.local")
 

@@ -19,15 +19,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from rooms import commands as c
-from rooms.codec import CorruptState
 from rooms.errors import Code, RoomError
 from rooms.events import Event, Name
-from rooms.homes import Homes
-from rooms.manager import Busy, RoomManager
 from rooms.model import Role, RoomState
 from rooms.rules import joined_member_id, lobby_circle, snapshot
-from rooms.store import NoSuchCircle, Owner, StaleOwner, StoreError
-from rooms.subscription import Closed, Item, Resync, Subscription
 from signaling import frames as f
 from signaling import tokens
 from signaling.addresses import keyed
@@ -35,6 +30,11 @@ from signaling.close import CloseCode
 from signaling.ratelimit import RateLimiter, Verdict
 from signaling.translate import error_code, event_frame, join_close_code, to_command, visible_to
 from signaling.turn import IceServers
+from storage.codec import CorruptState
+from storage.homes import Homes
+from storage.manager import Busy, RoomManager
+from storage.store import NoSuchCircle, Owner, StaleOwner, StoreError
+from storage.subscription import Closed, Item, Resync, Subscription
 
 NO_ICE_SERVERS = IceServers()
 

@@ -16,10 +16,10 @@ import msgpack
 import uvicorn
 import websockets
 
-from rooms.clock import Clock
 from server.app import Parts, build_app, make_store
 from server.config import Settings, load_settings
 from signaling.session import DEFAULT_LIMITS, Limits
+from storage.clock import Clock
 
 API_KEY = "test-organizer-key-0123456789abcdef"
 SECRET = "test-signing-secret-0123456789abcdef-0123456789"

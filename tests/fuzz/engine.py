@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from rooms.manager import RoomManager
-from rooms.memory_store import MemoryStore
 from rooms.model import Circle, FloorMode, Invite, Role, RoomState
-from rooms.store import NoSuchCircle
 from signaling import tokens
 from signaling.session import Limits, Session
+from storage.manager import RoomManager
+from storage.memory_store import MemoryStore
+from storage.store import NoSuchCircle
 from tests.fuzz.frames import FrameMaker
 
 SECRET = "fuzz-secret-0123456789abcdef0123456789"

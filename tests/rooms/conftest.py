@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from rooms.clock import FakeClock
-from rooms.memory_store import MemoryStore
-from rooms.redis_store import RedisStore
-from rooms.store import Store
+from storage.clock import FakeClock
+from storage.memory_store import MemoryStore
+from storage.redis_store import RedisStore
+from storage.store import Store
 from tests.redis_server import RedisServer
 
 MakeStore = Callable[..., Store]

@@ -1,11 +1,11 @@
-"""`rooms.locks.KeyedLock`: one writer per key at a time, and no lock kept for a key once
+"""`storage.locks.KeyedLock`: one writer per key at a time, and no lock kept for a key once
 nobody holds it or waits for it (issue 17)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from rooms.locks import KeyedLock
+from storage.locks import KeyedLock
 
 
 async def test_holders_of_one_key_take_turns_and_the_lock_goes_with_the_last() -> None:

@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 
 from rooms import commands as c
-from rooms.clock import FakeClock
-from rooms.codec import CorruptState, decode_event
 from rooms.errors import Code, RoomError
 from rooms.events import Event, Name
-from rooms.manager import RoomManager
 from rooms.model import Circle, FloorMode, Invite, Role
-from rooms.redis_store import RedisStore
-from rooms.store import NoSuchCircle, Store, StoreUnavailable
-from rooms.subscription import Closed, Item, Resync, Subscription
+from storage.clock import FakeClock
+from storage.codec import CorruptState, decode_event
+from storage.manager import RoomManager
+from storage.redis_store import RedisStore
+from storage.store import NoSuchCircle, Store, StoreUnavailable
+from storage.subscription import Closed, Item, Resync, Subscription
 from tests.redis_server import RedisServer
 from tests.rooms.conftest import MakeStore
 
@@ -262,8 +262,8 @@ async def _left_without_ending(manager: RoomManager, store: Store, fake_clock: F
 
 async def test_a_failed_tick_is_retried_even_if_the_last_subscriber_left_meanwhile(
         fake_clock: FakeClock, circle_id: str) -> None:
-    from rooms.manager import TICK_RETRY_MS
-    from rooms.memory_store import MemoryStore
+    from storage.manager import TICK_RETRY_MS
+    from storage.memory_store import MemoryStore
 
     class Flaky(MemoryStore):
         """Fails the next save, after running `during` (someone leaving as it happens)."""

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 
 import pytest
 
-from rooms.clock import FakeClock
-from rooms.codec import CorruptState, decode_event, decode_state, encode_event, encode_state
 from rooms.events import EVERYONE, MODERATORS, Event, Name
-from rooms.memory_store import MemoryStore
 from rooms.model import Circle, RoomState
-from rooms.redis_store import RedisStore
-from rooms.store import (
+from storage.clock import FakeClock
+from storage.codec import CorruptState, decode_event, decode_state, encode_event, encode_state
+from storage.memory_store import MemoryStore
+from storage.redis_store import RedisStore
+from storage.store import (
     CircleExists,
     NoSuchCircle,
     Owner,
@@ -203,7 +203,7 @@ async def test_every_key_of_a_saved_circle_has_the_idle_ttl(redis_server: RedisS
 
 
 async def test_memory_circles_expire_when_idle(fake_clock: FakeClock) -> None:
-    from rooms.memory_store import MemoryStore
+    from storage.memory_store import MemoryStore
 
     store = MemoryStore(idle_seconds=60, clock=fake_clock.now)
     await store.create("a", blob("a", 0))
@@ -219,7 +219,7 @@ async def test_memory_circles_expire_when_idle(fake_clock: FakeClock) -> None:
 
 async def test_an_idle_memory_circle_nobody_lists_goes_at_the_next_creation(
         fake_clock: FakeClock) -> None:
-    from rooms.memory_store import MemoryStore
+    from storage.memory_store import MemoryStore
 
     store = MemoryStore(idle_seconds=60, clock=fake_clock.now)
     await store.create("a", blob("a", 0))
@@ -334,7 +334,7 @@ async def test_saves_at_once_across_circles_each_get_their_own_answer(make_store
 def test_the_save_path_packs_commands_as_redis_py_does() -> None:
     from redis.asyncio.connection import Connection
 
-    from rooms.redis_store import resp_command
+    from storage.redis_store import resp_command
 
     args = ("EVALSHA", "ab" * 20, 4, "lk:{c}:state", b"\x00\xffblob" * 100, 0, 7, "", "é", b"")
     assert resp_command(*args) == b"".join(Connection().pack_command(*args))

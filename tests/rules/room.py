@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rooms import commands as c
-from rooms.codec import encode_state
 from rooms.errors import RoomError
 from rooms.events import Event, Name
 from rooms.model import Circle, FloorMode, Language, Role, RoomState
 from rooms.rules import apply, joined_member_id
+from storage.codec import encode_state
 
 T0 = 1_700_000_000_000
 SHARED = {Role.MODERATOR: "inv-mod", Role.MEMBER: "inv-member", Role.GUEST: "inv-guest"}

@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from rooms import commands as c
-from rooms.codec import decode_state, encode_state
 from rooms.errors import Code, RoomError
 from rooms.events import AudienceKind, Event, Name
 from rooms.model import FloorMode, Role, RoomState
 from rooms.rules import DECLINED_FOR_MS, apply, audible, joined_member_id
+from storage.codec import decode_state, encode_state
 from tests.rules.room import SHARED, Room
 
 MODERATOR_ONLY = (c.GiveFloor, c.Next, c.Mute, c.MuteAll, c.AskUnmute, c.Admit, c.Decline,

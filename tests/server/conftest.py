@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rooms.clock import RealClock
+from storage.clock import RealClock
 from tests.live import Client, Live, join, live_server
 
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from rooms.subscription import CircleHub, Closed, Subscription
 from signaling import session as session_module
 from signaling.close import CloseCode
 from signaling.session import Session
+from storage.subscription import CircleHub, Closed, Subscription
 from tests.live import Client, Live, token_of
 from tests.server.conftest import ack_of, circle_of
 

@@ -19,12 +19,12 @@ import pytest
 import redis
 import websockets
 
-from rooms.codec import encode_state
-from rooms.memory_store import MemoryStore
 from rooms.model import Circle, RoomState
-from rooms.redis_store import RedisStore
-from rooms.store import Lease, Owner, StaleOwner
 from server.app import drain
+from storage.codec import encode_state
+from storage.memory_store import MemoryStore
+from storage.redis_store import RedisStore
+from storage.store import Lease, Owner, StaleOwner
 from tests.live import API_KEY, SECRET, Client, Live, free_port, join, live_server, token_of
 from tests.redis_server import key_expiry
 from tests.server.conftest import ack_of, settle

@@ -8,11 +8,11 @@ from typing import Any
 
 import msgpack
 
-from rooms.manager import RoomManager
-from rooms.memory_store import MemoryStore
 from rooms.model import Circle, Invite, Role, RoomState
 from signaling import tokens
 from signaling.session import Session
+from storage.manager import RoomManager
+from storage.memory_store import MemoryStore
 from tests.fuzz.engine import SECRET, UNLIMITED, NoMedia, QueueTransport, Quiet
 
 

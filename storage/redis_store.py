@@ -39,10 +39,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from rooms.clock import RealClock
-from rooms.codec import CorruptState, state_version
-from rooms.memory_store import IDLE_SECONDS, KEEP_EVENTS_MS, MAX_VERSIONS
-from rooms.store import (
+from storage.clock import RealClock
+from storage.codec import CorruptState, state_version
+from storage.memory_store import IDLE_SECONDS, KEEP_EVENTS_MS, MAX_VERSIONS
+from storage.store import (
     CircleExists,
     Ephemeral,
     Lease,

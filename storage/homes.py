@@ -16,7 +16,7 @@ retried on every round; the sessions stay open (nobody is dropped) but cannot wr
 A lease is given up when no session of the circle is left here (`in_use`) for a whole TTL,
 and all at once on drain (`release_all`), so another process can take the circles at once.
 A deleted circle's lease went with its keys: `deleted` forgets it at once. Nothing is kept
-per circle beyond its lease (locks last while used: `rooms.locks`).
+per circle beyond its lease (locks last while used: `storage.locks`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from rooms.codec import CorruptState
-from rooms.locks import KeyedLock
-from rooms.store import Lease, NoSuchCircle, Owner, Store, StoreError, StoreUnavailable
+from storage.codec import CorruptState
+from storage.locks import KeyedLock
+from storage.store import Lease, NoSuchCircle, Owner, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from rooms.codec import CorruptState, decode_event
 from rooms.events import Event
 from rooms.model import RoomState
-from rooms.store import NoSuchCircle, ReplayGap, Store, StoreError
+from storage.codec import CorruptState, decode_event
+from storage.store import NoSuchCircle, ReplayGap, Store, StoreError
 
 log = logging.getLogger(__name__)
 

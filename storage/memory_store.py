@@ -1,6 +1,6 @@
 """The embedded store: circles in a dict in this process, events to local subscribers.
 
-It keeps the same promises as `rooms.redis_store.RedisStore` (one test suite runs on both):
+It keeps the same promises as `storage.redis_store.RedisStore` (one test suite runs on both):
 compare-and-set saves, a capped log of the last `max_versions` saved versions per circle, and
 circles that nobody saved for `idle_seconds` disappear (checked lazily, on access).
 
@@ -19,9 +19,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from rooms.clock import Clock, TimerHandle
-from rooms.codec import state_version
-from rooms.store import (
+from storage.clock import Clock, TimerHandle
+from storage.codec import state_version
+from storage.store import (
     CircleExists,
     Ephemeral,
     Lease,

@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from rooms import rules
-from rooms.clock import Clock, RealClock, TimerHandle
-from rooms.codec import CorruptState, decode_state, encode_event, encode_state
 from rooms.commands import Command, Tick
 from rooms.errors import RoomError
 from rooms.events import Event
-from rooms.locks import KeyedLock
 from rooms.model import Circle, Invite, RoomState
-from rooms.store import NoSuchCircle, Store, StoreError, StoreUnavailable, VersionConflict
-from rooms.subscription import CircleHub, Subscription
+from storage.clock import Clock, RealClock, TimerHandle
+from storage.codec import CorruptState, decode_state, encode_event, encode_state
+from storage.locks import KeyedLock
+from storage.store import NoSuchCircle, Store, StoreError, StoreUnavailable, VersionConflict
+from storage.subscription import CircleHub, Subscription
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The store interface: where a circle's state blob and its recent events live.
 
-Two implementations pass one test suite: `rooms.memory_store.MemoryStore` (embedded default)
-and `rooms.redis_store.RedisStore` (several processes share circles). Stores deal in bytes
-(`rooms.codec`); they never interpret the rules.
+Two implementations pass one test suite: `storage.memory_store.MemoryStore` (embedded default)
+and `storage.redis_store.RedisStore` (several processes share circles). Stores deal in bytes
+(`storage.codec`); they never interpret the rules.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmarks of the room core (not a test; timings are reported, never asserted).
 
-    python -m rooms.bench [--commands N] [--latency-commands N]
+    python -m storage.bench [--commands N] [--latency-commands N]
 
 1. Commands per second through the pure `rules.apply` on one core, with a realistic mix
    (raise/lower hand, give floor, next, mute/unmute, release).
@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from rooms import commands as c
 from rooms import rules
 from rooms.errors import RoomError
-from rooms.manager import RoomManager
-from rooms.memory_store import MemoryStore
 from rooms.model import Circle, Invite, Role, RoomState
-from rooms.redis_store import RedisStore
-from rooms.store import Store
+from storage.manager import RoomManager
+from storage.memory_store import MemoryStore
+from storage.redis_store import RedisStore
+from storage.store import Store
 
 MEMBERS = [f"m{i}" for i in range(10)]
 INVITES = [Invite("inv-mod", Role.MODERATOR), Invite("inv-member", Role.MEMBER)]
