@@ -24,7 +24,10 @@ class Join:
 
 @dataclass(frozen=True, slots=True)
 class Resume:
-    member_id: str
+    """A connection comes back with the resume secret of a seat (or lobby place) it held: the
+    rules find the one member whose secret it is, on the invite the token names."""
+
+    invite_id: str  # the join token's invite: a secret only resumes on its own invite
     resume_hash: str  # hash of the secret presented
     new_resume_hash: str  # the secret rotates on every resume
 

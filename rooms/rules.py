@@ -161,8 +161,12 @@ def next_deadline(state: RoomState) -> int | None:
     return min(due) if due else None
 
 
-def joined_member_id(state: RoomState, command: c.Join) -> str:
-    """The member a `Join` seated: a personal invite joined twice keeps its first seat."""
+def joined_member_id(state: RoomState, command: c.Join | c.Resume) -> str:
+    """The member a `Join` seated (a personal invite joined twice keeps its first seat), or
+    the one a `Resume` took back (its secret rotated to the new one)."""
+    if isinstance(command, c.Resume):
+        return next(m.id for m in (*state.members.values(), *state.lobby.values())
+                    if m.resume_hash == command.new_resume_hash)
     return state.invite_holders.get(command.invite_id, command.member_id)
 
 
@@ -346,9 +350,12 @@ def _take_over(step: _Step, m: Member, resume_hash: str) -> None:
 
 
 def _resume(step: _Step, cmd: c.Resume) -> None:
-    m = step.state.find(cmd.member_id)
-    if m is None or not hmac.compare_digest(m.resume_hash, cmd.resume_hash):
+    s = step.state
+    found = [m for m in (*s.members.values(), *s.lobby.values())
+             if hmac.compare_digest(m.resume_hash, cmd.resume_hash)]
+    if len(found) != 1 or found[0].invite_id != cmd.invite_id:
         raise RoomError(Code.BAD_RESUME, "this resume secret is not valid")
+    m = found[0]
     if m.grace_deadline is not None and step.now >= m.grace_deadline:
         raise RoomError(Code.BAD_RESUME, "the grace period is over")
     _take_over(step, m, cmd.new_resume_hash)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import secrets
 import time
@@ -360,15 +359,9 @@ class Session:
         return True
 
     async def _resume(self, secret: str, invite_id: str, new_secret: str) -> RoomState:
-        state = await self.manager.load(self.circle_id)
-        given = _hash(secret)
-        found = [m for m in (*state.members.values(), *state.lobby.values())
-                 if hmac.compare_digest(m.resume_hash, given)]
-        if len(found) != 1 or found[0].invite_id != invite_id:
-            raise RoomError(Code.BAD_RESUME, "unknown resume secret")
-        self.member_id = found[0].id
-        state, _ = await self.manager.execute(
-            self.circle_id, c.Resume(self.member_id, given, _hash(new_secret)), fence=self._fence())
+        cmd = c.Resume(invite_id, _hash(secret), _hash(new_secret))
+        state, _ = await self.manager.execute(self.circle_id, cmd, fence=self._fence())
+        self.member_id = joined_member_id(state, cmd)
         return state
 
     def _fence(self) -> int | None:

@@ -199,7 +199,7 @@ class RoomMachine(RuleBasedStateMachine):
         mid = self.someone(data)
         m = self.room.state.find(mid)
         secret = m.resume_hash if m and data.draw(st.booleans()) else "wrong"
-        self.run(c.Resume(mid, secret, f"h-{mid}-{self.step_no}"))
+        self.run(c.Resume(m.invite_id if m else "nope", secret, f"h-{mid}-{self.step_no}"))
 
     @rule(data=st.data())
     def disconnect(self, data: st.DataObject) -> None:

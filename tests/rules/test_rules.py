@@ -10,6 +10,7 @@ from rooms.events import AudienceKind, Name
 from rooms.model import FloorMode, Role
 from rooms.rules import (
     audible,
+    joined_member_id,
     lobby_circle,
     next_deadline,
     snapshot,
@@ -397,7 +398,7 @@ def test_no_moderator_connected_freezes_the_floor(room: Room) -> None:
     assert (Name.MODERATOR_PRESENT, {"present": False}) in [(e.name, e.data) for e in events]
     room.do(c.Pass(a))
     assert room.state.holder is None  # released, but nobody new gains the floor
-    room.do(c.Resume(mod, "h1", "h1b"))
+    room.do(c.Resume(room.state.members[mod].invite_id, "h1", "h1b"))
     assert room.state.moderator_present
     room.do(c.Next(mod))
     assert room.state.holder is not None
@@ -421,16 +422,27 @@ def test_resume_inside_grace_keeps_seat_floor_and_rotates_secret(room: Room) -> 
     room.do(c.GiveFloor(mod, a))
     room.do(c.Disconnect(a, session=1))
     room.advance(10)
-    room.do(c.Resume(a, "h2", "h2-new"))
+    room.do(c.Resume(room.state.members[a].invite_id, "h2", "h2-new"))
     assert room.state.holder == a and room.state.members[a].connected
-    assert room.refused(c.Resume(a, "h2", "again")).code is Code.BAD_RESUME  # single use
+    assert room.refused(c.Resume(room.state.members[a].invite_id, "h2", "again")).code is Code.BAD_RESUME  # single use
+
+
+def test_resume_finds_the_seat_by_its_secret_on_its_own_invite_only(room: Room) -> None:
+    mod, a, _ = circle_with_two(room)
+    room.do(c.Disconnect(a, session=1))
+    moderators_invite = room.state.members[mod].invite_id
+    assert room.refused(c.Resume(moderators_invite, "h2", "x")).code is Code.BAD_RESUME
+    assert room.refused(c.Resume(room.state.members[a].invite_id, "h9", "x")).code is Code.BAD_RESUME
+    cmd = c.Resume(room.state.members[a].invite_id, "h2", "h2-new")
+    room.do(cmd)
+    assert joined_member_id(room.state, cmd) == a and room.state.members[a].connected
 
 
 def test_resume_after_grace_is_refused(room: Room) -> None:
     mod, a, _ = circle_with_two(room)
     room.do(c.Disconnect(a, session=1))
     room.now += 30_000
-    assert room.refused(c.Resume(a, "h2", "x")).code is Code.BAD_RESUME
+    assert room.refused(c.Resume(room.state.members[a].invite_id, "h2", "x")).code is Code.BAD_RESUME
 
 
 def test_disconnect_of_an_older_session_is_ignored(room: Room) -> None:
