@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from rooms import commands as c
 from rooms.errors import Code, RoomError
-from rooms.model import Circle, FloorMode, Invite, Language, Role, RoomState
+from rooms.model import CircleSettings, FloorMode, Invite, Language, Role, RoomState
 from server.config import Settings
 from signaling import tokens
 from signaling.addresses import prefix
@@ -160,12 +160,12 @@ class OrganizerApi:
             body: NewCircle = await self._body(request, NewCircle)
         except _Refused as r:
             return r.response
-        circle = Circle(id=secrets.token_urlsafe(9), title=body.title.strip() or "Lingkar",
-                        topic=body.topic, language=Language(body.language),
-                        capacity=body.capacity, turn_seconds=body.turn_seconds,
-                        floor_mode=FloorMode(body.floor_mode), lobby=body.lobby,
-                        grace_seconds=self.settings.grace_seconds,
-                        created_at=int(time.time() * 1000))
+        circle = CircleSettings(id=secrets.token_urlsafe(9), title=body.title.strip() or "Lingkar",
+                                topic=body.topic, language=Language(body.language),
+                                capacity=body.capacity, turn_seconds=body.turn_seconds,
+                                floor_mode=FloorMode(body.floor_mode), lobby=body.lobby,
+                                grace_seconds=self.settings.grace_seconds,
+                                created_at=int(time.time() * 1000))
         invites = [Invite(secrets.token_urlsafe(9), role, personal=role is Role.MODERATOR)
                    for role in (Role.MODERATOR, Role.MEMBER, Role.GUEST)]
         try:

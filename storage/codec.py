@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 
 from rooms.events import Audience, AudienceKind, Event, Name
-from rooms.model import Circle, Floor, FloorMode, Invite, Language, Member, Role, RoomState
+from rooms.model import CircleSettings, Floor, FloorMode, Invite, Language, Member, Role, RoomState
 
 FORMAT = 1  # bump when the layout below changes (fields added at the end keep it: see decode)
 
@@ -20,7 +20,7 @@ class CorruptState(Exception):
     """A stored blob that is not a room state (or an event) of this format."""
 
 
-def _circle(c: Circle) -> list[Any]:
+def _circle(c: CircleSettings) -> list[Any]:
     return [c.id, c.title, c.topic, c.language.value, c.capacity, c.turn_seconds,
             c.floor_mode.value, c.lobby, c.grace_seconds, c.created_at]
 
@@ -64,9 +64,9 @@ def decode_state(blob: bytes) -> RoomState:
         if not isinstance(v, list) or len(v) not in (16, 18) or v[0] != FORMAT:
             raise CorruptState(f"not a room state of format {FORMAT}")
         c = v[2]
-        circle = Circle(id=c[0], title=c[1], topic=c[2], language=Language(c[3]), capacity=c[4],
-                        turn_seconds=c[5], floor_mode=FloorMode(c[6]), lobby=c[7],
-                        grace_seconds=c[8], created_at=c[9])
+        circle = CircleSettings(id=c[0], title=c[1], topic=c[2], language=Language(c[3]),
+                                capacity=c[4], turn_seconds=c[5], floor_mode=FloorMode(c[6]),
+                                lobby=c[7], grace_seconds=c[8], created_at=c[9])
         members = [_unmember(m) for m in v[5]]
         lobby = [_unmember(m) for m in v[6]]
         f = v[7]

@@ -24,7 +24,7 @@ from rooms import rules
 from rooms.commands import Command, Tick
 from rooms.errors import RoomError
 from rooms.events import Event
-from rooms.model import Circle, Invite, RoomState
+from rooms.model import CircleSettings, Invite, RoomState
 from storage.clock import Clock, RealClock, TimerHandle
 from storage.codec import CorruptState, decode_state, encode_event, encode_state
 from storage.locks import KeyedLock
@@ -86,7 +86,7 @@ class RoomManager:
 
     # ---- reading -----------------------------------------------------------------------
 
-    async def create(self, circle: Circle, invites: Sequence[Invite]) -> RoomState:
+    async def create(self, circle: CircleSettings, invites: Sequence[Invite]) -> RoomState:
         """Store a new circle (version 0) with its first invites. Raises CircleExists."""
         state = RoomState.new(circle)
         state.invites = {i.id: i for i in invites}

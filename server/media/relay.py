@@ -27,7 +27,7 @@ from aiortc.rtp import RtpPacket
 
 from . import fastpath, gcpace, metrics, ports, tap
 from .candidates import AddressKind, filter_candidates, own_address_kinds
-from .circle import SILENT_LEVEL, Circle, Listener, Slots
+from .circle import SILENT_LEVEL, Listener, MediaCircle, Slots
 from .slot import Slot
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class MediaRelay:
         self._address_kinds = frozenset(address_kinds)
         self._on_slots = on_slots
         self._on_levels = on_levels
-        self._circles: dict[str, Circle] = {}
+        self._circles: dict[str, MediaCircle] = {}
         self._peers: dict[tuple[str, str], _Peer] = {}
         self._level_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -240,7 +240,7 @@ class MediaRelay:
             self._changed()
             raise
 
-        circle = self._circles.setdefault(circle_id, Circle(circle_id))
+        circle = self._circles.setdefault(circle_id, MediaCircle(circle_id))
         if shape.mic_mid is not None:
             circle.speakers.add(member_id)
         circle.listeners[member_id] = Listener(slots, [None] * len(slots))
@@ -370,7 +370,7 @@ class MediaRelay:
         Everything else from this circle is dropped from the next packet on; slots are
         reassigned and ``on_slots`` told about every member whose view changed.
         """
-        circle = self._circles.setdefault(circle_id, Circle(circle_id))
+        circle = self._circles.setdefault(circle_id, MediaCircle(circle_id))
         circle.set_audible(audible)
         self._notify_slots(circle_id, circle.reassign())
         self._changed()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.media.circle import Circle, Listener, place
+from server.media.circle import Listener, MediaCircle, place
 from server.media.slot import FRAME_SAMPLES, OPUS_SILENCE, SILENCE_FRAMES, SILENT_LEVEL, Slot
 
 
@@ -14,7 +14,7 @@ def test_members_still_heard_keep_their_slot_and_newcomers_fill_free_ones() -> N
 
 
 def test_each_listener_gets_the_highest_priority_others_up_to_its_slots() -> None:
-    circle = Circle("c")
+    circle = MediaCircle("c")
     for member, slots in (("mod", 3), ("m1", 3), ("m2", 1), ("m3", 2)):
         circle.speakers.add(member)
         circle.listeners[member] = _listener(slots)
@@ -33,7 +33,7 @@ def test_each_listener_gets_the_highest_priority_others_up_to_its_slots() -> Non
 
 
 def test_gated_packet_is_dropped_and_reaches_no_slot() -> None:
-    circle = Circle("c")
+    circle = MediaCircle("c")
     circle.speakers |= {"a", "b"}
     circle.listeners["b"] = _listener(1)
     circle.set_audible(["b"])

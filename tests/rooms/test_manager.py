@@ -11,7 +11,7 @@ import pytest
 from rooms import commands as c
 from rooms.errors import Code, RoomError
 from rooms.events import Event, Name
-from rooms.model import Circle, FloorMode, Invite, Role
+from rooms.model import CircleSettings, FloorMode, Invite, Role
 from storage.clock import FakeClock
 from storage.codec import CorruptState, decode_event
 from storage.manager import RoomManager
@@ -24,10 +24,10 @@ from tests.rooms.conftest import MakeStore
 INVITES = [Invite("inv-mod", Role.MODERATOR), Invite("inv-member", Role.MEMBER)]
 
 
-def circle(circle_id: str, **settings: object) -> Circle:
+def circle(circle_id: str, **settings: object) -> CircleSettings:
     options: dict[str, object] = dict(title="Lingkar", lobby=False, capacity=50)
     options.update(settings)
-    return Circle(id=circle_id, **options)  # type: ignore[arg-type]
+    return CircleSettings(id=circle_id, **options)  # type: ignore[arg-type]
 
 
 def join(member_id: str, role: Role = Role.MEMBER) -> c.Join:

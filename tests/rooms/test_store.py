@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from rooms.events import EVERYONE, MODERATORS, Event, Name
-from rooms.model import Circle, RoomState
+from rooms.model import CircleSettings, RoomState
 from storage.clock import FakeClock
 from storage.codec import CorruptState, decode_event, decode_state, encode_event, encode_state
 from storage.memory_store import MemoryStore
@@ -26,7 +26,7 @@ from tests.rooms.conftest import MakeStore
 
 
 def blob(circle_id: str, version: int) -> bytes:
-    state = RoomState.new(Circle(id=circle_id, title="t"))
+    state = RoomState.new(CircleSettings(id=circle_id, title="t"))
     state.version = version
     return encode_state(state)
 
@@ -90,7 +90,7 @@ async def test_save_compares_the_version_and_refuses_a_stale_writer(make_store: 
     store = make_store()
     await store.create(circle_id, blob(circle_id, 0))
     await store.save(circle_id, 0, blob(circle_id, 1), [event(1)], 1)
-    other = RoomState.new(Circle(id=circle_id, title="another writer"))
+    other = RoomState.new(CircleSettings(id=circle_id, title="another writer"))
     other.version = 1
     with pytest.raises(VersionConflict):
         await store.save(circle_id, 0, encode_state(other), [event(1, 9)], 1)
@@ -318,7 +318,7 @@ async def test_saves_at_once_across_circles_each_get_their_own_answer(make_store
     for cid in ids:
         await store.create(cid, blob(cid, 0))
     racing = ids[0]
-    other = RoomState.new(Circle(id=racing, title="another"))
+    other = RoomState.new(CircleSettings(id=racing, title="another"))
     other.version = 1
     outcomes = await asyncio.gather(
         *(store.save(cid, 0, blob(cid, 1), [event(1)], 1) for cid in ids),

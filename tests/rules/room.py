@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from rooms import commands as c
 from rooms.errors import RoomError
 from rooms.events import Event, Name
-from rooms.model import Circle, FloorMode, Language, Role, RoomState
+from rooms.model import CircleSettings, FloorMode, Language, Role, RoomState
 from rooms.rules import apply, joined_member_id
 from storage.codec import encode_state
 
@@ -25,7 +25,7 @@ class Room:
     @classmethod
     def new(cls, *, lobby: bool = False, mode: FloorMode = FloorMode.HANDS, capacity: int = 15,
             turn_seconds: int = 180, grace_seconds: int = 30) -> Room:
-        circle = Circle(id="c1", title="Lingkar Ibu Tunggal", language=Language.ID,
+        circle = CircleSettings(id="c1", title="Lingkar Ibu Tunggal", language=Language.ID,
                         capacity=capacity, turn_seconds=turn_seconds, floor_mode=mode, lobby=lobby,
                         grace_seconds=grace_seconds)
         room = cls(RoomState.new(circle))

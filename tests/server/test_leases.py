@@ -19,7 +19,7 @@ import pytest
 import redis
 import websockets
 
-from rooms.model import Circle, RoomState
+from rooms.model import CircleSettings, RoomState
 from server.app import drain
 from storage.codec import encode_state
 from storage.memory_store import MemoryStore
@@ -75,7 +75,7 @@ def lease_expiry(redis_url: str, circle_id: str) -> AbstractAsyncContextManager[
 
 
 def _blob(circle_id: str) -> bytes:
-    return encode_state(RoomState.new(Circle(id=circle_id, title="t")))
+    return encode_state(RoomState.new(CircleSettings(id=circle_id, title="t")))
 
 
 async def test_lease_is_taken_once_renewed_by_its_owner_and_fences_a_stale_owner(
@@ -98,7 +98,7 @@ async def test_lease_is_taken_once_renewed_by_its_owner_and_fences_a_stale_owner
         assert isinstance(second, Lease) and second.taken_over and second.token > first.token
         assert await store.renew([first, second], 5000) == [False, True]
 
-        state = RoomState.new(Circle(id=cid, title="t"))
+        state = RoomState.new(CircleSettings(id=cid, title="t"))
         state.version = 1
         with pytest.raises(StaleOwner):  # p1's write is refused, nothing is written
             await store.save(cid, 0, encode_state(state), [b"e"], 1, fence=first.token)
@@ -127,7 +127,7 @@ async def test_the_memory_store_lease_is_always_ours() -> None:
     assert isinstance(lease, Lease) and not lease.taken_over
     assert await store.acquire("m", "p2", "http://two", 600) == Lease("m", "p2", 0, False)
     assert await store.renew([lease], 600) == [True]
-    state = RoomState.new(Circle(id="m", title="t"))
+    state = RoomState.new(CircleSettings(id="m", title="t"))
     state.version = 1
     await store.save("m", 0, encode_state(state), [], 1, fence=12345)  # nothing to fence
 
