@@ -5,7 +5,8 @@
 1. Commands per second through the pure `rules.apply` on one core, with a realistic mix
    (raise/lower hand, give floor, next, mute/unmute, release).
 2. p50/p99 latency of one command through `RoomManager.execute` on each store; the Redis store
-   runs against a `redis-server` this bench starts on a free loopback port and stops after.
+   runs against a `redis-server` this bench starts on a free loopback port and stops after
+   (`testkit.redis_server`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 
 from rooms import commands as c
 from rooms import rules
@@ -28,6 +24,8 @@ from storage.manager import RoomManager
 from storage.memory_store import MemoryStore
 from storage.redis_store import RedisStore
 from storage.store import Store
+from testkit.redis_server import RedisServer
+from testkit.stats import percentiles
 
 MEMBERS = [f"m{i}" for i in range(10)]
 INVITES = [Invite("inv-mod", Role.MODERATOR), Invite("inv-member", Role.MEMBER)]
@@ -88,40 +86,10 @@ async def bench_manager(store: Store, n: int) -> tuple[float, float, float]:
             timings.append(time.perf_counter() - start)
             while sub.get_nowait() is not None:
                 pass
-        timings.sort()
-        return (timings[len(timings) // 2] * 1000, timings[int(len(timings) * 0.99)] * 1000,
-                n / sum(timings))
+        p50, p99 = percentiles(timings, 50, 99, scale=1000)
+        return p50, p99, n / sum(timings)
     finally:
         await manager.close()
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="lingkar-bench-")
-    proc = subprocess.Popen(
-        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind",
-         "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:  # poll until it answers
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.01)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def _run_stores(n: int) -> list[tuple[str, float, float, float]]:
@@ -129,8 +97,8 @@ async def _run_stores(n: int) -> list[tuple[str, float, float, float]]:
     memory = MemoryStore()
     rows.append(("manager, memory store", *await bench_manager(memory, n)))
     await memory.close()
-    with redis_server() as url:
-        redis = RedisStore(url)
+    with RedisServer() as server:
+        redis = RedisStore(server.url)
         try:
             rows.append(("manager, redis store", *await bench_manager(redis, n)))
         finally:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import socket
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +17,11 @@ from server.app import Parts, build_app, make_store
 from server.config import Settings, load_settings
 from signaling.session import DEFAULT_LIMITS, Limits
 from storage.clock import Clock
+from testkit.http import call
+from testkit.ports import listening_socket
 
 API_KEY = "test-organizer-key-0123456789abcdef"
 SECRET = "test-signing-secret-0123456789abcdef-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -42,21 +35,7 @@ class Live:
         return self.url.replace("http://", "ws://") + "/ws"
 
     async def api(self, method: str, path: str, body: Any = None, key: str = API_KEY) -> tuple[int, Any]:
-        def call() -> tuple[int, Any]:
-            data = json.dumps(body).encode() if body is not None else None
-            req = urllib.request.Request(self.url + path, data=data, method=method)
-            req.add_header("Authorization", f"Bearer {key}")
-            if data is not None:
-                req.add_header("Content-Type", "application/json")
-            try:
-                with urllib.request.urlopen(req, timeout=10) as resp:
-                    raw = resp.read()
-                    return resp.status, json.loads(raw) if raw else None
-            except urllib.error.HTTPError as err:
-                raw = err.read()
-                return err.code, json.loads(raw) if raw else None
-
-        return await asyncio.to_thread(call)
+        return await asyncio.to_thread(call, method, self.url + path, body, key)
 
     async def create_circle(self, **settings: Any) -> dict[str, Any]:
         body = {"title": "Lingkar Uji", "lobby": False, **settings}
@@ -74,9 +53,7 @@ def settings_for(store: str = "memory", **extra: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def live_server(store_url: str = "memory", *, limits: Limits = DEFAULT_LIMITS,
                       clock: Clock | None = None, **extra: Any) -> AsyncIterator[Live]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # the port is ours before the server starts: no race
-    port = int(sock.getsockname()[1])
+    sock, port = listening_socket()  # the port is ours before the server starts: no race
     settings = settings_for(store_url, port=port, **extra)
     store = make_store(settings)
     app = build_app(settings, store=store, limits=limits, clock=clock)

@@ -4,7 +4,6 @@ a member's visit private (no referrer, no caching of pages, Clear-Site-Data on t
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -17,25 +16,16 @@ import uvicorn
 from starlette.applications import Starlette
 
 from server.pages import page_routes
+from testkit.ports import listening_socket
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 CONFIG = {"ice_servers": [], "helplines": [], "exit_url": "/bye", "slots": 3}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
     app = Starlette(routes=page_routes(WEB, lambda: CONFIG))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()  # connections wait in the backlog until the server accepts: no start-up race
-    port = sock.getsockname()[1]
+    sock, port = listening_socket()  # connections wait in the backlog: no start-up race
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

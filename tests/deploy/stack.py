@@ -20,7 +20,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.live import API_KEY, SECRET, free_port
+from testkit.ports import free_port
+from tests.live import API_KEY, SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
 CADDYFILE = ROOT / "deploy" / "Caddyfile"

@@ -12,7 +12,7 @@ from storage.clock import FakeClock
 from storage.memory_store import MemoryStore
 from storage.redis_store import RedisStore
 from storage.store import Store
-from tests.redis_server import RedisServer
+from testkit.redis_server import RedisServer
 
 MakeStore = Callable[..., Store]
 _ids = itertools.count(1)

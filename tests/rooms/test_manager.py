@@ -18,7 +18,7 @@ from storage.manager import RoomManager
 from storage.redis_store import RedisStore
 from storage.store import NoSuchCircle, Store, StoreUnavailable
 from storage.subscription import Closed, Item, Resync, Subscription
-from tests.redis_server import RedisServer
+from testkit.redis_server import RedisServer
 from tests.rooms.conftest import MakeStore
 
 INVITES = [Invite("inv-mod", Role.MODERATOR), Invite("inv-member", Role.MEMBER)]

@@ -21,7 +21,7 @@ from storage.store import (
     Store,
     VersionConflict,
 )
-from tests.redis_server import RedisServer, everything_in, key_expiry
+from testkit.redis_server import RedisServer, everything_in, key_expiry
 from tests.rooms.conftest import MakeStore
 
 

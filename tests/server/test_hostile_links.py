@@ -7,8 +7,8 @@ import asyncio
 
 import websockets
 
+from testkit.redis_server import everything_in, key_expiry
 from tests.live import Client, Live, join, live_server, token_of
-from tests.redis_server import everything_in, key_expiry
 from tests.server.conftest import ack_of, hello_close, settle
 
 

@@ -25,8 +25,9 @@ from storage.codec import encode_state
 from storage.memory_store import MemoryStore
 from storage.redis_store import RedisStore
 from storage.store import Lease, Owner, StaleOwner
-from tests.live import API_KEY, SECRET, Client, Live, free_port, join, live_server, token_of
-from tests.redis_server import key_expiry
+from testkit.ports import free_port
+from testkit.redis_server import key_expiry
+from tests.live import API_KEY, SECRET, Client, Live, join, live_server, token_of
 from tests.server.conftest import ack_of, settle
 
 REPO = Path(__file__).resolve().parents[2]

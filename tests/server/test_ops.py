@@ -11,8 +11,8 @@ import msgpack
 import pytest
 
 from server.logs import JsonFormatter
+from testkit.redis_server import RedisServer
 from tests.live import API_KEY, Client, Live, join, live_server, token_of
-from tests.redis_server import RedisServer
 from tests.server.conftest import ack_of, hello_close, settle
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from testkit.redis_server import RedisServer
 from tests.live import Client, join, live_server, token_of
-from tests.redis_server import RedisServer
 from tests.server.conftest import ack_of, settle
 
 

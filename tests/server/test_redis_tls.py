@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from testkit.redis_server import RedisServer, everything_in
 from tests.live import join, live_server
-from tests.redis_server import RedisServer, everything_in
 from tests.server.conftest import ack_of, settle
 
 

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.live import SECRET, free_port
+from testkit.ports import free_port
+from tests.live import SECRET
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "operator-chosen-key-0123456789abcdef"

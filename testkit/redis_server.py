@@ -1,4 +1,5 @@
-"""A throwaway `redis-server` on a free loopback port, for tests and the bench.
+"""A throwaway `redis-server` on a free loopback port, for the tests, the benches and the
+load test.
 
 Never port 6379 (a developer's own Redis may live there) and never a fake: the stores are
 tested against the real thing. No persistence unless asked: `stop(save=True)` writes a
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -23,6 +23,8 @@ import redis
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from testkit.ports import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -39,15 +41,6 @@ def _make_certificates(directory: Path) -> None:
     (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
         "-days", "2", "-extfile", "san.ext", "-out", "server.crt")
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port != 6379:
-            return port
 
 
 class RedisServer:
