@@ -22,9 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest import procs
 from loadtest.client import Client, Closed
-from loadtest.peer import DirectPair, LoadPeer, MarkTrack
+from loadtest.peer import DirectPair, LoadPeer, source_of
 from loadtest.signaling import (
     COUNTERS,
     DRAIN_SECONDS,
@@ -37,9 +36,11 @@ from loadtest.signaling import (
     wait_go,
     watch_loop_lag,
 )
-from loadtest.stats import rfc3550_jitter
+from testkit.opus import Mark, PacedTone
+from testkit.procs import cpu_seconds
+from testkit.stats import rfc3550_jitter
 
-HOLDER, LEAKER = 1, 2  # sender ids in the marks (0 is the moderator, who does not send)
+HOLDER, LEAKER = 1, 2  # senders in the marks' sources (0 is the moderator, who does not send)
 TAIL_SECONDS = 0.5
 FIRST_AUDIO_TIMEOUT = 10.0
 
@@ -57,8 +58,8 @@ class Listener:
 class MediaRoom(RoomBase):
     listeners: list[Listener] = field(default_factory=list)
     holder: Client | None = None
-    holder_track: MarkTrack | None = None
-    leaker_track: MarkTrack | None = None
+    holder_track: PacedTone | None = None
+    leaker_track: PacedTone | None = None
     peers: list[LoadPeer] = field(default_factory=list)
     window: tuple[int, int] | None = None  # monotonic ns
     offers_ms: list[float] = field(default_factory=list)
@@ -67,23 +68,26 @@ class MediaRoom(RoomBase):
     _unheard: int = 0
 
     def _listener_sink(self, listener_index: int) -> Any:
-        def sink(room: int, sender: int, seq: int, sent: int, arrived: int) -> None:
+        holder = source_of(self.index, HOLDER)
+        this_room = source_of(self.index, 0).partition(".")[0]
+
+        def sink(marked: Mark, arrived: int) -> None:
             lst = self.listeners[listener_index]
             COUNTERS.packets += 1
-            if room != self.index:
-                lst.foreign += 1
-            elif sender == HOLDER:
+            if marked.source == holder:
                 if not lst.arrivals:
                     self._unheard -= 1
                     if self._unheard <= 0:
                         self.heard.set()
-                lst.arrivals.append((seq, sent, arrived))
+                lst.arrivals.append((marked.seq, marked.sent_ns, arrived))
+            elif marked.source.partition(".")[0] != this_room:
+                lst.foreign += 1
             else:
                 lst.leaked += 1
                 COUNTERS.leaked += 1
         return sink
 
-    async def connect_media(self, client: Client, track: MarkTrack | None, listens: bool) -> LoadPeer:
+    async def connect_media(self, client: Client, track: PacedTone | None, listens: bool) -> LoadPeer:
         if listens:
             index = len(self.listeners)
             peer = LoadPeer(self._listener_sink(index), track=track)
@@ -107,8 +111,8 @@ class MediaRoom(RoomBase):
         assert self.moderator is not None
         holder, leaker, *others = self.inside
         self.holder = holder
-        self.holder_track = MarkTrack(self.index, HOLDER)
-        self.leaker_track = MarkTrack(self.index, LEAKER)
+        self.holder_track = PacedTone(source_of(self.index, HOLDER))
+        self.leaker_track = PacedTone(source_of(self.index, LEAKER))
         await self.connect_media(self.moderator, None, listens=True)
         await self.connect_media(holder, self.holder_track, listens=False)
         await self.connect_media(leaker, self.leaker_track, listens=True)
@@ -133,7 +137,7 @@ class MediaRoom(RoomBase):
     def media_record(self) -> dict[str, Any]:
         assert self.holder_track is not None and self.window is not None
         start, end = self.window
-        expected = {seq for seq, sent in self.holder_track.sent if start <= sent <= end}
+        expected = {seq for seq, sent in self.holder_track.log if start <= sent <= end}
         listeners = []
         for i, lst in enumerate(self.listeners):
             in_window = [(seq, sent, arrived) for seq, sent, arrived in lst.arrivals if start <= sent <= end]
@@ -151,7 +155,7 @@ class MediaRoom(RoomBase):
             })
         return {
             "window_s": (end - start) / 1e9, "holder_sent_in_window": len(expected),
-            "leaker_sent": len(self.leaker_track.sent) if self.leaker_track else 0,
+            "leaker_sent": self.leaker_track.sent if self.leaker_track else 0,
             "forwarded_streams": len(self.listeners),
             "listeners": listeners,
             "leaked_from_non_holder": sum(lst.leaked for lst in self.listeners),
@@ -194,9 +198,9 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
         ok = [room for room, r in zip(ok, started, strict=True) if not isinstance(r, BaseException)]
         # One window for all rooms, with the server's CPU time read at both ends.
         queue.put(("media_window", "start", time.monotonic()))
-        start, srv0 = time.monotonic_ns(), procs.cpu_seconds(server_pid) if server_pid else None
+        start, srv0 = time.monotonic_ns(), cpu_seconds(server_pid) if server_pid else None
         await asyncio.sleep(cfg["duration"])
-        end, srv1 = time.monotonic_ns(), procs.cpu_seconds(server_pid) if server_pid else None
+        end, srv1 = time.monotonic_ns(), cpu_seconds(server_pid) if server_pid else None
         queue.put(("media_window", "end", time.monotonic()))
         for room in ok:
             room.window = (start, end)

@@ -14,29 +14,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
 import gc
 import json
 import os
-import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamTrack
 
 from server.gctune import tune_gc
+from testkit.loop import run as run_loop
+from testkit.opus import PacedTone, unmark
+from testkit.stats import percentiles
 
 from . import circle, fastpath, tap
 from .relay import MediaRelay
 
 CIRCLE = "bench"
 SLOTS = 3
-TIME_BASE = fractions.Fraction(1, 48000)
-PADDING = bytes(70)  # payload about the size of 20 ms of speech at 32 kbit/s
 
 
 # -- the relay side (child process) --------------------------------------------------------
@@ -152,38 +149,14 @@ class _RelayProcess:
 # -- the client side (parent process) ------------------------------------------------------
 
 
-class _Speaker(MediaStreamTrack):
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sent_at: dict[int, float] = {}
-        self._seq = 0
-        self._start: float | None = None
-
-    async def recv(self) -> av.Packet:  # type: ignore[override]
-        loop = asyncio.get_running_loop()
-        if self._start is None:
-            self._start = loop.time()
-        due = self._start + self._seq * 0.02
-        if due > loop.time():
-            await asyncio.sleep(due - loop.time())
-        seq = self._seq
-        self._seq += 1
-        packet = av.Packet(b"\xfc" + struct.pack("!Q", seq) + PADDING)
-        packet.pts = seq * 960
-        packet.time_base = TIME_BASE
-        self.sent_at[seq] = time.perf_counter()
-        return packet
-
-
 class _Clients:
-    """One speaker and listeners; arrivals are (seq, perf_counter) per listener."""
+    """One speaker (a paced, marked Opus tone) and listeners; `latencies` holds, for every
+    marked packet any listener received while recording, arrival − the mark's send time (s)."""
 
     def __init__(self) -> None:
-        self.speaker = _Speaker()
+        self.speaker = PacedTone("speaker")
         self.pcs: list[RTCPeerConnection] = []
-        self.arrivals: list[tuple[int, float]] = []
+        self.latencies: list[float] = []
         self.received = 0
         self.recording = False
         self.progress = asyncio.Event()
@@ -192,9 +165,10 @@ class _Clients:
         def on_packet(packet: Any, arrival_time_ms: int) -> None:
             self.received += 1
             self.progress.set()
-            if self.recording and len(packet.payload) >= 9:
-                seq = struct.unpack("!Q", packet.payload[1:9])[0]
-                self.arrivals.append((seq, time.perf_counter()))
+            if self.recording:
+                marked = unmark(packet.payload)
+                if marked is not None:
+                    self.latencies.append((time.monotonic_ns() - marked.sent_ns) / 1e9)
 
         return on_packet
 
@@ -208,19 +182,14 @@ class _Clients:
         await pc.setLocalDescription(await pc.createOffer())
         return pc
 
-    def latencies(self) -> list[float]:
-        sent = self.speaker.sent_at
-        return [at - sent[seq] for seq, at in self.arrivals if seq in sent]
-
     async def close(self) -> None:
         await asyncio.gather(*(pc.close() for pc in self.pcs))
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] * 1000, ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
+    """p50 and p99 in ms of durations in seconds."""
+    p50, p99 = percentiles(values, 50, 99, scale=1000)
+    return p50, p99
 
 
 async def _until(clients: _Clients, condition: Callable[[], bool], limit: float) -> None:
@@ -244,7 +213,7 @@ async def _direct_baseline(seconds: float) -> tuple[float, float]:
         await _until(clients, lambda: clients.received > 10, 20)
         clients.recording = True
         await asyncio.sleep(seconds)
-        return _percentiles(clients.latencies())
+        return _percentiles(clients.latencies)
     finally:
         await clients.close()
 
@@ -285,9 +254,9 @@ async def _one_size(relay: _RelayProcess, listeners: int, seconds: float) -> dic
         forwarded = after["packets_forwarded"] - before["packets_forwarded"]
         cpu = after["cpu"] - before["cpu"]
         wall = seconds  # the sampling calls add a little; CPU share is approximate
-        p50, p99 = _percentiles(clients.latencies())
+        p50, p99 = _percentiles(clients.latencies)
         in50, in99 = _percentiles(after["delays"])
-        received = len(clients.arrivals)
+        received = len(clients.latencies)
         return {
             "listeners": listeners,
             "forwarded": forwarded,
@@ -337,15 +306,7 @@ def _run(main: Any) -> None:
     the event loop uvicorn picks, uvloop when it is installed (LINGKAR_BENCH_LOOP=asyncio
     measures the standard loop)."""
     tune_gc()
-    if os.environ.get("LINGKAR_BENCH_LOOP", "uvloop") == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
+    run_loop(main, uvloop=os.environ.get("LINGKAR_BENCH_LOOP", "uvloop") == "uvloop")
 
 
 def main() -> None:

@@ -3,21 +3,18 @@
 `ClientPeer` offers one sendrecv microphone m-line (unless listening only) and S recvonly
 slots, sends a tone, and counts what arrives in each slot by source.
 
-Every packet it sends is a real Opus packet (a tone encoded once with PyAV's libopus),
-re-framed as an Opus "code 3" packet whose *padding* carries a marker: the sender's name,
-a sequence number and nothing else. Opus decoders ignore padding, so the audio is still
-valid for a browser, and any listener can tell who sent a packet and when (the sender
-keeps the send time per sequence number) without decoding anything. The relay never
-looks at payloads, so this proves what it forwards.
+Every packet it sends is a marked Opus packet of `testkit.opus` (a real tone; the mark in
+its padding names the sender and carries a sequence number and the send time). Opus
+decoders ignore padding, so the audio is still valid for a browser, and any listener can
+tell who sent a packet without decoding anything. The relay never looks at payloads, so
+this proves what it forwards.
 
-Used by tests/media, and meant for the signaling tests and the load test too.
+Used by tests/media and tests/net.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fractions
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,36 +22,21 @@ from dataclasses import dataclass
 
 import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtp import RtpPacket
 
-from loadtest.peer import encode_tone  # one Opus tone encoder for tests and the load test
 from server.media.tap import install_tap
+from testkit import opus
+from testkit.opus import encode_tone, mark
 
-CLOCK = 48000
-FRAME = 960
-TIME_BASE = fractions.Fraction(1, CLOCK)
-MAGIC = b"LK"
+__all__ = ["SILENCE", "Arrival", "ClientPeer", "ToneTrack", "encode_tone", "mark", "unmark", "wait_until"]
+
 SILENCE = "<silence>"  # source name for the relay's unmarked Opus frames
 
 
-def mark(packet: bytes, source: str, seq: int) -> bytes:
-    """Re-frame a code-0 Opus packet as code 3 (one CBR frame) with a marker as padding."""
-    name = source.encode()
-    marker = MAGIC + bytes([len(name)]) + name + struct.pack("!Q", seq)
-    assert packet[0] & 3 == 0 and len(marker) < 255
-    return bytes([packet[0] | 3, 0x41, len(marker)]) + packet[1:] + marker
-
-
 def unmark(payload: bytes) -> tuple[str, int] | None:
-    """(source, seq) from a packet made by `mark`, or None for any other Opus packet."""
-    if len(payload) < 3 or payload[0] & 3 != 3 or not payload[1] & 0x40 or payload[2] == 255:
-        return None
-    marker = payload[len(payload) - payload[2] :]
-    if not marker.startswith(MAGIC) or len(marker) < 3 + marker[2] + 8:
-        return None
-    size = marker[2]
-    return marker[3 : 3 + size].decode(), struct.unpack("!Q", marker[3 + size : 11 + size])[0]
+    """(source, seq) of a marked packet (`testkit.opus.unmark` without the send time)."""
+    marked = opus.unmark(payload)
+    return None if marked is None else (marked.source, marked.seq)
 
 
 _waiters: list[asyncio.Future[None]] = []
@@ -79,38 +61,17 @@ async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> None
             await waiter
 
 
-class ToneTrack(MediaStreamTrack):
-    """A microphone: paced 20 ms marked Opus packets, as `av.Packet`s (sent as is)."""
-
-    kind = "audio"
+class ToneTrack(opus.PacedTone):
+    """A microphone (`testkit.opus.PacedTone`) that wakes every `wait_until` as it sends,
+    and says how loud it is (`level`, RFC 6464: 0 loudest) in ssrc-audio-level."""
 
     def __init__(self, source: str, hz: float, *, level: int = 30) -> None:
-        super().__init__()
-        self.source = source
-        self.level = level  # RFC 6464 level to put in ssrc-audio-level (0 loudest)
-        self.sent_at: dict[int, float] = {}  # seq -> perf_counter when handed to the sender
-        self._packets = encode_tone(hz)
-        self._seq = 0
-        self._start: float | None = None
-
-    @property
-    def sent(self) -> int:
-        return self._seq
+        super().__init__(source, hz)
+        self.level = level
 
     async def recv(self) -> av.Packet:  # type: ignore[override]
-        loop = asyncio.get_running_loop()
-        if self._start is None:
-            self._start = loop.time()
-        due = self._start + self._seq * FRAME / CLOCK
-        if due > loop.time():
-            await asyncio.sleep(due - loop.time())
-        seq = self._seq
-        self._seq += 1
-        packet = av.Packet(mark(self._packets[seq % len(self._packets)], self.source, seq))
-        packet.pts = seq * FRAME
-        packet.time_base = TIME_BASE
-        self.sent_at[seq] = time.perf_counter()
-        loop.call_soon(_poke)
+        packet = await super().recv()
+        asyncio.get_running_loop().call_soon(_poke)
         return packet
 
 
