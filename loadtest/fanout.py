@@ -26,19 +26,17 @@ from typing import Any
 import msgpack
 import websockets
 
-from loadtest.procs import RedisProcess, ServerProcess, cpu_seconds, http
-from server.gctune import tune_gc
+from loadtest.procs import ServerProcess
+from testkit.http import call
+from testkit.loop import quiet_gc
+from testkit.loop import run as run_loop
+from testkit.procs import cpu_seconds
+from testkit.redis_server import RedisServer
+from testkit.stats import percentile
 
 PERIOD = 0.2  # one command per circle every 200 ms
 WARMUP = 1.0  # seconds of commands before measuring
 CONNECT_CONCURRENCY = 64
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return math.nan
-    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
-    return sorted_values[k]
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -124,14 +122,14 @@ async def driver(room: Room, phase: float, stop_at: float, measure_from: float) 
 
 
 async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: float) -> dict[str, Any]:
-    redis: RedisProcess | None = None
+    redis: RedisServer | None = None
     server: ServerProcess | None = None
     sockets: list[Any] = []
     log_path = Path(tempfile.gettempdir()) / f"lingkar-fanout-{store_label}-{os.getpid()}.log"
     try:
         store = "memory"
         if store_label == "redis":
-            redis = RedisProcess()
+            redis = RedisServer()
             redis.start()
             store = redis.url
         server = ServerProcess(store, log_path)
@@ -142,7 +140,7 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
         async def create(i: int) -> Room:
             body = {"title": f"fanout {i}", "capacity": max(2, members_n), "lobby": False,
                     "turn_seconds": 1800, "floor_mode": "hands"}
-            status, circle = await asyncio.to_thread(http, "POST", base + "/api/circles", body, key)
+            status, circle = await asyncio.to_thread(call, "POST", base + "/api/circles", body, key)
             if status != 201:
                 raise RuntimeError(f"POST /api/circles answered {status}: {circle}")
             return Room(i, circle["id"], circle["links"])
@@ -162,7 +160,7 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
             room.actor_id = joined[1][1]
             sockets.extend(room.sockets)
         connect_seconds = time.perf_counter() - started
-        tune_gc()  # the generator's own pauses must not pass for the server's latency
+        quiet_gc()  # the generator's own pauses must not pass for the server's latency
         progress = Progress()
         for room in rooms:
             room.progress = progress
@@ -219,7 +217,7 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
         if server is not None:
             await asyncio.to_thread(server.stop)
         if redis is not None:
-            redis.stop()
+            redis.close()
         log_path.unlink(missing_ok=True)
 
 
@@ -230,16 +228,6 @@ def _fmt(r: dict[str, Any]) -> str:
             f"max {o['max_ms']:.2f} ms; worst room p99 {r['worst_room_p99_ms']:.2f} ms; "
             f"missing {r['missing_deliveries']}; server CPU {r['server_cpu_percent_of_one_core']} % of a core "
             f"(client {r['client_cpu_percent_of_one_core']} %)")
-
-
-def _run(main: Any) -> Any:
-    """On uvloop when installed (the server runs on it too): the generator shares the
-    machine with the server, and every bit of CPU it spends is taken from the server."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     stores = ["memory", "redis"] if args.store == "both" else [args.store]
     results = []
     for store in stores:
-        result = _run(run_store(store, args.rooms, args.members, args.seconds))
+        result = run_loop(run_store(store, args.rooms, args.members, args.seconds))
         print(_fmt(result), flush=True)
         results.append(result)
     report = json.dumps({"results": results}, indent=1)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import procs, report
+from testkit.procs import cpu_seconds, machine_busy_seconds, rss_bytes
+from testkit.redis_server import RedisServer
 
 JOIN_TIMEOUT = 60.0
 PROGRESS_WIDTH = 30
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         pass  # not the main thread
     progress = Progress(not args.no_progress)
-    redis_proc: procs.RedisProcess | None = None
+    redis_proc: RedisServer | None = None
     server: procs.ServerProcess | None = None
     children: list[Any] = []
     circles: list[dict[str, Any]] = []
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.url:
             store = "memory"
             if args.store == "redis":
-                redis_proc = procs.RedisProcess()
+                redis_proc = RedisServer()
                 redis_proc.start()
                 store = redis_proc.url
             server = procs.ServerProcess(store, out / "server.log")
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
         if redis_proc is not None:
-            redis_proc.stop()
+            redis_proc.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     return result
@@ -186,12 +188,12 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
     ws_url = base_url.replace("http://", "ws://").replace("https://", "wss://") + "/ws"
     rss: dict[str, int] = {}
     if pid:
-        rss["before_circles"] = procs.rss_bytes(pid)
+        rss["before_circles"] = rss_bytes(pid)
     for i in range(args.rooms):
         circle = procs.create_circle(base_url, api_key, f"Lingkar beban {i}", args.members + 1)
         circles.append(circle)
     if pid:
-        rss["after_circles"] = procs.rss_bytes(pid)
+        rss["after_circles"] = rss_bytes(pid)
     specs = [{"index": i, "circle_id": c["id"], "moderator": c["links"]["moderator"].split("#t=", 1)[1],
               "member": c["links"]["member"].split("#t=", 1)[1]} for i, c in enumerate(circles)]
     common = {"ws_url": ws_url, "members": args.members, "duration": args.duration, "pace": args.pace,
@@ -233,7 +235,7 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
             elif tag == "media_window":
                 windows[kind] = msg[2]
                 if pid and kind == "end":
-                    windows["server_cpu_end"] = procs.cpu_seconds(pid)
+                    windows["server_cpu_end"] = cpu_seconds(pid)
 
     t_join = time.monotonic()
     while len(joined) + len(failures) < len(kinds):
@@ -248,9 +250,9 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
         raise RuntimeError(f"generator failed: {failures}")
     join_seconds = time.monotonic() - t_join
     if pid:
-        rss["after_join"] = procs.rss_bytes(pid)
-        cpu0 = procs.cpu_seconds(pid)
-    busy0 = procs.machine_busy_seconds()
+        rss["after_join"] = rss_bytes(pid)
+        cpu0 = cpu_seconds(pid)
+    busy0 = machine_busy_seconds()
     t0 = time.monotonic()
     go.set()
     limit = args.duration + 60 + (30 if args.media_rooms else 0)
@@ -265,7 +267,7 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
         pump(0.1)
         progress.show("running", min(elapsed, args.duration), args.duration)
     steady = time.monotonic() - t0
-    busy = procs.machine_busy_seconds() - busy0
+    busy = machine_busy_seconds() - busy0
     progress.show("done", args.duration, args.duration, force=True)
     progress.end()
     if failures:
@@ -275,8 +277,8 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, pid: int | None, 
                             "machine_busy_cpu_s": busy, "machine_cpu_capacity_s": steady * (os.cpu_count() or 1),
                             "loadavg_at_end": os.getloadavg()}
     if pid:
-        cpu1 = procs.cpu_seconds(pid)
-        rss["end"] = procs.rss_bytes(pid)
+        cpu1 = cpu_seconds(pid)
+        rss["end"] = rss_bytes(pid)
         cost.update(server_pid=pid, server_cpu_s=cpu1 - cpu0, server_cpu_share_of_one_core=(cpu1 - cpu0) / steady,
                     server_rss_bytes=rss,
                     memory_per_room_kib=(rss["after_circles"] - rss["before_circles"]) / 1024 / args.rooms,

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from loadtest.stats import summary
+from testkit.stats import summary
 
 __all__ = ["plot", "room_summary", "summary", "table", "totals", "write_json"]
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.client import Client, Closed, Frame
-from server.gctune import tune_gc
+from testkit.loop import quiet_gc
 
 DRAIN_SECONDS = 1.0  # after the last command, wait this long for the last events
 JOIN_TIMEOUT = 15.0
@@ -391,7 +391,7 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
 def run_generator(kind: str, main: Callable[[dict[str, Any], Any, Any], Coroutine[Any, Any, None]],
                   cfg: dict[str, Any], queue: Any, go: Any) -> None:
     """Run one generator process's `main`; a failure is reported to the parent, which decides."""
-    tune_gc()
+    quiet_gc()
     try:
         asyncio.run(main(cfg, queue, go))
     except BaseException as err:  # noqa: BLE001 - reported to the parent

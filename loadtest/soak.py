@@ -45,14 +45,18 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.client import Client, Closed, Frame
-from loadtest.procs import RedisProcess, ServerProcess, http, rss_bytes
-from signaling.close import CloseCode
+from loadtest.procs import ServerProcess
+from testkit.http import call
+from testkit.loop import run as run_loop
+from testkit.procs import rss_bytes
+from testkit.redis_server import RedisServer
 
 MIN_CIRCLES_FOR_VERDICT = 2000
 STEP_TIMEOUT = 15.0  # any one wait for the server (a frame, a close)
 QUIET_TIMEOUT = 30.0  # after a round, until the server shows no circle and no connection
 TRACE_TIMEOUT = 120.0  # a tracemalloc snapshot of a big heap takes a while
 CONNECT_CONCURRENCY = 64
+ENDED = 4000  # the close code of a circle its moderator or organizer ended (DESIGN §5)
 
 
 @dataclass
@@ -74,7 +78,7 @@ class Soak:
         self.connect_limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        return await asyncio.to_thread(http, method, self.base + path, body, self.key)
+        return await asyncio.to_thread(call, method, self.base + path, body, self.key)
 
     async def hello(self, client: Client, link: str, expect: str) -> Frame:
         async with self.connect_limit:
@@ -141,8 +145,8 @@ class Soak:
             if status != 204:
                 raise RuntimeError(f"end answered {status}")
             code = await mod.closed(STEP_TIMEOUT)
-            if code != CloseCode.ENDED:
-                raise RuntimeError(f"the moderator was closed with {code}, not {CloseCode.ENDED:d}")
+            if code != ENDED:
+                raise RuntimeError(f"the moderator was closed with {code}, not {ENDED}")
         finally:
             await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)
             await asyncio.gather(*(c.close() for c in people), return_exceptions=True)
@@ -181,11 +185,9 @@ class Soak:
 
 
 def _metrics(base: str, key: str) -> dict[str, float]:
-    import urllib.request
-
-    req = urllib.request.Request(base + "/metrics", headers={"Authorization": f"Bearer {key}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        text = resp.read().decode()
+    status, text = call("GET", base + "/metrics", key=key)
+    if status != 200:
+        raise RuntimeError(f"GET /metrics answered {status}")
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#") and " " in line:
@@ -216,14 +218,14 @@ def _mib(n: int) -> str:
 async def run(store_label: str, circles: int, rounds: int, members: int,
               trace_dir: Path | None = None, frames: int = 16, top: int = 8,
               media_circles: int = 0) -> list[RoundResult]:
-    redis: RedisProcess | None = None
+    redis: RedisServer | None = None
     server: ServerProcess | None = None
     log_path = Path(tempfile.gettempdir()) / f"lingkar-soak-{store_label}-{os.getpid()}.log"
     results: list[RoundResult] = []
     try:
         store = "memory"
         if store_label == "redis":
-            redis = RedisProcess()
+            redis = RedisServer()
             redis.start()
             store = redis.url
         if trace_dir is not None:
@@ -261,7 +263,7 @@ async def run(store_label: str, circles: int, rounds: int, members: int,
         if server is not None:
             await asyncio.to_thread(server.stop)
         if redis is not None:
-            redis.stop()
+            redis.close()
         if results and not any(r.failures for r in results):
             log_path.unlink(missing_ok=True)
         elif log_path.exists():
@@ -300,14 +302,6 @@ def verdict(results: list[RoundResult], warm_round: int, tolerance: float, trace
     return 0, f"PASS (within {tolerance:.0%}): {summary}"
 
 
-def _run(main: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.soak",
                                      description=(__doc__ or "").split("\n\n")[0])
@@ -333,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--warm-round ≥ 1, 0 ≤ --media-circles ≤ --circles")
     if args.tracemalloc is not None:
         args.tracemalloc.mkdir(parents=True, exist_ok=True)
-    results = _run(run(args.store, args.circles, args.rounds, args.members, args.tracemalloc,
+    results = run_loop(run(args.store, args.circles, args.rounds, args.members, args.tracemalloc,
                        args.frames, args.top, args.media_circles))
     code, text = verdict(results, args.warm_round, args.tolerance, args.tracemalloc is not None)
     print(f"{args.store}: {text}", flush=True)

@@ -1,7 +1,8 @@
 """`lingkar serve` under tracemalloc, for finding what outlives a circle (`loadtest.soak
---tracemalloc DIR`): `python -m loadtest.tracemem serve` runs `server.cli` with tracemalloc
-on, and every SIGUSR1 writes `LINGKAR_TRACEMALLOC_DIR/growth-<n>.txt` (renamed into place
-when complete, so the reader never sees half a report) with
+--tracemalloc DIR`): `python -m loadtest.tracemem serve` runs `python -m server.cli serve`
+with tracemalloc on in the same process (loaded by module name with `runpy`: the load test
+imports no server code), and every SIGUSR1 writes `LINGKAR_TRACEMALLOC_DIR/growth-<n>.txt`
+(renamed into place when complete, so the reader never sees half a report) with
 
 - the cyclic garbage a full collection finds, by type: what the server's rare full
   collections (`server.gctune`) leave lying around until then, and what RSS that costs;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import gc
 import linecache
 import os
+import runpy
 import signal
 import sys
 import time
@@ -30,6 +32,8 @@ import tracemalloc
 from collections import Counter
 from pathlib import Path
 from types import FrameType
+
+from testkit.procs import rss_bytes
 
 FRAMES = int(os.environ.get("LINGKAR_TRACEMALLOC_FRAMES", "16"))
 TOP = int(os.environ.get("LINGKAR_TRACEMALLOC_TOP", "25"))
@@ -78,18 +82,10 @@ class _Tracer:
         partial.rename(final)
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _garbage_census() -> str:
     """Collect every generation, keeping what was found in `gc.garbage` to count it by
     type, then free it; the RSS before and after."""
-    before = _rss()
+    before = rss_bytes()
     counts = gc.get_count()
     gc.set_debug(gc.DEBUG_SAVEALL)
     started = time.perf_counter()
@@ -105,7 +101,7 @@ def _garbage_census() -> str:
     gc.collect()
     lines = [f"gc: {found} unreachable objects in cycles ({size} B shallow) awaited a full "
              f"collection (counts before {counts}; it took {took * 1000:.1f} ms with "
-             f"{len(gc.get_objects())} objects tracked); RSS {before} B -> {_rss()} B after "
+             f"{len(gc.get_objects())} objects tracked); RSS {before} B -> {rss_bytes()} B after "
              f"freeing them\n"]
     lines.extend(f"    {n:7d} {name}\n" for name, n in by_type.most_common(TOP))
     if cycles:
@@ -176,9 +172,9 @@ def main() -> int:
     if FRAMES > 0:
         tracemalloc.start(FRAMES)
     signal.signal(signal.SIGUSR1, _Tracer(out).on_signal)
-    from server.cli import main as serve
-
-    return serve(sys.argv[1:])
+    # As `python -m server.cli serve` (its `__main__` reads sys.argv and exits with the code).
+    runpy.run_module("server.cli", run_name="__main__", alter_sys=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.rtp import RtpPacket
 
+from testkit.stats import percentile
 from tests.live import Client, Live, token_of
 from tests.media.peers import Arrival, ClientPeer, _poke, wait_until
 
@@ -264,7 +265,7 @@ class Agent:
         got = counted()
         sizes = sorted(size for _, size in got)
         return {"slot": self._slot_of(member_id), "count": len(got), "first_at": got[0][0],
-                "nth_at": got[n - 1][0], "size_p50": sizes[len(sizes) // 2], "size_max": sizes[-1]}
+                "nth_at": got[n - 1][0], "size_p50": percentile(sizes, 50), "size_max": sizes[-1]}
 
     async def op_slot_log(self, member_id: str, since: float = 0.0) -> dict[str, Any]:
         """Every packet (arrival, size) after `since` in the slot of `member_id`."""

@@ -39,25 +39,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from testkit.stats import percentile
+
 from . import browser, netlab
 from .browser import ENOUGH, VOICE, speaker_in_chromium
 from .world import Member, World
 
-TICKS = os.sysconf("SC_CLK_TCK")
 STEPS = ["join_over_nat_80ms_rtt", "loss_5pct_jitter_40pm30ms", "address_change", "relay_cpu",
          "browser_address_change", "browser_address_change_overlap"]
 
 
 def spread(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "p50": round(statistics.median(values), 3),
+    return {"n": len(values), "p50": round(percentile(sorted(values), 50), 3),
             "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
@@ -179,12 +178,12 @@ async def relay_cpu(logs: Path, seconds: float) -> dict[str, Any]:
         _, speaker = await circle_with_speaker(world, net.direct("speaker"))
 
         async def window(label: str) -> dict[str, Any]:
-            ticks = server.cpu_ticks(), coturn.cpu_ticks()
+            cpu = server.cpu_seconds(), coturn.cpu_seconds()
             started = time.monotonic()
             await asyncio.sleep(seconds)  # a measurement window, not a wait for anything
             elapsed = time.monotonic() - started
-            server_s = (server.cpu_ticks() - ticks[0]) / TICKS
-            coturn_s = (coturn.cpu_ticks() - ticks[1]) / TICKS
+            server_s = server.cpu_seconds() - cpu[0]
+            coturn_s = coturn.cpu_seconds() - cpu[1]
             return {"phase": label, "seconds": round(elapsed, 1),
                     "lingkar_cpu_percent": round(100 * server_s / elapsed, 2),
                     "coturn_cpu_percent": round(100 * coturn_s / elapsed, 2)}

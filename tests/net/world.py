@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testkit.procs import cpu_seconds
+
 from . import netlab
 from .netlab import PUBLIC_NET, SERVER_ADDRESS, TURN_ADDRESS, Lab
 
@@ -122,11 +124,9 @@ class Proc:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(reader, grace)
 
-    def cpu_ticks(self) -> int:
-        """utime + stime of the process, in clock ticks (/proc/<pid>/stat)."""
-        with open(f"/proc/{self.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process in seconds (/proc/<pid>/stat)."""
+        return cpu_seconds(self.pid)
 
 
 class Member:
