@@ -22,11 +22,12 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from server import logs, metrics
 from server.api import OrganizerApi
+from server.circles import Circles
 from server.config import Settings
-from server.local import LocalCircles
 from server.media.candidates import own_address_kinds
-from server.media.relay import MediaRelay
+from server.media.relay import LevelsCallback, MediaRelay, SlotsCallback
 from server.pages import page_routes
+from server.placement import Leases
 from server.ws import WebSocketEndpoint, WritePath
 from signaling.close import CloseCode
 from signaling.session import DEFAULT_LIMITS, Limits
@@ -51,7 +52,7 @@ class Parts:
     store: Store
     manager: RoomManager
     relay: MediaRelay
-    local: LocalCircles
+    circles: Circles
     ws: WebSocketEndpoint
     homes: Homes
 
@@ -70,25 +71,26 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
     manager = RoomManager(store, clock=clock)
     ice = [msgspec.to_builtins(s) for s in settings.ice_servers]
     ice = [{k: v for k, v in s.items() if v is not None} for s in ice]
-    local: LocalCircles
     # LINGKAR_MEDIA_ADDRESS: a host behind 1:1 NAT counts as public (DESIGN §7, §10)
     kinds = own_address_kinds([settings.media_address]) if settings.media_address else None
-    relay = MediaRelay(slots=settings.slots, ice_servers=ice,
-                       on_slots=lambda c, m, s: local.on_slots(c, m, s),
-                       on_levels=lambda c, lv: local.on_levels(c, lv),
-                       address_kinds=kinds, media_address=settings.media_address,
-                       media_ports=settings.media_ports,
-                       full_collection_interval=settings.media_gc_interval)
-    local = LocalCircles(manager, relay)
+
+    def make_relay(on_slots: SlotsCallback, on_levels: LevelsCallback) -> MediaRelay:
+        return MediaRelay(slots=settings.slots, ice_servers=ice, on_slots=on_slots, on_levels=on_levels,
+                          address_kinds=kinds, media_address=settings.media_address,
+                          media_ports=settings.media_ports,
+                          full_collection_interval=settings.media_gc_interval)
+
+    circles = Circles(manager, make_relay)
+    relay = circles.relay
     # DESIGN §8: this process's id (unique per start) and public URL go into its leases.
     homes = Homes(store, uuid.uuid4().hex, settings.public_url, ttl_ms=settings.lease_ms,
-                  in_use=local.in_use, on_takeover=local.take_over, on_lost=local.moved)
-    local.homes = homes
+                  in_use=circles.in_use, on_takeover=circles.take_over, on_lost=circles.moved)
     manager.when_deleted(homes.deleted)  # its lease went with it: nothing to renew
     member_ice = IceServers(stun=ice, turn_urls=settings.turn_urls, turn_secret=settings.turn_secret,
                             turn_ttl=settings.turn_ttl)
-    ws = WebSocketEndpoint(settings, local, limits, settings.max_per_address, member_ice)
-    parts = Parts(settings, store, manager, relay, local, ws, homes)
+    ws = WebSocketEndpoint(settings, manager, circles, Leases(homes), limits=limits,
+                           max_per_address=settings.max_per_address, ice=member_ice)
+    parts = Parts(settings, store, manager, relay, circles, ws, homes)
     api = OrganizerApi(settings, manager)
 
     def client_config() -> dict[str, Any]:
@@ -152,10 +154,10 @@ async def drain(parts: Parts) -> None:
     process's leases (DESIGN §8) so another process takes its circles at once. Members keep
     their seats for the grace period, so with Redis they resume on another process."""
     parts.ws.draining = True
-    for session in parts.local.sessions():
+    for session in parts.circles.sessions():
         session.close(CloseCode.GOING_AWAY, "server restarting")
     try:
-        await asyncio.wait_for(parts.local.idle.wait(), DRAIN_SECONDS)
+        await asyncio.wait_for(parts.circles.idle.wait(), DRAIN_SECONDS)
     except TimeoutError:
         log.warning("sockets still open after the drain deadline; releasing leases anyway")
     await parts.homes.release_all()

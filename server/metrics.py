@@ -49,3 +49,22 @@ COMMAND_SECONDS = Histogram(
 
 def close_label(code: int) -> str:
     return "over" if code in _STAY_OVER else str(code)
+
+
+class SessionMetrics:
+    """The sessions' `Observer`: counts only."""
+
+    def frame_in(self) -> None:
+        FRAMES.received += 1
+
+    def frame_out(self) -> None:
+        FRAMES.sent += 1
+
+    def error(self, code: str) -> None:
+        ERRORS.labels(code).inc()
+
+    def closed(self, code: int) -> None:
+        CLOSES.labels(close_label(code)).inc()
+
+    def command_took(self, seconds: float) -> None:
+        COMMAND_SECONDS.observe(seconds)

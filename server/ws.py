@@ -11,11 +11,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.protocol import State as WsState
 
 from server import metrics
+from server.circles import Circles
 from server.config import Settings, origin_allowed
-from server.local import LocalCircles
 from signaling.addresses import prefix
-from signaling.session import DEFAULT_LIMITS, Limits, Session
+from signaling.session import DEFAULT_LIMITS, Home, Limits, Session
 from signaling.turn import IceServers
+from storage.manager import RoomManager
 
 log = logging.getLogger("lingkar.ws")
 _OPEN = WsState.OPEN
@@ -147,14 +148,17 @@ class _StarletteTransport:
 
 
 class WebSocketEndpoint:
-    def __init__(self, settings: Settings, local: LocalCircles,
+    def __init__(self, settings: Settings, manager: RoomManager, circles: Circles, home: Home, *,
                  limits: Limits = DEFAULT_LIMITS, max_per_address: int = 0,
                  ice: IceServers | None = None) -> None:
         self.settings = settings
+        self.manager = manager
+        self.circles = circles
+        self.home = home
         self.ice = ice or IceServers()
-        self.local = local
         self.limits = limits
         self.max_per_address = max_per_address
+        self.metrics = metrics.SessionMetrics()
         self._per_address: Counter[str] = Counter()
         self.draining = False
 
@@ -171,9 +175,9 @@ class WebSocketEndpoint:
         metrics.CONNECTIONS.inc()
         try:
             await ws.accept()
-            session = Session(_StarletteTransport(ws), self.local.manager, secret=self.settings.secret,
-                              media=self.local.relay, observer=self.local, limits=self.limits,
-                              homes=self.local.homes, address=address, ice=self.ice)
+            session = Session(_StarletteTransport(ws), self.manager, secret=self.settings.secret,
+                              circles=self.circles, observer=self.metrics, limits=self.limits,
+                              home=self.home, address=address, ice=self.ice)
             await session.run()
         finally:
             metrics.CONNECTIONS.dec()

@@ -1,43 +1,54 @@
-"""One WebSocket connection: `hello`, then commands in and events out, until it closes.
+"""One WebSocket connection on asyncio: the adapter around the protocol machine
+(`signaling.connection.Connection`).
 
-The session owns who this connection is (member, role, circle, seat session number) and the
-last room version it has delivered. Everything it sends goes through one bounded queue and
-one writer task, so fan-out never waits for a slow client: a client whose queue fills up is
+The machine decides; this adapter does: it reads the socket, hands each frame, event and
+answer to the machine, runs what the machine asks for (commands and loads on the manager,
+media on the circle's runtime), and writes what the machine wants sent. Everything goes out
+through one bounded queue and one writer task, or straight into the socket when nothing is
+waiting ahead (fan-out costs no task switch per member). A client whose queue fills up is
 dropped (it may resume within the grace period).
+
+Where the circle lives is decided before the machine sees the join (`Home.place`): here, or a
+redirect to the process that holds its lease (DESIGN §8).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
-from rooms import commands as c
-from rooms.errors import Code, RoomError
-from rooms.events import Event, Name
-from rooms.model import Role, RoomState
-from rooms.rules import joined_member_id, lobby_circle, snapshot
-from signaling import frames as f
-from signaling import tokens
-from signaling.addresses import keyed
+from rooms.errors import RoomError
+from rooms.events import Event
+from rooms.model import RoomState
 from signaling.close import CloseCode
-from signaling.ratelimit import RateLimiter, Verdict
-from signaling.translate import error_code, event_frame, join_close_code, to_command, visible_to
+from signaling.connection import (
+    DEFAULT_LIMITS,
+    NO_ICE_SERVERS,
+    Admit,
+    AnswerOffer,
+    CloseMedia,
+    Connection,
+    Execute,
+    JoinRequest,
+    Limits,
+    Load,
+    Request,
+    encode_event,
+)
 from signaling.turn import IceServers
 from storage.codec import CorruptState
-from storage.homes import Homes
 from storage.manager import Busy, RoomManager
-from storage.store import NoSuchCircle, Owner, StaleOwner, StoreError
-from storage.subscription import Closed, Item, Resync, Subscription
+from storage.store import NoSuchCircle, StaleOwner, StoreError
+from storage.subscription import Item, Subscription
 
-NO_ICE_SERVERS = IceServers()
+__all__ = ["DEFAULT_LIMITS", "Limits", "Session"]
 
 log = logging.getLogger("lingkar.session")
+
+_REFUSALS = (StoreError, CorruptState, Busy, NoSuchCircle)
 
 
 class Transport(Protocol):
@@ -56,25 +67,58 @@ class Transport(Protocol):
     async def close(self, code: int, reason: str = "") -> None: ...
 
 
-class Media(Protocol):
-    async def answer(self, circle_id: str, member_id: str, offer_sdp: str, *,
-                     listen_only: bool) -> str: ...
+class Home(Protocol):
+    """Where a circle lives (DESIGN §8)."""
 
-    def slots(self, circle_id: str, member_id: str) -> list[str | None] | None: ...
+    async def place(self, circle_id: str) -> str | None:
+        """None: the circle lives here (this process holds its lease now); else the URL of
+        the `/ws` of the process that does. Raises StoreError, NoSuchCircle."""
 
-    def close_member(self, circle_id: str, member_id: str) -> Awaitable[None]:
-        """Take the member out of the media at once (nothing forwarded from or to it from the
-        call on); the awaitable closes its connection."""
+    def fence(self, circle_id: str) -> int | None:
+        """The lease token every write of the circle carries; raises StaleOwner when this
+        process is not (or no longer surely) its home."""
+
+    def recheck(self, circle_id: str) -> None:
+        """A write was refused as stale: find out whether the lease is still ours."""
+
+
+class Anywhere:
+    """No leases: every process may write every circle (one process, or tests)."""
+
+    async def place(self, circle_id: str) -> str | None:
+        return None
+
+    def fence(self, circle_id: str) -> int | None:
+        return None
+
+    def recheck(self, circle_id: str) -> None:
+        pass
+
+
+class Here(Protocol):
+    """The runtime of the session's circle on this process (`server.circles.CircleRuntime`)."""
+
+    async def answer(self, member_id: str, offer_sdp: str, *, listen_only: bool) -> str: ...
+
+    def slots(self, member_id: str) -> list[str | None] | None: ...
+
+    def close_media(self, member_id: str) -> Awaitable[None]:
+        """Take the member out of the media at once; the awaitable closes its connection."""
+
+    def leave(self, session: Session) -> Awaitable[None]:
+        """The session is over: forget it, and close its media unless a newer session of the
+        same member is here (the relay replaces the PeerConnection on that one's offer)."""
+
+
+class Circles(Protocol):
+    """The circles this process serves (`server.circles.Circles`)."""
+
+    def enter(self, session: Session) -> Here:
+        """The session has joined its circle: register it with the circle's runtime."""
 
 
 class Observer(Protocol):
-    """What the server wants to know about sessions (registry, metrics)."""
-
-    def joined(self, session: Session) -> None: ...
-
-    def gone(self, session: Session) -> bool:
-        """Forget the session; False when a newer session of the same member is here (its
-        media is then that session's: the relay replaces the PeerConnection on its offer)."""
+    """Counts (metrics); never anything that tells circles or commands apart."""
 
     def frame_in(self) -> None: ...
 
@@ -84,23 +128,19 @@ class Observer(Protocol):
 
     def closed(self, code: int) -> None: ...
 
-    def command_took(self, seconds: float) -> None:
-        """One command's time, whichever command it was (metrics never tell them apart)."""
+    def command_took(self, seconds: float) -> None: ...
 
 
-@dataclass(frozen=True)
-class Limits:
-    hello_seconds: float = 10.0
-    rate: float = 20.0
-    burst: int = 40
-    send_queue: int = 512
+class Unobserved:
+    def frame_in(self) -> None: ...
 
+    def frame_out(self) -> None: ...
 
-DEFAULT_LIMITS = Limits()
+    def error(self, code: str) -> None: ...
 
+    def closed(self, code: int) -> None: ...
 
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    def command_took(self, seconds: float) -> None: ...
 
 
 _ENCODED: dict[int, tuple[Event, bytes]] = {}
@@ -113,7 +153,7 @@ def _encoded_event(event: Event) -> bytes:
     held the last few hundred events, pseudonyms of departed members included, for as long
     as the server stayed quiet (issue 17)."""
     if event.ephemeral:  # a private note's text is not kept, not even in this cache
-        return f.encode_server_frame(event_frame(event))
+        return encode_event(event)
     hit = _ENCODED.get(id(event))
     if hit is not None and hit[0] is event:
         return hit[1]
@@ -121,7 +161,7 @@ def _encoded_event(event: Event) -> bytes:
         asyncio.get_running_loop().call_soon(_ENCODED.clear)
     elif len(_ENCODED) > 256:
         _ENCODED.clear()  # a clear is already due
-    data = f.encode_server_frame(event_frame(event))
+    data = encode_event(event)
     _ENCODED[id(event)] = (event, data)
     return data
 
@@ -131,88 +171,95 @@ def _now_ms() -> int:
 
 
 class Session:
-    def __init__(self, transport: Transport, manager: RoomManager, *, secret: str, media: Media,
-                 observer: Observer, limits: Limits = DEFAULT_LIMITS,
-                 now_ms: Callable[[], int] = _now_ms, homes: Homes | None = None,
+    def __init__(self, transport: Transport, manager: RoomManager, *, secret: str, circles: Circles,
+                 observer: Observer | None = None, limits: Limits = DEFAULT_LIMITS,
+                 now_ms: Callable[[], int] = _now_ms, home: Home | None = None,
                  address: str = "", ice: IceServers = NO_ICE_SERVERS) -> None:
         self.transport = transport
-        self.address = address  # the client's address, as the limits see it (never logged)
-        self.ice = ice  # STUN servers, and TURN credentials minted for this member
         self.manager = manager
-        self.homes = homes  # None: no leases (every process may write every circle)
-        self.secret = secret
-        self.media = media
-        self.observer = observer
+        self.circles = circles
+        self.observer = observer or Unobserved()
+        self.home = home or Anywhere()
         self.limits = limits
         self.now_ms = now_ms
-        self.circle_id = ""
-        self.member_id = ""
-        self.role = Role.MEMBER
-        self.listen_only = False
-        self.admitted = False
-        self.seat_session = 0
-        self.last_version = 0  # the version of the last snapshot sent (welcome, admitted, sync)
-        self.gone = False  # left, removed, declined, ended or replaced: no Disconnect
-        self._closing = False
-        self._in_command = False  # a command is being executed: its answer goes out first
-        self._deferred_close: tuple[int, str] | None = None
-        self._out: asyncio.Queue[object] = asyncio.Queue(limits.send_queue)
+        self.conn = Connection(secret=secret, limits=limits, address=address, ice=ice,
+                               encode=_encoded_event)
+        self.here: Here | None = None  # the circle's runtime, once joined
+        self._out: asyncio.Queue[bytes | tuple[int, str]] = asyncio.Queue(limits.send_queue)
         self._sub: Subscription | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._writing = False  # the writer awaits a send: new frames queue behind it
-        self._corked: list[bytes] | None = None  # frames held while this session's command runs
-        self._held: list[Item] | None = None  # items that arrive while an admission loads
-        self._admitting: asyncio.Future[None] | None = None
+        self._dropped = False  # too slow: nothing more is written
+        self._admitting: asyncio.Task[None] | None = None
+
+    @property
+    def circle_id(self) -> str:
+        return self.conn.circle_id
+
+    @property
+    def member_id(self) -> str:
+        return self.conn.member_id
+
+    @property
+    def admitted(self) -> bool:
+        return self.conn.admitted
 
     # --- outbound -----------------------------------------------------------------------
 
-    def send(self, frame: f.ServerFrame) -> None:
-        self.send_encoded(f.encode_server_frame(frame))
+    def flush(self) -> None:
+        """Write what the machine wants sent (call after every input to it)."""
+        conn = self.conn
+        if conn.errors:
+            for code in conn.errors:
+                self.observer.error(code)
+            conn.errors.clear()
+        frames = conn.data_to_send()
+        close = conn.close_to_send()
+        if self._dropped:
+            return
+        if frames and not self._write_now(frames):
+            for data in frames:
+                if not self._enqueue(data):
+                    return
+        if close is not None:
+            try:
+                self._out.put_nowait(close)
+            except asyncio.QueueFull:
+                self._drain()
+                self._out.put_nowait(close)
 
-    def send_encoded(self, data: bytes) -> None:
-        if self._closing:
-            return
-        if self._corked is not None:
-            self._corked.append(data)
-            return
-        if self._write_now(data):
-            return
+    def close(self, code: int, reason: str = "") -> None:
+        """Close from outside (drain, a lease lost): after what is queued."""
+        self.conn.close(code, reason)
+        self.flush()
+
+    def _enqueue(self, data: bytes) -> bool:
         try:
             self._out.put_nowait(data)
+            return True
         except asyncio.QueueFull:
             # It does not read: drop it now (its seat waits out the grace period) rather than
             # queue a close frame behind sends that never complete.
             log.info("slow client dropped", extra={"code": 1008})
-            self._closing = True
+            self._dropped = True
+            self.conn.close(1008, "too slow")  # never sent: nothing more is written
             self._drain()
             if self._writer_task is not None:
                 self._writer_task.cancel()
+            return False
 
     def _drain(self) -> None:
         while not self._out.empty():
             self._out.get_nowait()
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Close after what is queued has been sent. While a command of this connection is
-        being executed the close waits for its answer: the moderator who ends the circle, or
-        a member who leaves, gets the `ack` before the close (the event that closes them may
-        reach the pump before `execute` returns)."""
-        if self._closing:
-            return
-        if self._in_command:
-            if self._deferred_close is None:
-                self._deferred_close = (code, reason)
-            return
-        self._closing = True
-        try:
-            self._out.put_nowait((code, reason))
-        except asyncio.QueueFull:
-            self._drain()
-            self._out.put_nowait((code, reason))
-
-    def error(self, ref: int | None, code: f.ErrorCode, message: str) -> None:
-        self.observer.error(code.value)
-        self.send(f.Error(ref=ref, code=code, message=message))
+    def _write_now(self, frames: list[bytes]) -> bool:
+        """Nothing waiting ahead of them: written at once, from the caller's own step (a
+        fan-out of one event to a circle's members costs no task switch per member)."""
+        if self._writing or not self._out.empty() or not self.transport.write_now(*frames):
+            return False
+        for _ in frames:
+            self.observer.frame_out()
+        return True
 
     async def _writer(self) -> None:
         while True:
@@ -225,17 +272,20 @@ class Session:
                     self._writing = False
                 self.observer.frame_out()
                 continue
-            assert isinstance(item, tuple)
-            code: int = item[0]
-            reason: str = item[1]
+            code, reason = item
             self.observer.closed(code)
             await self.transport.close(code, reason)
             return
 
-    async def _close_now(self, code: int, reason: str = "") -> None:
-        """Before the writer runs (the hello phase)."""
-        self.observer.closed(code)
-        await self.transport.close(code, reason)
+    async def _flush_before_writer(self) -> None:
+        """The hello phase: what the machine wants sent, then its close, awaited in turn."""
+        for data in self.conn.data_to_send():
+            await self.transport.send(data)
+            self.observer.frame_out()
+        close = self.conn.close_to_send()
+        if close is not None:
+            self.observer.closed(close[0])
+            await self.transport.close(*close)
 
     # --- the connection's life ----------------------------------------------------------
 
@@ -243,16 +293,22 @@ class Session:
         try:
             first = await asyncio.wait_for(self.transport.receive(), self.limits.hello_seconds)
         except TimeoutError:
-            await self._close_now(CloseCode.HELLO_TIMEOUT, "no hello")
+            self.observer.closed(CloseCode.HELLO_TIMEOUT)
+            await self.transport.close(CloseCode.HELLO_TIMEOUT, "no hello")
             return
         if first is None:
             return
         self.observer.frame_in()
-        if not await self._hello(first):
+        request = self.conn.hello(first)
+        state = await self._join(request) if request is not None else None
+        if request is None or state is None:
+            await self._flush_before_writer()
             return
-        self.observer.joined(self)
+        self.conn.joined(request, state, self.now_ms(), time.monotonic())
+        self._sub = self.manager.subscribe(self.circle_id, state.version)
+        self.here = self.circles.enter(self)
         writer = self._writer_task = asyncio.create_task(self._writer())
-        assert self._sub is not None
+        self.flush()
         self._sub.listen(self._on_item)
         reader = asyncio.create_task(self._reader())
         try:
@@ -270,334 +326,111 @@ class Session:
             await asyncio.gather(reader, writer, return_exceptions=True)
             await self._cleanup()
 
+    async def _join(self, request: JoinRequest) -> RoomState | None:
+        """The join step: find the circle's home (a redirect when it is elsewhere), then run
+        the machine's `Join` or `Resume` there."""
+        try:
+            url = await self.home.place(request.circle_id)
+            if url is not None:
+                self.conn.redirect(url)
+                return None
+            state, _ = await self.manager.execute(request.circle_id, request.command,
+                                                  fence=self.home.fence(request.circle_id))
+        except (RoomError, *_REFUSALS) as exc:
+            self.conn.join_failed(exc)
+            return None
+        return state
+
     async def _cleanup(self) -> None:
         if self._sub is not None:
             self._sub.close()
-        if self.observer.gone(self):
+        if self.here is not None:
             try:
-                await self.media.close_member(self.circle_id, self.member_id)
+                await self.here.leave(self)
             except Exception:
                 log.exception("closing media failed")
-        if not self.gone:  # keep the seat for the grace period (F12)
+        disconnect = self.conn.lost()
+        if disconnect is not None:  # keep the seat for the grace period (F12)
             try:
-                await self.manager.execute(self.circle_id, c.Disconnect(self.member_id, self.seat_session))
+                await self.manager.execute(self.circle_id, disconnect)
             except (RoomError, StoreError, Busy):
                 pass
             except Exception:
                 log.exception("disconnect failed")
 
-    async def _hello(self, data: bytes | str) -> bool:
-        if not isinstance(data, bytes):
-            await self._close_now(CloseCode.BAD_FIRST_FRAME, "binary msgpack hello expected")
-            return False
-        try:
-            hello = f.decode_client_frame(data)
-        except f.FrameError:
-            hello = None
-        if not isinstance(hello, f.Hello):
-            await self._close_now(CloseCode.BAD_FIRST_FRAME, "hello expected")
-            return False
-        circle_id = tokens.unverified_circle(hello.token)
-        try:
-            if circle_id is None:
-                raise tokens.TokenError(tokens.TokenProblem.INVALID)
-            claims = tokens.verify(self.secret, hello.token, circle_id)
-        except tokens.TokenError as err:
-            log.info("token refused", extra={"problem": err.problem.value})
-            await self._close_now(CloseCode.BAD_TOKEN, "bad token")
-            return False
-        self.circle_id = circle_id
-        new_secret = secrets.token_urlsafe(32)
-        try:
-            if self.homes is not None:  # DESIGN §8: the circle lives on one process
-                home = await self.homes.claim(circle_id)
-                if isinstance(home, Owner) and home.url == self.homes.url:
-                    # An earlier run of this process (same URL, now gone) still holds it:
-                    # no redirect to ourselves; the client retries once the lease is out.
-                    raise StaleOwner("the lease of an earlier run has not run out yet")
-                if isinstance(home, Owner):
-                    await self.transport.send(f.encode_server_frame(f.Redirect(url=home.url + "/ws")))
-                    self.observer.frame_out()
-                    await self._close_now(CloseCode.REDIRECT, "the circle lives on another process")
-                    return False
-            if hello.resume is not None:
-                state = await self._resume(hello.resume, claims.invite_id, new_secret)
-            else:
-                cmd = c.Join(member_id=secrets.token_hex(8), invite_id=claims.invite_id,
-                             role=Role(claims.role), name=hello.name,
-                             listen_only=hello.listen_only, resume_hash=_hash(new_secret),
-                             knock_tag=keyed(self.secret, circle_id, self.address) if self.address else "")
-                state, _ = await self.manager.execute(circle_id, cmd, fence=self._fence())
-                self.member_id = joined_member_id(state, cmd)
-        except RoomError as err:
-            log.info("join refused", extra={"code": err.code.value})
-            await self._close_now(join_close_code(err.code), err.code.value)
-            return False
-        except NoSuchCircle:
-            await self._close_now(CloseCode.NO_SUCH_CIRCLE, "no such circle")
-            return False
-        except (StoreError, CorruptState, Busy):
-            await self._close_now(CloseCode.TRY_AGAIN_LATER, "try again later")
-            return False
-        me = state.find(self.member_id)
-        assert me is not None
-        self.role = me.role
-        self.listen_only = me.listen_only
-        self.seat_session = me.session
-        self.admitted = self.member_id in state.members
-        self.last_version = state.version
-        self._sub = self.manager.subscribe(circle_id, state.version)
-        now = self.now_ms()
-        if self.admitted:
-            self.send(f.Welcome(member_id=self.member_id, role=me.role.value, resume=new_secret,
-                                now=now, state=snapshot(state, self.member_id, now),
-                                ice_servers=self._ice_servers(now)))
-        else:
-            lc = lobby_circle(state)
-            self.send(f.Lobby(member_id=self.member_id, resume=new_secret, now=now,
-                              circle=f.LobbyCircle(title=lc["title"], language=lc["language"])))
-        return True
-
-    async def _resume(self, secret: str, invite_id: str, new_secret: str) -> RoomState:
-        cmd = c.Resume(invite_id, _hash(secret), _hash(new_secret))
-        state, _ = await self.manager.execute(self.circle_id, cmd, fence=self._fence())
-        self.member_id = joined_member_id(state, cmd)
-        return state
-
-    def _fence(self) -> int | None:
-        """This process's lease token for the circle, or StaleOwner when it is not (or no
-        longer surely) the circle's home: then nothing is written (DESIGN §8)."""
-        if self.homes is None:
-            return None
-        token = self.homes.fence(self.circle_id)
-        if token is None:
-            raise StaleOwner("this process is not the circle's home now")
-        return token
-
     # --- events out ---------------------------------------------------------------------
 
     def _on_item(self, item: Item) -> None:
         """Called by the subscription for every item, synchronously: no task per member on
-        the fan-out path. While an admission is being loaded, items wait in `_held`."""
-        if self._held is not None:
-            self._held.append(item)
-            return
-        if isinstance(item, Closed):
-            self.gone = True
-            self.close(CloseCode.ENDED, "ended")
-        elif isinstance(item, Resync):
-            if not self._still_here(item.state):
-                return
-            if not self.admitted and self.member_id in item.state.members:
-                self._start_admission()  # admitted in events this process never saw
-            else:
-                self._send_snapshot(item.state)
-        else:
-            self._deliver(item)
+        the fan-out path."""
+        requests = self.conn.item(item, self.now_ms())
+        self.flush()
+        if requests:
+            self._start(requests)
 
-    def _still_here(self, state: RoomState) -> bool:
-        """After a snapshot that may hold this member's own server events (removed, declined,
-        left, replaced: swallowed by a replay gap, or saved while an admission loaded), act on
-        them: False, and the connection is closed, when this seat is no longer this one's."""
-        me = state.find(self.member_id)
-        if me is None:
-            self.gone = True
-            self.close(CloseCode.REFUSED, "no longer in the circle")
-            return False
-        if me.session > self.seat_session:
-            self.gone = True
-            self.close(CloseCode.LEFT, "replaced by a newer connection")
-            return False
-        return True
-
-    def _start_admission(self) -> None:
-        self._held = []
-        self._admitting = asyncio.ensure_future(self._admit())
-
-    def _deliver(self, event: Event) -> None:
-        if not event.ephemeral and event.version <= self.last_version:
-            return  # already part of the snapshot this client was sent
-        if event.for_server:
-            self._act_on(event)
-        elif visible_to(event, self.member_id, self.role is Role.MODERATOR, self.admitted):
-            self.send_encoded(_encoded_event(event))
-
-    def _act_on(self, event: Event) -> None:
-        name, who = event.name, event.data.get("member_id")
-        if name is Name.ENDED:
-            self.gone = True
-            self.close(CloseCode.ENDED, "ended")
-        elif who != self.member_id:
-            return
-        elif name is Name.ADMITTED:
-            self._start_admission()
-        elif name in (Name.DECLINED, Name.REMOVED):
-            self.gone = True
-            self.close(CloseCode.REFUSED, name.value)
-        elif name is Name.LEFT:
-            self.gone = True
-            self.close(CloseCode.LEFT, "left")
-        elif name is Name.REPLACED and event.data["session"] > self.seat_session:
-            self.gone = True
-            self.close(CloseCode.LEFT, "replaced by a newer connection")
+    def _start(self, requests: list[Request]) -> None:
+        for request in requests:
+            if isinstance(request, Admit):
+                self._admitting = asyncio.ensure_future(self._admit())
 
     async def _admit(self) -> None:
-        """Send `admitted {state}`, then what arrived meanwhile and is newer than it."""
         try:
-            state = await self.manager.load(self.circle_id)
+            state: RoomState | None = await self.manager.load(self.circle_id)
+            ended = False
         except NoSuchCircle:
-            self._held = None
-            self.gone = True
-            self.close(CloseCode.ENDED, "ended")
-            return
-        except (StoreError, Busy):
-            state = None
-        held, self._held = self._held or [], None
-        if state is None:
-            self.close(CloseCode.TRY_AGAIN_LATER, "try again later")
-            return
-        # Removed (or replaced) while the state loaded: that event is older than the state
-        # loaded, so it would be skipped below as already part of the snapshot.
-        if not self._still_here(state):
-            return
-        self.admitted = True
-        self.last_version = state.version
-        now = self.now_ms()
-        self.send(f.Admitted(state=snapshot(state, self.member_id, now), ice_servers=self._ice_servers(now)))
-        for item in held:
-            self._on_item(item)
-
-    def _ice_servers(self, now_ms: int) -> list[f.IceServer]:
-        """Fresh on every welcome (a resume too) and admission: minted for this member."""
-        return [f.IceServer(**server) for server in self.ice.for_member(self.member_id, now_ms // 1000)]
-
-    def _send_snapshot(self, state: RoomState) -> None:
-        self.last_version = max(self.last_version, state.version)
-        if self.admitted:
-            self.send(f.Snapshot(version=state.version,
-                                 state=snapshot(state, self.member_id, self.now_ms())))
+            state, ended = None, True
+        except (StoreError, CorruptState, Busy):
+            state, ended = None, False
+        requests = self.conn.admission_loaded(state, self.now_ms(), ended=ended)
+        self.flush()
+        self._start(requests)
 
     # --- commands in --------------------------------------------------------------------
 
     async def _reader(self) -> None:
-        limiter = RateLimiter(time.monotonic(), rate=self.limits.rate, burst=self.limits.burst)
-        while not self._closing:
+        while not self.conn.closing:
             data = await self.transport.receive()
             if data is None:
                 return
             self.observer.frame_in()
-            verdict = limiter.check(time.monotonic())
-            if verdict is Verdict.CLOSE:
-                self.close(CloseCode.FLOOD, "too many frames")
-                return
-            if verdict is Verdict.REFUSE:
-                self.error(None, f.ErrorCode.RATE_LIMITED, "slow down")
-                continue
-            if not isinstance(data, bytes):
-                self.error(None, f.ErrorCode.BAD_FRAME, "frames are binary msgpack")
-                continue
+            requests = self.conn.receive(data, time.monotonic())
+            self.flush()
+            for request in requests:
+                await self._do(request)
+
+    async def _do(self, request: Request) -> None:
+        assert self.here is not None
+        if isinstance(request, CloseMedia):
+            await self.here.close_media(self.member_id)
+        elif isinstance(request, Execute):
+            started = time.perf_counter()
             try:
-                frame = f.decode_client_frame(data)
-            except f.FrameError as err:
-                self.error(err.ref, err.code, err.message)
-                continue
-            await self._handle(frame)
-
-    async def _handle(self, frame: f.ClientFrame) -> None:
-        if isinstance(frame, f.Hello):
-            self.error(None, f.ErrorCode.BAD_FRAME, "already joined")
-            return
-        ref = frame.ref
-        if isinstance(frame, f.Sync):
-            await self._guard(ref, self._sync(ref))
-            return
-        if isinstance(frame, f.Offer):
-            await self._guard(ref, self._offer(frame))
-            return
-        if isinstance(frame, f.LeaveQuietly):
-            await self.media.close_member(self.circle_id, self.member_id)  # in the same step (F8)
-        command = to_command(frame, self.member_id)
-        assert command is not None
-        started = time.perf_counter()
-        self._in_command = True
-        try:
-            ok = await self._guard(ref, self._execute(ref, command))
-        finally:
-            self._in_command = False
-            deferred, self._deferred_close = self._deferred_close, None
-            if deferred is not None:
-                self.close(*deferred)
-        self.observer.command_took(time.perf_counter() - started)
-        if ok and isinstance(command, (c.Leave, c.LeaveQuietly)):
-            self.gone = True
-            self.close(CloseCode.LEFT, "left")
-
-    async def _execute(self, ref: int | None, command: c.Command) -> None:
-        # The command's own event reaches this session while it runs, its ack right after:
-        # both leave in one write (one system call instead of two, for every command).
-        self._corked = []
-        try:
-            state, _ = await self.manager.execute(self.circle_id, command, fence=self._fence())
-            self.send(f.Ack(ref=ref, version=state.version))
-        finally:
-            self._uncork()
-
-    def _write_now(self, *frames: bytes) -> bool:
-        """Nothing waiting ahead of them: written at once, from the caller's own step (a
-        fan-out of one event to a circle's members costs no task switch per member)."""
-        if self._writing or not self._out.empty() or not self.transport.write_now(*frames):
-            return False
-        for _ in frames:
-            self.observer.frame_out()
-        return True
-
-    def _uncork(self) -> None:
-        corked, self._corked = self._corked, None
-        if not corked or self._closing or self._write_now(*corked):
-            return
-        for data in corked:
-            self.send_encoded(data)
-
-    async def _sync(self, ref: int | None) -> None:
-        if not self.admitted:
-            raise RoomError(Code.FORBIDDEN, "not admitted yet")
-        state = await self.manager.load(self.circle_id)
-        self._send_snapshot(state)
-
-    async def _offer(self, frame: f.Offer) -> None:
-        if not self.admitted:
-            raise RoomError(Code.FORBIDDEN, "lobby members have no media")
-        try:
-            sdp = await self.media.answer(self.circle_id, self.member_id, frame.sdp,
-                                          listen_only=self.listen_only)
-        except ValueError as err:
-            self.error(frame.ref, f.ErrorCode.BAD_FRAME, f"offer refused: {err}")
-            return
-        self.send(f.Answer(sdp=sdp, ref=frame.ref))
-        slots = self.media.slots(self.circle_id, self.member_id)
-        if slots is not None:
-            self.send(f.Media(slots=slots))
-
-    async def _guard(self, ref: int | None, work: Awaitable[None]) -> bool:
-        """Run one command; map every refusal to its `error` frame. True when it succeeded."""
-        try:
-            await work
-            return True
-        except RoomError as err:
-            self.error(ref, error_code(err.code), err.message)
-        except Busy:
-            self.error(ref, f.ErrorCode.CONFLICT, "busy, try again")
-        except NoSuchCircle:
-            self.gone = True
-            self.close(CloseCode.ENDED, "ended")
-        except StoreError as err:
-            if isinstance(err, StaleOwner):
-                if self.homes is not None:  # lost? then `on_lost` moves the circle's sessions
-                    self.homes.recheck(self.circle_id)
-                self.error(ref, f.ErrorCode.UNAVAILABLE,
-                           "this process is not the circle's home now; nothing changed")
+                state, _ = await self.manager.execute(self.circle_id, request.command,
+                                                      fence=self.home.fence(self.circle_id))
+            except (RoomError, *_REFUSALS) as exc:
+                if isinstance(exc, StaleOwner):
+                    self.home.recheck(self.circle_id)  # lost? then the circle's sessions move
+                self.conn.failed(request.ref, exc)
             else:
-                self.error(ref, f.ErrorCode.UNAVAILABLE,
-                           "the store cannot be reached; nothing changed")
-        return False
+                self.conn.executed(state.version)
+            self.flush()
+            self.observer.command_took(time.perf_counter() - started)
+        elif isinstance(request, Load):
+            try:
+                state = await self.manager.load(self.circle_id)
+            except (RoomError, *_REFUSALS) as exc:
+                self.conn.failed(request.ref, exc)
+            else:
+                self.conn.loaded(state, self.now_ms())
+            self.flush()
+        elif isinstance(request, AnswerOffer):
+            try:
+                sdp = await self.here.answer(self.member_id, request.sdp, listen_only=request.listen_only)
+            except ValueError as err:
+                self.conn.offer_refused(request.ref, str(err))
+            else:
+                self.conn.answered(request.ref, sdp, self.here.slots(self.member_id))
+            self.flush()
+        elif isinstance(request, Admit):
+            self._start([request])
 

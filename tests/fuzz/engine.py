@@ -80,21 +80,27 @@ class QueueTransport:
 
 
 class NoMedia:
-    async def answer(self, circle_id: str, member_id: str, offer_sdp: str, *, listen_only: bool) -> str:
+    """The server's circles without media: every session's circle runtime (`Here`)."""
+
+    def enter(self, session: Session) -> NoMedia:
+        return self
+
+    async def answer(self, member_id: str, offer_sdp: str, *, listen_only: bool) -> str:
         raise ValueError("no media in the fuzzer")
 
-    def slots(self, circle_id: str, member_id: str) -> list[str | None] | None:
+    def slots(self, member_id: str) -> list[str | None] | None:
         return None
 
-    async def close_member(self, circle_id: str, member_id: str) -> None:
+    async def close_media(self, member_id: str) -> None:
+        return None
+
+    async def leave(self, session: Session) -> None:
         return None
 
 
 class Quiet:
     """The session observer, counting nothing."""
 
-    def joined(self, session: Session) -> None: ...
-    def gone(self, session: Session) -> bool: return True
     def frame_in(self) -> None: ...
     def frame_out(self) -> None: ...
     def error(self, code: str) -> None: ...
@@ -153,7 +159,7 @@ class Engine:
 
     async def _session(self, who: str, name: str) -> Member:
         transport = QueueTransport()
-        session = Session(transport, self.manager, secret=SECRET, media=NoMedia(), observer=Quiet(),
+        session = Session(transport, self.manager, secret=SECRET, circles=NoMedia(), observer=Quiet(),
                           limits=UNLIMITED, address=f"10.0.{self.rng.randrange(256)}.1")
         member = Member(transport, asyncio.create_task(session.run()))
         hello = {"type": "hello", "token": self.tokens[who], "name": name, "listen_only": False}

@@ -18,7 +18,7 @@ from tests.fuzz.engine import SECRET, UNLIMITED, NoMedia, QueueTransport, Quiet
 
 async def _joined(manager: RoomManager, token: str, name: str) -> tuple[QueueTransport, dict[str, Any]]:
     transport = QueueTransport()
-    session = Session(transport, manager, secret=SECRET, media=NoMedia(), observer=Quiet(), limits=UNLIMITED)
+    session = Session(transport, manager, secret=SECRET, circles=NoMedia(), observer=Quiet(), limits=UNLIMITED)
     asyncio.get_running_loop().create_task(session.run())
     transport.inbox.put_nowait(msgpack.packb({"type": "hello", "token": token, "name": name}))
     await transport.waiting.wait()
