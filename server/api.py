@@ -8,7 +8,7 @@ import json
 import re
 import secrets
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from starlette.requests import Request
@@ -39,15 +39,15 @@ WRONG_KEYS_PER_MINUTE = 10  # per address (an IPv6 /64 counts as one), then 429 
 class NewCircle(msgspec.Struct, forbid_unknown_fields=True):
     title: Annotated[str, msgspec.Meta(min_length=1, max_length=80)]
     topic: Annotated[str, msgspec.Meta(max_length=200)] = ""
-    language: Literal["id", "en"] = "id"
+    language: Language = Language.ID
     capacity: Annotated[int, msgspec.Meta(ge=2, le=50)] = 15
     turn_seconds: Annotated[int, msgspec.Meta(ge=30, le=1800)] = 180
-    floor_mode: Literal["hands", "round", "open"] = "hands"
+    floor_mode: FloorMode = FloorMode.HANDS
     lobby: bool = True
 
 
 class NewInvite(msgspec.Struct, forbid_unknown_fields=True):
-    role: Literal["moderator", "member", "guest"]
+    role: Role
     personal: bool = True
     """Ignored for moderators: a moderator invite is always for one person (F10)."""
     label: Annotated[str, msgspec.Meta(max_length=40)] = ""
@@ -132,7 +132,7 @@ class OrganizerApi:
 
     def link(self, circle_id: str, invite: Invite, language: Language) -> str:
         ttl = MODERATOR_LINK_TTL_SECONDS if invite.role is Role.MODERATOR else LINK_TTL_SECONDS
-        token = tokens.issue(self.settings.secret, circle_id, invite.role.value, invite.id,
+        token = tokens.issue(self.settings.secret, circle_id, invite.role, invite.id,
                              ttl, language=language.value)
         return f"{self.settings.public_url}/c/{circle_id}#t={token}"
 
@@ -161,9 +161,9 @@ class OrganizerApi:
         except _Refused as r:
             return r.response
         circle = CircleSettings(id=secrets.token_urlsafe(9), title=body.title.strip() or "Lingkar",
-                                topic=body.topic, language=Language(body.language),
+                                topic=body.topic, language=body.language,
                                 capacity=body.capacity, turn_seconds=body.turn_seconds,
-                                floor_mode=FloorMode(body.floor_mode), lobby=body.lobby,
+                                floor_mode=body.floor_mode, lobby=body.lobby,
                                 grace_seconds=self.settings.grace_seconds,
                                 created_at=int(time.time() * 1000))
         invites = [Invite(secrets.token_urlsafe(9), role, personal=role is Role.MODERATOR)
@@ -197,9 +197,8 @@ class OrganizerApi:
             body: NewInvite = await self._body(request, NewInvite)
         except _Refused as r:
             return r.response
-        role = Role(body.role)
-        personal = body.personal or role is Role.MODERATOR
-        invite = Invite(secrets.token_urlsafe(9), role, personal, body.label.strip())
+        personal = body.personal or body.role is Role.MODERATOR
+        invite = Invite(secrets.token_urlsafe(9), body.role, personal, body.label.strip())
         try:
             state, _ = await self.manager.execute(
                 circle_id, c.CreateInvite(invite.id, invite.role, invite.personal, invite.label))
@@ -245,6 +244,27 @@ class _Refused(Exception):
         self.response = response
 
 
+def _inline_enums(components: dict[str, Any]) -> dict[str, Any]:
+    """msgspec describes an enum field as a `$ref` to a schema of its own; write each enum in
+    place (`{"enum": [...]}`, beside the field's default) instead, so the document reads as
+    it did when the fields were `Literal`s, and no enum turns up as a schema of the API."""
+    ref = "#/components/schemas/{}".format
+    enums = {ref(name): schema["enum"] for name, schema in components.items() if "enum" in schema}
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("$ref") in enums:
+                rest = {k: inline(v) for k, v in node.items() if k != "$ref"}
+                return {"enum": enums[node["$ref"]], **rest}
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {name: inline(schema) for name, schema in components.items()
+            if ref(name) not in enums}
+
+
 def openapi_document() -> dict[str, Any]:
     error = {"$ref": "#/components/schemas/Error"}
 
@@ -264,7 +284,8 @@ def openapi_document() -> dict[str, Any]:
                                   "personal": {"type": "boolean"}, "label": {"type": "string"},
                                   "revoked": {"type": "boolean"}, "holders": {"type": "integer"}}}
     _, components = msgspec.json.schema_components([NewCircle, NewInvite],
-                                                          ref_template="#/components/schemas/{name}")
+                                                   ref_template="#/components/schemas/{name}")
+    components = _inline_enums(components)
     return {
         "openapi": "3.0.3",
         "info": {"title": "Lingkar organizer API", "version": "1"},

@@ -9,19 +9,16 @@ with :func:`decode_client_frame`, which raises :class:`FrameError` carrying an
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final
 
 import msgspec
 
+from rooms.model import FloorMode, Language, Role
 from rooms.rules import NAME_MAX, valid_name
 
 MAX_FRAME_BYTES: Final = 64 * 1024
 NAME_MAX_CHARS: Final = NAME_MAX
 PRIVATE_NOTE_MAX_CHARS: Final = 500
-
-Role = Literal["moderator", "member", "guest"]
-FloorMode = Literal["hands", "round", "open"]
-Language = Literal["id", "en"]
 
 # Generous ceilings so a single field cannot be absurd; the 64 KiB frame cap bounds the rest.
 MemberId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]

@@ -14,18 +14,18 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Final, get_args
+from typing import Any, Final
 
 import jwt
 
-from signaling.frames import Role
+from rooms.model import Role
 
 ALGORITHM: Final = "HS256"
 MIN_SECRET_BYTES: Final = 32
 # Tolerated clock difference between the process that issued a token and the one checking it.
 CLOCK_SKEW_SECONDS: Final = 10
 _REQUIRED_CLAIMS: Final = ["sub", "role", "inv", "exp", "iat"]
-_ROLES: Final[dict[str, Role]] = {role: role for role in get_args(Role)}
+_ROLES: Final[dict[str, Role]] = {role.value: role for role in Role}
 
 
 class TokenProblem(enum.StrEnum):
@@ -80,14 +80,15 @@ def issue(
     language: str | None = None,
 ) -> str:
     """Return a signed join token valid for ``ttl_seconds`` from ``now`` (epoch s, default: clock)."""
-    if role not in _ROLES:
+    known = _ROLES.get(role) if isinstance(role, str) else None
+    if known is None:
         raise ValueError(f"unknown role {role!r}")
     if ttl_seconds <= 0:
         raise ValueError("ttl_seconds must be positive")
     issued_at = int(time.time()) if now is None else now
     payload = {
         "sub": circle_id,
-        "role": role,
+        "role": known.value,
         "inv": invite_id,
         "iat": issued_at,
         "exp": issued_at + ttl_seconds,

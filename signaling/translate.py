@@ -8,7 +8,6 @@ from typing import Any
 from rooms import commands as c
 from rooms.errors import Code
 from rooms.events import AudienceKind, Event
-from rooms.model import FloorMode
 from signaling import frames as f
 from signaling.close import CloseCode
 
@@ -20,7 +19,7 @@ _BY_FRAME: dict[type, Callable[[Any, str], c.Command]] = {
     f.ReleaseFloor: lambda fr, me: c.ReleaseFloor(me),
     f.Pass: lambda fr, me: c.Pass(me),
     f.ExtendTurn: lambda fr, me: c.ExtendTurn(me, fr.seconds),
-    f.SetMode: lambda fr, me: c.SetMode(me, FloorMode(fr.mode)),
+    f.SetMode: lambda fr, me: c.SetMode(me, fr.mode),
     f.MuteSelf: lambda fr, me: c.MuteSelf(me),
     f.UnmuteSelf: lambda fr, me: c.UnmuteSelf(me),
     f.Mute: lambda fr, me: c.Mute(me, fr.member_id),

@@ -12,6 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
+from server.api import openapi_document
 from tests.live import API_KEY, Live, join, live_server, token_of
 from tests.server.conftest import ThreadedLive, ack_of
 
@@ -149,6 +150,16 @@ async def test_openapi_document_is_served(live: Live) -> None:
     assert status == 200 and doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {"/api/circles", "/api/circles/{id}", "/api/circles/{id}/invites",
                                  "/api/circles/{id}/invites/{invite}"}
+
+
+def test_openapi_writes_the_enums_in_place() -> None:
+    """The fields typed with rooms.model's enums read as they did when they were Literals."""
+    schemas = openapi_document()["components"]["schemas"]
+    assert set(schemas) == {"NewCircle", "NewInvite", "Error", "Counts", "CircleSummary"}
+    assert schemas["NewCircle"]["properties"]["language"] == {"enum": ["en", "id"], "default": "id"}
+    assert schemas["NewCircle"]["properties"]["floor_mode"] == {"enum": ["hands", "open", "round"],
+                                                                "default": "hands"}
+    assert schemas["NewInvite"]["properties"]["role"] == {"enum": ["guest", "member", "moderator"]}
 
 
 @pytest.fixture
