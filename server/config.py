@@ -38,6 +38,7 @@ ENV_NAMES: Final = {
     "secret": "LINGKAR_SECRET",
     "api_key": "LINGKAR_API_KEY",
     "public_url": "LINGKAR_PUBLIC_URL",
+    "process_url": "LINGKAR_PROCESS_URL",
     "ice_servers": "LINGKAR_ICE_SERVERS",
     "helplines": "LINGKAR_HELPLINES",
     "exit_url": "LINGKAR_EXIT_URL",
@@ -107,7 +108,11 @@ class Settings:
     api_key_generated: bool = False
     """True when the key was generated at start, so the CLI must print it."""
     public_url: str = "http://127.0.0.1:8000"
-    """Scheme, host, port and optional path prefix; no trailing slash."""
+    """Scheme, host, port and optional path prefix; no trailing slash. The deployment's one
+    public URL: pages, links and the ``Origin`` check, the same for every process."""
+    process_url: str = ""
+    """This process's own URL (DESIGN §8), what a ``redirect`` to it names (its ``/ws`` under
+    it): behind a proxy, e.g. ``https://circle.example.org/p/2``; "": the public URL."""
     ice_servers: tuple[IceServer, ...] = ()
     helplines: tuple[Helpline, ...] = ()
     exit_url: str = "/bye"
@@ -165,7 +170,9 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, object] | None
         secret_generated=secret_generated,
         api_key=api_key,
         api_key_generated=api_key_generated,
-        public_url=_public_url(values.get("public_url", default_public)),
+        public_url=(public_url := _public_url(values.get("public_url", default_public))),
+        process_url=_public_url(values["process_url"], "LINGKAR_PROCESS_URL")
+        if values.get("process_url") else public_url,
         ice_servers=_ice_servers(values.get("ice_servers", "[]")),
         helplines=_helplines(values.get("helplines")),
         exit_url=_exit_url(values.get("exit_url", "/bye")),
@@ -345,16 +352,16 @@ def _trusted_proxies(raw: str | None) -> tuple[str, ...]:
     return entries
 
 
-def _public_url(raw: str) -> str:
+def _public_url(raw: str, name: str = "LINGKAR_PUBLIC_URL") -> str:
     url = raw.strip().rstrip("/")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - parsing the port validates it
     except ValueError:
-        raise ConfigError(f"LINGKAR_PUBLIC_URL has a bad port: {_shown(raw)}") from None
+        raise ConfigError(f"{name} has a bad port: {_shown(raw)}") from None
     if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(
-            f"LINGKAR_PUBLIC_URL must be an http(s) URL like https://host[:port], got {_shown(raw)}"
+            f"{name} must be an http(s) URL like https://host[:port][/path], got {_shown(raw)}"
         )
     return url
 

@@ -406,3 +406,12 @@ def test_the_relays_collection_interval_is_read() -> None:
 @pytest.mark.parametrize("value", ["soon", "-1", "3601", ""])
 def test_a_bad_collection_interval_stops_the_start_with_one_line(value: str) -> None:
     assert "LINGKAR_MEDIA_GC_INTERVAL" in refused({"LINGKAR_MEDIA_GC_INTERVAL": value})
+
+
+def test_a_process_has_its_own_url_behind_a_proxy_and_the_deployment_one_public_url() -> None:
+    settings = load_settings({"LINGKAR_PUBLIC_URL": "https://lingkar.example.org",
+                              "LINGKAR_PROCESS_URL": "https://lingkar.example.org/p/2/"})
+    assert (settings.public_url, settings.process_url) == ("https://lingkar.example.org",
+                                                           "https://lingkar.example.org/p/2")
+    assert load_settings({"LINGKAR_PUBLIC_URL": "https://a.example"}).process_url == "https://a.example"
+    assert "LINGKAR_PROCESS_URL" in refused({"LINGKAR_PROCESS_URL": "ftp://x"})
