@@ -68,6 +68,7 @@ def test_every_variable_is_read() -> None:
             "LINGKAR_SECRET": SECRET,
             "LINGKAR_API_KEY": KEY,
             "LINGKAR_PUBLIC_URL": "https://lingkar.example.org/",
+            "LINGKAR_PROCESS_URL": "https://lingkar.example.org/p/1",
             "LINGKAR_ICE_SERVERS": json.dumps(
                 [{"urls": "stun:stun.example.org"}, {"urls": ["stun:s2.example.org:3478"]}]
             ),
@@ -88,6 +89,7 @@ def test_every_variable_is_read() -> None:
         secret=SECRET,
         api_key=KEY,
         public_url="https://lingkar.example.org",
+        process_url="https://lingkar.example.org/p/1",
         ice_servers=(IceServer(urls="stun:stun.example.org"), IceServer(urls=["stun:s2.example.org:3478"])),
         helplines=settings.helplines,
         exit_url="https://www.bmkg.go.id/",
