@@ -31,7 +31,6 @@ from testkit.http import call
 from testkit.loop import quiet_gc
 from testkit.loop import run as run_loop
 from testkit.procs import cpu_seconds
-from testkit.redis_server import RedisServer
 from testkit.stats import percentile
 
 PERIOD = 0.2  # one command per circle every 200 ms
@@ -122,17 +121,11 @@ async def driver(room: Room, phase: float, stop_at: float, measure_from: float) 
 
 
 async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: float) -> dict[str, Any]:
-    redis: RedisServer | None = None
     server: ServerProcess | None = None
     sockets: list[Any] = []
     log_path = Path(tempfile.gettempdir()) / f"lingkar-fanout-{store_label}-{os.getpid()}.log"
     try:
-        store = "memory"
-        if store_label == "redis":
-            redis = RedisServer()
-            redis.start()
-            store = redis.url
-        server = ServerProcess(store, log_path)
+        server = ServerProcess(store_label, log_path)
         await asyncio.to_thread(server.start)
         base, key = server.url, server.api_key
         ws_url = base.replace("http://", "ws://") + "/ws"
@@ -216,8 +209,6 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
         if server is not None:
             await asyncio.to_thread(server.stop)
-        if redis is not None:
-            redis.close()
         log_path.unlink(missing_ok=True)
 
 

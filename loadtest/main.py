@@ -24,7 +24,6 @@ from typing import Any
 
 from loadtest import procs, report
 from testkit.procs import cpu_seconds, machine_busy_seconds, rss_bytes
-from testkit.redis_server import RedisServer
 
 JOIN_TIMEOUT = 60.0
 PROGRESS_WIDTH = 30
@@ -135,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         pass  # not the main thread
     progress = Progress(not args.no_progress)
-    redis_proc: RedisServer | None = None
     server: procs.ServerProcess | None = None
     children: list[Any] = []
     circles: list[dict[str, Any]] = []
@@ -143,12 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     api_key = args.api_key or ""
     try:
         if not args.url:
-            store = "memory"
-            if args.store == "redis":
-                redis_proc = RedisServer()
-                redis_proc.start()
-                store = redis_proc.url
-            server = procs.ServerProcess(store, out / "server.log")
+            server = procs.ServerProcess(args.store, out / "server.log")
             server.start()
             base_url, api_key = server.url, server.api_key
         pid = server.pid if server else args.server_pid
@@ -175,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
                 procs.end_circle(base_url, api_key, circle["id"])
         if server is not None:
             server.stop()
-        if redis_proc is not None:
-            redis_proc.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     return result

@@ -1,6 +1,7 @@
 """What the load test starts: a `lingkar serve` subprocess (never the server inside the
-load generator), and the HTTP calls it makes to set circles up. The throwaway
-`redis-server` is `testkit.redis_server.RedisServer`; /proc readings are `testkit.procs`.
+load generator) on its own store, and the HTTP calls it makes to set circles up. The
+throwaway `redis-server` is `testkit.redis_server.RedisServer`; /proc readings are
+`testkit.procs`.
 
 Everything listens on 127.0.0.1 on a free port, every wait is bounded, and `stop()` is
 safe to call twice (the caller stops both in a `finally`, so Ctrl-C and errors clean up).
@@ -19,6 +20,7 @@ from typing import Any
 from testkit import procs
 from testkit.http import call
 from testkit.ports import free_port
+from testkit.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,9 +61,11 @@ def wait_ready(base_url: str, timeout: float, alive: Any = None) -> None:
 
 
 class ServerProcess:
-    """`lingkar serve` in a subprocess (never inside the load generator). `module` is what
-    `python -m` runs with the argument `serve` (a wrapper such as `loadtest.tracemem` that
-    sets something up and then runs `server.cli`); `env` is added to the environment."""
+    """`lingkar serve` in a subprocess (never inside the load generator). `store` is
+    "memory", "redis" (a throwaway `redis-server` of its own, started first and stopped
+    last) or a Redis URL. `module` is what `python -m` runs with the argument `serve` (a
+    wrapper such as `loadtest.tracemem` that sets something up and then runs `server.cli`);
+    `env` is added to the environment."""
 
     def __init__(self, store: str, log_path: Path, *, module: str = "server.cli",
                  env: dict[str, str] | None = None) -> None:
@@ -72,6 +76,7 @@ class ServerProcess:
         self.module = module
         self.extra_env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
+        self.redis: RedisServer | None = None
         self._log: Any = None
 
     @property
@@ -84,9 +89,14 @@ class ServerProcess:
         return self.proc.pid
 
     def start(self, timeout: float = 30.0) -> None:
+        store = self.store
+        if store == "redis":
+            self.redis = RedisServer()
+            self.redis.start()
+            store = self.redis.url
         env = {**os.environ,
                "LINGKAR_HOST": "127.0.0.1", "LINGKAR_PORT": str(self.port),
-               "LINGKAR_STORE": self.store, "LINGKAR_SECRET": secrets.token_urlsafe(48),
+               "LINGKAR_STORE": store, "LINGKAR_SECRET": secrets.token_urlsafe(48),
                "LINGKAR_API_KEY": self.api_key, "LINGKAR_MAX_CONNECTIONS_PER_ADDRESS": "0",
                "LINGKAR_LOG_LEVEL": "WARNING", **self.extra_env}
         env.pop("LINGKAR_PUBLIC_URL", None)
@@ -102,3 +112,6 @@ class ServerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None

@@ -49,7 +49,6 @@ from loadtest.procs import ServerProcess
 from testkit.http import call
 from testkit.loop import run as run_loop
 from testkit.procs import rss_bytes
-from testkit.redis_server import RedisServer
 
 MIN_CIRCLES_FOR_VERDICT = 2000
 STEP_TIMEOUT = 15.0  # any one wait for the server (a frame, a close)
@@ -218,22 +217,16 @@ def _mib(n: int) -> str:
 async def run(store_label: str, circles: int, rounds: int, members: int,
               trace_dir: Path | None = None, frames: int = 16, top: int = 8,
               media_circles: int = 0) -> list[RoundResult]:
-    redis: RedisServer | None = None
     server: ServerProcess | None = None
     log_path = Path(tempfile.gettempdir()) / f"lingkar-soak-{store_label}-{os.getpid()}.log"
     results: list[RoundResult] = []
     try:
-        store = "memory"
-        if store_label == "redis":
-            redis = RedisServer()
-            redis.start()
-            store = redis.url
         if trace_dir is not None:
-            server = ServerProcess(store, log_path, module="loadtest.tracemem",
+            server = ServerProcess(store_label, log_path, module="loadtest.tracemem",
                                    env={"LINGKAR_TRACEMALLOC_DIR": str(trace_dir),
                                         "LINGKAR_TRACEMALLOC_FRAMES": str(frames)})
         else:
-            server = ServerProcess(store, log_path)
+            server = ServerProcess(store_label, log_path)
         await asyncio.to_thread(server.start)
         soak = Soak(server.url, server.api_key, members, media_circles)
         print(f"{store_label}: server pid {server.pid} at {server.url}; RSS at start "
@@ -262,8 +255,6 @@ async def run(store_label: str, circles: int, rounds: int, members: int,
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
-        if redis is not None:
-            redis.close()
         if results and not any(r.failures for r in results):
             log_path.unlink(missing_ok=True)
         elif log_path.exists():
