@@ -19,7 +19,7 @@ import time
 from rooms import commands as c
 from rooms import rules
 from rooms.errors import RoomError
-from rooms.model import Circle, Invite, Role, RoomState
+from rooms.model import CircleSettings, Invite, Role, RoomState
 from storage.manager import RoomManager
 from storage.memory_store import MemoryStore
 from storage.redis_store import RedisStore
@@ -31,8 +31,8 @@ MEMBERS = [f"m{i}" for i in range(10)]
 INVITES = [Invite("inv-mod", Role.MODERATOR), Invite("inv-member", Role.MEMBER)]
 
 
-def _circle(circle_id: str) -> Circle:
-    return Circle(id=circle_id, title="bench", lobby=False, capacity=20)
+def _circle(circle_id: str) -> CircleSettings:
+    return CircleSettings(id=circle_id, title="bench", lobby=False, capacity=20)
 
 
 def _joins() -> list[c.Command]:

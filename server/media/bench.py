@@ -42,10 +42,10 @@ SLOTS = 3
 def _probe_slot_delay(delays: list[float]) -> None:
     """Record, in this process only, how long each forwarded packet takes from the tap to
     its datagram being handed to the listener's socket (the relay's fan-out delay)."""
-    forward, send = circle.Circle.forward, fastpath.RtpOut.send
+    forward, send = circle.MediaCircle.forward, fastpath.RtpOut.send
     tapped = [0.0]
 
-    def timed_forward(self: circle.Circle, *args: Any) -> int:
+    def timed_forward(self: circle.MediaCircle, *args: Any) -> int:
         tapped[0] = time.perf_counter()
         return forward(self, *args)
 
@@ -55,7 +55,7 @@ def _probe_slot_delay(delays: list[float]) -> None:
             delays.append(time.perf_counter() - tapped[0])
         return sent
 
-    circle.Circle.forward = timed_forward  # type: ignore[method-assign]
+    circle.MediaCircle.forward = timed_forward  # type: ignore[method-assign]
     fastpath.RtpOut.send = timed_send  # type: ignore[method-assign]
 
 
