@@ -54,6 +54,8 @@ def settings_for(store: str = "memory", **extra: Any) -> Settings:
 async def live_server(store_url: str = "memory", *, limits: Limits = DEFAULT_LIMITS,
                       clock: Clock | None = None, **extra: Any) -> AsyncIterator[Live]:
     sock, port = listening_socket()  # the port is ours before the server starts: no race
+    if "public_url" in extra:  # one deployment URL for several processes: each has its own too
+        extra.setdefault("process_url", f"http://127.0.0.1:{port}")
     settings = settings_for(store_url, port=port, **extra)
     store = make_store(settings)
     app = build_app(settings, store=store, limits=limits, clock=clock)

@@ -26,8 +26,11 @@ const MAX_BACKOFF_MS = 10000;
 const encoder = new Encoder({ ignoreUndefined: true });
 const decoder = new Decoder();
 
-export function wsUrl(path = '/ws') {
-  return `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}${path}`;
+// `?c=` names the circle, so that a proxy in front of several processes sends the socket to
+// the circle's home at once (DESIGN §8); a `redirect` stays the fallback.
+export function wsUrl(path = '/ws', circle = null) {
+  const query = circle ? `?c=${encodeURIComponent(circle)}` : '';
+  return `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}${path}${query}`;
 }
 
 /**

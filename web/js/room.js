@@ -1,7 +1,7 @@
 // Lobby → room → ended: session, state, media, the room's controls. circle.js loads it once the
 // join form works, so the form never waits for it (nor for the msgpack codec).
 import { t, suggestLanguage } from './i18n.js';
-import { Session, CLOSE } from './protocol.js';
+import { Session, CLOSE, wsUrl } from './protocol.js';
 import { emptyState, loadSnapshot, applyEvent, self, key, mayBeHeard, isModerator } from './state.js';
 import { Media, requestMicrophone, OWN_SPEAKING_LEVEL } from './media.js';
 import {
@@ -200,6 +200,7 @@ function connect(token, resumeSecret) {
   const seat = { circle: circleId, token, name: joined.name, listenOnly: joined.listenOnly, resume: resumeSecret ?? null };
   session = new Session({
     hello: { token, name: joined.name, listen_only: joined.listenOnly },
+    url: wsUrl('/ws', circleId),
     callbacks,
     storage: {
       load: () => seat.resume,
