@@ -31,6 +31,7 @@ from loadtest.signaling import (
     LOOP_LAG,
     RoomBase,
     report_progress,
+    room_records,
     run_generator,
     self_cpu,
     wait_go,
@@ -209,15 +210,10 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
         cpu1 = self_cpu()
         lag_stop.set()
         await lag
-        records = []
-        for room, r in zip(rooms, joined, strict=True):
-            rec = room.record()
-            rec["kind"] = "media"
-            if isinstance(r, BaseException):
-                rec["join_failed"] = repr(r)[:200]
-            elif room.window is not None:
+        records = room_records(rooms, joined, "media")
+        for room, rec in zip(rooms, records, strict=True):
+            if "join_failed" not in rec and room.window is not None:
                 rec["media"] = room.media_record()
-            records.append(rec)
         server_window = {"seconds": (end - start) / 1e9,
                          "server_cpu_s": None if srv0 is None or srv1 is None else srv1 - srv0}
         baseline = direct.window(start, end) if direct is not None else []

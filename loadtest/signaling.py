@@ -343,6 +343,19 @@ async def wait_go(go: Any, timeout: float) -> bool:
     return bool(await asyncio.to_thread(go.wait, timeout))
 
 
+def room_records(rooms: list[Any], joined: list[Any], kind: str) -> list[dict[str, Any]]:
+    """Each room's record, marked with `kind`, and why it could not join where it failed
+    (`joined` holds each room's join result or exception, in the same order)."""
+    records = []
+    for room, result in zip(rooms, joined, strict=True):
+        rec = room.record()
+        rec["kind"] = kind
+        if isinstance(result, BaseException):
+            rec["join_failed"] = repr(result)[:200]
+        records.append(rec)
+    return records
+
+
 def self_cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -373,13 +386,7 @@ async def _main(cfg: dict[str, Any], queue: Any, go: Any) -> None:
         cpu1 = self_cpu()
         lag_stop.set()
         await lag
-        records = []
-        for room, r in zip(rooms, joined, strict=True):
-            rec = room.record()
-            rec["kind"] = "signaling"
-            if isinstance(r, BaseException):
-                rec["join_failed"] = repr(r)[:200]
-            records.append(rec)
+        records = room_records(rooms, joined, "signaling")
         queue.put(("result", "signaling", {"rooms": records, "generator_cpu_s": cpu1 - cpu0, "loop_lag_ms": LOOP_LAG,
                                            "generator_pid": os.getpid()}))
     finally:
