@@ -39,7 +39,7 @@ def no_cycle_collector() -> Iterator[None]:
 
 def kept_anywhere(live: Live, circle_id: str) -> dict[str, bool]:
     parts = live.parts
-    return {"manager": parts.manager.keeps(circle_id), "local": parts.local.keeps(circle_id),
+    return {"manager": parts.manager.keeps(circle_id), "circles": parts.circles.keeps(circle_id),
             "store": parts.store.keeps(circle_id), "homes": parts.homes.keeps(circle_id),
             "relay": parts.relay.stats()["circles"] > 0}
 
@@ -59,13 +59,13 @@ async def end_through_the_api(live: Live, circle_id: str, moderator: Client) -> 
         return items[-1] if items else None
 
     assert isinstance(await asyncio.wait_for(last_item(), 10), Closed)
-    await asyncio.wait_for(parts.local.idle.wait(), 10)
+    await asyncio.wait_for(parts.circles.idle.wait(), 10)
 
 
 async def test_an_ended_circle_is_forgotten_everywhere(live: Live) -> None:
     circle, mod, a, b = await circle_of(live)
     circle_id = circle["id"]
-    assert kept_anywhere(live, circle_id) == {"manager": True, "local": True, "store": True,
+    assert kept_anywhere(live, circle_id) == {"manager": True, "circles": True, "store": True,
                                               "homes": True, "relay": True}
     await ack_of(a, "raise_hand")
     await ack_of(a, "leave")
@@ -74,7 +74,7 @@ async def test_an_ended_circle_is_forgotten_everywhere(live: Live) -> None:
 
     await end_through_the_api(live, circle_id, mod)
 
-    assert kept_anywhere(live, circle_id) == {"manager": False, "local": False, "store": False,
+    assert kept_anywhere(live, circle_id) == {"manager": False, "circles": False, "store": False,
                                               "homes": False, "relay": False}
     # The frames encoded once for every member are kept for one turn of the loop only:
     # not the pseudonyms of those who left, for as long as the server stays quiet.
@@ -102,7 +102,7 @@ async def test_knocking_on_an_ended_or_made_up_circle_leaves_no_lock_behind(live
         assert status == 404, (method, path)
 
     for cid in (circle_id, "made-up-circle"):
-        assert kept_anywhere(live, cid) == {"manager": False, "local": False, "store": False,
+        assert kept_anywhere(live, cid) == {"manager": False, "circles": False, "store": False,
                                             "homes": False, "relay": False}
 
 
@@ -110,7 +110,7 @@ async def test_closed_connections_and_the_hub_are_freed_by_reference_counting(
         live: Live, no_cycle_collector: None) -> None:
     circle, mod, a, b = await circle_of(live)
     circle_id = circle["id"]
-    sessions = live.parts.local.sessions()
+    sessions = live.parts.circles.sessions()
     assert len(sessions) == 3
     freed = asyncio.Event()
     alive = [len(sessions)]

@@ -148,7 +148,7 @@ async def test_a_hello_at_another_process_is_redirected_to_the_home(redis_url: s
         client, first = await hello_at(b.url + "/ws", token_of(links["member"]))
         assert first == {"type": "redirect", "url": a.url + "/ws"}
         assert await client.closed() == 4300
-        assert b.parts.local.sessions() == []
+        assert b.parts.circles.sessions() == []
 
         followed, welcome = await hello_at(first["url"], token_of(links["member"]))
         assert welcome is not None and welcome["type"] == "welcome"
