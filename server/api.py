@@ -22,6 +22,7 @@ from server.config import Settings
 from signaling import tokens
 from signaling.addresses import prefix
 from signaling.ratelimit import Window
+from storage.layout import CIRCLE_ID
 from storage.manager import Busy, RoomManager
 from storage.store import CircleExists, NoSuchCircle, StoreError
 
@@ -31,7 +32,6 @@ LINK_TTL_SECONDS = 7 * 24 * 3600
 # named one at any time. Member and guest links keep the week a circle's members need.
 MODERATOR_LINK_TTL_SECONDS = 24 * 3600
 _INVITE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CIRCLE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_BODY = 16 * 1024
 WRONG_KEYS_PER_MINUTE = 10  # per address (an IPv6 /64 counts as one), then 429 (DESIGN §10)
 
@@ -126,7 +126,7 @@ class OrganizerApi:
 
     def _circle_id(self, request: Request) -> str:
         cid = request.path_params["id"]
-        if not _CIRCLE_ID.fullmatch(cid):  # ids are made by `secrets.token_urlsafe`
+        if not CIRCLE_ID.fullmatch(cid):  # ids are made by `secrets.token_urlsafe`
             raise NoSuchCircle(cid)
         return str(cid)
 

@@ -6,8 +6,8 @@ circles that nobody saved for `idle_seconds` disappear (checked lazily, on acces
 
 Privacy at rest (DESIGN §12): the log keeps what a replay can need and no more. An entry is
 dropped once it is `keep_events_ms` old (on the next save, or by a timer when none comes), so
-a member's `member_joined` (their pseudonym) is gone soon after they are (`events_horizon_ms`
-gives the horizon for a grace period).
+a member's `member_joined` (their pseudonym) is gone soon after they are
+(`storage.layout.events_horizon_ms` gives the horizon for a grace period).
 """
 
 from __future__ import annotations
@@ -21,34 +21,22 @@ from dataclasses import dataclass, field
 
 from storage.clock import Clock, TimerHandle
 from storage.codec import state_version
+from storage.layout import IDLE_SECONDS, KEEP_EVENTS_MS, MAX_VERSIONS, replay_needed
+
+# Transitional re-export: server/app.py imports it from here until it does from storage.layout.
+from storage.layout import events_horizon_ms as events_horizon_ms
 from storage.store import (
     CircleExists,
     Ephemeral,
     Lease,
     NoSuchCircle,
     Owner,
-    ReplayGap,
     Unsubscribe,
     VersionConflict,
     WakeUp,
 )
 
 log = logging.getLogger(__name__)
-
-IDLE_SECONDS = 12 * 3600
-MAX_VERSIONS = 1000
-
-
-def events_horizon_ms(grace_seconds: int) -> int:
-    """How long saved events are kept for replays: half the grace period (at least a second).
-    An entry then lives at most twice that (trimmed on the first save after it is this old,
-    or with the whole stream when no save comes), so nothing a departed member left in the
-    log outlives the grace period after they leave. Clients never need older events: a
-    resume is answered with a fresh snapshot; the log serves processes catching up."""
-    return max(grace_seconds * 1000 // 2, 1000)
-
-
-KEEP_EVENTS_MS = events_horizon_ms(30)
 
 
 def _wall_ms() -> int:
@@ -75,11 +63,8 @@ def kept_events(log: Sequence[tuple[int, Sequence[bytes], int]], current: int, v
                 ) -> list[bytes]:
     """Events after `version` from a log holding one entry per saved version, contiguous up to
     `current`. Raises ReplayGap when versions after `version` are no longer in the log."""
-    if version >= current:
+    if not replay_needed(version, current, log[0][0] if log else None):
         return []
-    lowest_kept = log[0][0] if log else current + 1
-    if version + 1 < lowest_kept:
-        raise ReplayGap(f"events after version {version} are no longer kept")
     return [e for v, events, _ in log if v > version for e in events]
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,14 +40,22 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from storage.clock import RealClock
 from storage.codec import CorruptState, state_version
-from storage.memory_store import IDLE_SECONDS, KEEP_EVENTS_MS, MAX_VERSIONS
+from storage.layout import (
+    CIRCLE_ID,
+    CIRCLES_KEY,
+    IDLE_SECONDS,
+    KEEP_EVENTS_MS,
+    MAX_VERSIONS,
+    circle_keys,
+    circle_of_channel,
+    replay_needed,
+)
 from storage.store import (
     CircleExists,
     Ephemeral,
     Lease,
     NoSuchCircle,
     Owner,
-    ReplayGap,
     StaleOwner,
     StoreUnavailable,
     Unsubscribe,
@@ -58,25 +65,10 @@ from storage.store import (
 
 log = logging.getLogger(__name__)
 
-# ---- Redis keys (one block; `{}` is the circle id, inside a hash tag) ---------------------
-STATE_KEY = "lk:{{{}}}:state"  # hash: v = version (decimal), blob = msgpack RoomState
-EVENTS_KEY = "lk:{{{}}}:events"  # stream, one entry per saved version: id "<version>-0",
-#                                  fields v = version, t = saved at (epoch ms), then "0", "1", …
-#                                  = that version's events; entries `keep_events_ms` old are
-#                                  trimmed on each save, and the key expires that long after
-#                                  the last save (privacy at rest, DESIGN §12)
-WAKE_CHANNEL = "lk:{{{}}}:wake"  # pub/sub: b"w" + msgpack [version, [events]] after a save,
-#                                  b"w" + msgpack [-1, None] on deletion, b"e" + event (ephemeral)
-HOME_KEY = "lk:{{{}}}:home"  # hash: owner = process id, token = fencing token, url = its
-#                              public URL; PX = lease TTL, renewed by the owner (DESIGN §8)
-FENCE_KEY = "lk:{{{}}}:fence"  # counter: INCR gives each new lease holder its token
-CIRCLES_KEY = "lk:circles"  # set of circle ids, for listing only (see the module docstring)
-# -------------------------------------------------------------------------------------------
-
+# The key names (`lk:{circle}:state`, …, and `lk:circles`) are in storage.layout.
 WAKE, EPHEMERAL = b"w"[0], b"e"[0]
 _WALL_CLOCK = RealClock()
 HEARTBEAT_SECONDS = 5.0  # the subscriber connection pings when quiet this long
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -160,21 +152,6 @@ return n
 """
 
 
-def _keys(circle_id: str) -> list[str]:
-    if not _ID.fullmatch(circle_id):
-        raise ValueError(f"not a circle id: {circle_id!r}")
-    return [STATE_KEY.format(circle_id), EVENTS_KEY.format(circle_id)]
-
-
-def _home_keys(circle_id: str) -> list[str]:
-    """state, home, fence (the lease scripts check the circle exists)."""
-    return [_keys(circle_id)[0], HOME_KEY.format(circle_id), FENCE_KEY.format(circle_id)]
-
-
-def _circle_of(channel: bytes) -> str:
-    return channel.decode()[4:-6]  # lk:{ … }:wake
-
-
 def resp_command(*args: bytes | str | int) -> bytes:
     """One command in the Redis protocol (RESP: an array of bulk strings), for the save path:
     redis-py's general `pack_command` took half the CPU of a save (cProfile of 3000 saves);
@@ -251,7 +228,8 @@ class RedisStore:
     async def create(self, circle_id: str, blob: bytes) -> None:
         version = state_version(blob)
         with _mapped("create"):
-            created = await self._create_script(keys=_keys(circle_id),
+            k = circle_keys(circle_id)
+            created = await self._create_script(keys=[k.state, k.events],
                                                 args=[version, blob, self._ttl_ms])
             if not created:
                 raise CircleExists(circle_id)
@@ -259,7 +237,7 @@ class RedisStore:
 
     async def load(self, circle_id: str) -> bytes:
         with _mapped("load"):
-            blob = await self._redis.hget(_keys(circle_id)[0], "blob")
+            blob = await self._redis.hget(circle_keys(circle_id).state, "blob")
         if blob is None:
             raise NoSuchCircle(circle_id)
         if not isinstance(blob, bytes):
@@ -271,12 +249,13 @@ class RedisStore:
         # A fenced save is the home's own (DESIGN §8: a circle's sessions all live on its home
         # process, which wakes its subscribers below): no wake-up is published for it. Saves
         # without a lease (timers, the organizer API, any process) publish one.
+        k = circle_keys(circle_id)
         wake = b"" if fence is not None else (
             bytes([WAKE]) + msgpack.packb([new_version, list(events)], use_bin_type=True))
         args = [expected_version, new_version, blob, self._ttl_ms, self._max_versions,
-                WAKE_CHANNEL.format(circle_id), wake, "" if fence is None else fence,
+                k.wake, wake, "" if fence is None else fence,
                 self._clock(), self._keep_ms, *events]
-        keys = [*_keys(circle_id), HOME_KEY.format(circle_id), FENCE_KEY.format(circle_id)]
+        keys = [k.state, k.events, k.home, k.fence]
         with _mapped("save"):
             outcome = await self._batched_save(keys, args)
         if outcome == b"missing":
@@ -406,7 +385,8 @@ class RedisStore:
     async def acquire(self, circle_id: str, owner_id: str, url: str, ttl_ms: int
                       ) -> Lease | Owner:
         with _mapped("acquire"):
-            answer = await self._acquire_script(keys=_home_keys(circle_id),
+            k = circle_keys(circle_id)  # the lease scripts check that the circle exists
+            answer = await self._acquire_script(keys=[k.state, k.home, k.fence],
                                                 args=[owner_id, url, ttl_ms, self._ttl_ms])
         try:
             how = int(answer[0])
@@ -425,7 +405,7 @@ class RedisStore:
         loop for milliseconds every second."""
         if not leases:
             return []
-        calls = [([HOME_KEY.format(lease.circle_id)], [lease.owner_id, lease.token, ttl_ms])
+        calls = [([circle_keys(lease.circle_id).home], [lease.owner_id, lease.token, ttl_ms])
                  for lease in leases]
         with _mapped("renew"):
             answers = await self._evalsha_all("renewals", self._renew_script, calls)
@@ -436,31 +416,28 @@ class RedisStore:
 
     async def release(self, lease: Lease) -> None:
         with _mapped("release"):
-            await self._release_script(keys=[HOME_KEY.format(lease.circle_id)],
+            await self._release_script(keys=[circle_keys(lease.circle_id).home],
                                        args=[lease.owner_id, lease.token])
 
     async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
-        _keys(circle_id)
+        channel = circle_keys(circle_id).wake
         with _mapped("publish"):
-            await self._redis.publish(WAKE_CHANNEL.format(circle_id), bytes([EPHEMERAL]) + event)
+            await self._redis.publish(channel, bytes([EPHEMERAL]) + event)
 
     async def events_since(self, circle_id: str, version: int) -> list[bytes]:
-        state_key, events_key = _keys(circle_id)
+        k = circle_keys(circle_id)
         with _mapped("events_since"):
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hget(state_key, "v")
-                pipe.xrange(events_key, "-", "+", count=1)
-                pipe.xrange(events_key, str(max(version + 1, 0)), "+")
+                pipe.hget(k.state, "v")
+                pipe.xrange(k.events, "-", "+", count=1)
+                pipe.xrange(k.events, str(max(version + 1, 0)), "+")
                 current_raw, oldest, entries = await pipe.execute()
         if current_raw is None:
             raise NoSuchCircle(circle_id)
         try:
-            current = int(current_raw)
-            if version >= current:
+            if not replay_needed(version, int(current_raw),
+                                 int(oldest[0][1][b"v"]) if oldest else None):
                 return []
-            lowest_kept = int(oldest[0][1][b"v"]) if oldest else current + 1
-            if version + 1 < lowest_kept:
-                raise ReplayGap(f"events after version {version} are no longer kept")
             out: list[bytes] = []
             for _id, fields in entries:
                 count = len(fields) - (2 if b"t" in fields else 1)  # less v and t (older: no t)
@@ -471,10 +448,10 @@ class RedisStore:
 
     async def delete(self, circle_id: str) -> None:
         gone = bytes([WAKE]) + msgpack.packb([-1, None])
+        k = circle_keys(circle_id)
         with _mapped("delete"):
-            await self._delete_script(keys=[*_keys(circle_id), HOME_KEY.format(circle_id),
-                                            FENCE_KEY.format(circle_id)],
-                                      args=[WAKE_CHANNEL.format(circle_id), gone])
+            await self._delete_script(keys=[k.state, k.events, k.home, k.fence],
+                                      args=[k.wake, gone])
             await self._redis.srem(CIRCLES_KEY, circle_id)
         self._woken.pop(circle_id, None)
 
@@ -482,12 +459,12 @@ class RedisStore:
         with _mapped("circle_ids"):
             raw = await self._redis.smembers(CIRCLES_KEY)
             members = sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
-            ids = [m for m in members if _ID.fullmatch(m)]
+            ids = [m for m in members if CIRCLE_ID.fullmatch(m)]
             if not ids:
                 return []
             async with self._redis.pipeline(transaction=False) as pipe:
                 for cid in ids:
-                    pipe.exists(STATE_KEY.format(cid))
+                    pipe.exists(circle_keys(cid).state)
                 alive = await pipe.execute()
             gone = [cid for cid, n in zip(ids, alive, strict=True) if not n]
             if gone:  # expired: forget them (the state key exists from creation on)
@@ -524,7 +501,7 @@ class RedisStore:
     # ---- subscriptions: one pub/sub connection, one reader task ------------------------
 
     def subscribe(self, circle_id: str, on_wake: WakeUp, on_ephemeral: Ephemeral) -> Unsubscribe:
-        _keys(circle_id)
+        channel = circle_keys(circle_id).wake
         sub = _Subscriber(on_wake, on_ephemeral)
         subs = self._subs.setdefault(circle_id, [])
         subs.append(sub)
@@ -533,7 +510,7 @@ class RedisStore:
         elif circle_id in self._confirmed:
             self._spawn(self._catch_up(circle_id, [sub]))
         elif len(subs) == 1 and self._pubsub is not None:
-            self._spawn(self._pubsub_call(self._pubsub.subscribe, WAKE_CHANNEL.format(circle_id)))
+            self._spawn(self._pubsub_call(self._pubsub.subscribe, channel))
         # otherwise the (re)connecting reader subscribes it and catches up
 
         def unsubscribe() -> None:
@@ -546,8 +523,7 @@ class RedisStore:
             self._woken.pop(circle_id, None)
             self._confirmed.discard(circle_id)
             if self._pubsub is not None and not self._closed:
-                self._spawn(self._pubsub_call(self._pubsub.unsubscribe,
-                                              WAKE_CHANNEL.format(circle_id)))
+                self._spawn(self._pubsub_call(self._pubsub.unsubscribe, channel))
 
         return unsubscribe
 
@@ -569,7 +545,7 @@ class RedisStore:
         """Tell subscribers the current version, so they fetch what they may have missed."""
         try:
             with _mapped("catch_up"):
-                raw = await self._redis.hget(STATE_KEY.format(circle_id), "v")
+                raw = await self._redis.hget(circle_keys(circle_id).state, "v")
         except (StoreUnavailable, CorruptState):
             return  # the next reconnect catches up again
         version = int(raw) if raw is not None else -1
@@ -586,13 +562,13 @@ class RedisStore:
             try:
                 sent = set(self._subs)
                 if sent:
-                    await pubsub.subscribe(*(WAKE_CHANNEL.format(c) for c in sent))
+                    await pubsub.subscribe(*(circle_keys(c).wake for c in sent))
                 else:
                     await pubsub.connect()  # type: ignore[no-untyped-call]
                 self._pubsub = pubsub
                 late = set(self._subs) - sent  # subscribed while we were connecting
                 if late:
-                    await pubsub.subscribe(*(WAKE_CHANNEL.format(c) for c in late))
+                    await pubsub.subscribe(*(circle_keys(c).wake for c in late))
                 self._heard = loop.time()
                 watchdog = loop.create_task(self._watch(pubsub))
                 while not self._closed:
@@ -640,7 +616,7 @@ class RedisStore:
         kind, channel, data = message["type"], message["channel"], message["data"]
         if not isinstance(channel, bytes):
             return
-        circle_id = _circle_of(channel)
+        circle_id = circle_of_channel(channel)
         subs = list(self._subs.get(circle_id, ()))
         if kind == "subscribe":
             if subs:
