@@ -394,10 +394,10 @@ def encode_server_frame(frame: ServerFrame) -> bytes:
 
 
 def encode_client_frame(frame: ClientFrame) -> bytes:
-    """Encode a client frame (for tests and the load-test client)."""
+    """Encode a client frame (for tests)."""
     return _encoder.encode(frame)
 
 
 def decode_server_frame(data: bytes) -> ServerFrame:
-    """Decode a server frame (for tests and the load-test client); raises msgspec errors."""
+    """Decode a server frame (for tests); raises msgspec errors."""
     return _server_decoder.decode(data)

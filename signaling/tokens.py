@@ -10,7 +10,6 @@ asymmetric algorithms are refused, so is a token for another circle.
 from __future__ import annotations
 
 import enum
-import hmac
 import secrets
 import time
 from dataclasses import dataclass
@@ -136,11 +135,6 @@ def verify(secret: str | bytes, token: str, circle_id: str) -> Claims:
 def new_resume_secret() -> str:
     """A fresh opaque resume secret (256 bits, URL-safe)."""
     return secrets.token_urlsafe(32)
-
-
-def secrets_match(expected: str, given: str) -> bool:
-    """Compare two secrets in constant time (for the length of ``expected``)."""
-    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 def unverified_circle(token: str) -> str | None:

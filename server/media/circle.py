@@ -109,7 +109,3 @@ class MediaCircle:
         self.levels.pop(member_id, None)
         self.reported.pop(member_id, None)
         return self.reassign()
-
-
-# Transitional: the old name, until server/media/bench.py (another's file) says MediaCircle.
-Circle = MediaCircle

@@ -473,8 +473,3 @@ def ignore_rtcp(connection: Any) -> None:
             queue(connection, data, component)
 
     connection.data_received = data_received
-
-
-def wall_clock() -> float:
-    """The time `RtpOut.send` wants as `now` (Unix seconds)."""
-    return time.time()
