@@ -44,37 +44,29 @@ def _unsubscribed() -> None:
 
 
 class Subscription:
-    """Events of one circle after `from_version`: `await get()`, or `async for`. Ephemeral
-    events (private notes) come as they arrive, carrying the version current then."""
+    """Events of one circle after `from_version`, handed to the listener given to `listen`.
+    Ephemeral events (private notes) come as they arrive, carrying the version current then."""
 
     def __init__(self, hub: CircleHub, from_version: int) -> None:
         self.last = from_version  # every durable event up to here was delivered
         self._hub = hub
-        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._held: list[Item] = []  # delivered before `listen`
         self._listener: Callable[[Item], None] | None = None
         self._done = False
 
     def listen(self, listener: Callable[[Item], None]) -> None:
-        """Have items handed to `listener` as they are delivered, synchronously, instead of
-        queued: the hot fan-out path then costs no task switch per subscriber. The
-        listener must not block; anything queued before is handed over first."""
-        while not self._queue.empty():
-            listener(self._queue.get_nowait())
+        """Have items handed to `listener` as they are delivered, synchronously: the hot
+        fan-out path costs no task switch per subscriber. The listener must not block;
+        anything delivered before this call is handed over first."""
+        held, self._held = self._held, []
+        for item in held:
+            listener(item)
         self._listener = listener
 
     async def ready(self) -> None:
         """Wait until the circle's store subscription is live: ephemeral events published
         from then on reach this subscriber (durable ones are never missed anyway)."""
         await self._hub.live.wait()
-
-    async def get(self) -> Item:
-        return await self._queue.get()
-
-    def get_nowait(self) -> Item | None:
-        try:
-            return self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
 
     def close(self) -> None:
         if not self._done:
@@ -84,28 +76,18 @@ class Subscription:
         # subscription: a cycle that only a full collection would free, taking the whole
         # connection with it (issue 17). Nothing is handed over once closed anyway.
         self._listener = None
+        self._held = []
 
     def push(self, item: Item) -> None:
         if self._done:
             return
         if self._listener is None:
-            self._queue.put_nowait(item)
+            self._held.append(item)
             return
         try:
             self._listener(item)
         except Exception:
             log.exception("event listener failed")
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Item:
-        if self._done and self._queue.empty():
-            raise StopAsyncIteration
-        item = await self.get()
-        if isinstance(item, Closed):
-            self._done = True
-        return item
 
 
 class CircleHub:
