@@ -1,16 +1,27 @@
-# Lingkar: `make serve` runs the server on the memory store; `make test` sets up and runs
-# every test. Both install what they need when it is missing.
+# Lingkar: `make serve` runs the server on the memory store; `make cluster` runs N of them
+# (N=3) behind Caddy on one Redis; `make test` sets up and runs every test. They install what
+# they need when it is missing.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_UPDATED := /tmp/.lingkar-apt-updated
 PYTEST_ARGS ?=
+N ?= 3
 
-.PHONY: serve test lint bench loadtest fuzz setup system web clean
+.PHONY: serve cluster cluster-restart test lint bench loadtest fuzz setup system web clean
 
 serve: setup web
 	$(VENV)/bin/lingkar serve
+
+# N `lingkar serve` behind Caddy on http://127.0.0.1:8000, one redis-server with AOF, all
+# stopped by Ctrl-C; data and keys in .cluster/ (server/cluster.py, deploy/cluster/Caddyfile).
+cluster: setup system web
+	$(VENV)/bin/lingkar cluster -n $(N)
+
+# Restarts the running cluster's processes one by one (each drains, comes back, is ready).
+cluster-restart: setup
+	$(VENV)/bin/lingkar cluster restart
 
 test: setup system web
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -45,7 +56,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages: redis-server for the Redis tests, chromium for the browser tests; for the
-# network tests (tests/net) iproute2, nftables and coturn; caddy for the HTTPS recipe; openssl
+# network tests (tests/net) iproute2, nftables and coturn; caddy for the HTTPS recipe and
+# `make cluster`; openssl
 # for the Redis TLS test.
 system:
 	@missing=""; \

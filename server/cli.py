@@ -1,4 +1,4 @@
-"""`lingkar serve` and `lingkar loadtest`."""
+"""`lingkar serve`, `lingkar loadtest` and `lingkar cluster`."""
 
 from __future__ import annotations
 
@@ -68,10 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.main import main as loadtest_main
 
         return loadtest_main(argv[1:])
+    if argv[:1] == ["cluster"]:  # its own flags too; the supervisor loads only when it runs
+        from server.cluster import main as cluster_main
+
+        return cluster_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lingkar", description="Lingkar: moderated peer-support circles")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     sub.add_parser("loadtest", help="drive many circles and measure latency (lingkar loadtest -h)")
+    sub.add_parser("cluster", help="several `serve` behind Caddy on one Redis (lingkar cluster -h)")
     args = parser.parse_args(argv)
     try:
         settings = load_settings(os.environ, {"host": args.host, "port": args.port, "store": args.store})
