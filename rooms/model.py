@@ -45,11 +45,6 @@ class CircleSettings:
     created_at: int = 0  # epoch ms
 
 
-# Transitional: the old name, until storage/bench.py and tests/fuzz/engine.py and
-# tests/server/test_session_races.py (others' files) say CircleSettings. Then delete it.
-Circle = CircleSettings
-
-
 @dataclass(frozen=True, slots=True)
 class Invite:
     """An invite a join token points at (`inv` claim). Personal invites are for one person."""

@@ -34,8 +34,9 @@ from signaling.session import DEFAULT_LIMITS, Limits
 from signaling.turn import IceServers
 from storage.clock import Clock
 from storage.homes import Homes
+from storage.layout import events_horizon_ms
 from storage.manager import RoomManager
-from storage.memory_store import MemoryStore, events_horizon_ms
+from storage.memory_store import MemoryStore
 from storage.redis_store import RedisStore
 from storage.store import Store, StoreError
 

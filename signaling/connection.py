@@ -126,7 +126,7 @@ class Connection:
     def __init__(self, *, secret: str, limits: Limits = DEFAULT_LIMITS, address: str = "",
                  ice: IceServers = NO_ICE_SERVERS,
                  encode: Callable[[Event], bytes] = encode_event,
-                 token: Callable[[], str] = lambda: secrets.token_urlsafe(32),
+                 token: Callable[[], str] = tokens.new_resume_secret,
                  member_token: Callable[[], str] = lambda: secrets.token_hex(8)) -> None:
         self.secret = secret  # verifies join tokens, keys the address tag
         self.limits = limits

@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 from storage.clock import Clock, TimerHandle
 from storage.codec import state_version
 from storage.layout import IDLE_SECONDS, KEEP_EVENTS_MS, MAX_VERSIONS, replay_needed
-
-# Transitional re-export: server/app.py imports it from here until it does from storage.layout.
-from storage.layout import events_horizon_ms as events_horizon_ms
 from storage.store import (
     CircleExists,
     Ephemeral,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from rooms.model import Circle, FloorMode, Invite, Role, RoomState
+from rooms.model import CircleSettings, FloorMode, Invite, Role, RoomState
 from signaling import tokens
 from signaling.session import Limits, Session
 from storage.manager import RoomManager
@@ -180,7 +180,7 @@ class Engine:
         self.circle_id = secrets.token_urlsafe(9)
         # Moderator invites are for one person each: the fuzzer, as a moderator, has its own.
         invites = [*(Invite(f"inv-{role.value}", role) for role in Role), Invite("inv-fuzzer", Role.MODERATOR)]
-        circle = Circle(id=self.circle_id, title="Fuzz", capacity=50, floor_mode=FloorMode.HANDS,
+        circle = CircleSettings(id=self.circle_id, title="Fuzz", capacity=50, floor_mode=FloorMode.HANDS,
                         lobby=False, grace_seconds=30)
         await self.manager.create(circle, invites)
         self.tokens = {role.value: tokens.issue(SECRET, self.circle_id, role.value, f"inv-{role.value}", 3600)

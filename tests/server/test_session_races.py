@@ -8,7 +8,7 @@ from typing import Any
 
 import msgpack
 
-from rooms.model import Circle, Invite, Role, RoomState
+from rooms.model import CircleSettings, Invite, Role, RoomState
 from signaling import tokens
 from signaling.session import Session
 from storage.manager import RoomManager
@@ -36,7 +36,7 @@ async def _command(transport: QueueTransport, **frame: Any) -> dict[str, Any]:
 
 async def test_a_member_removed_while_their_admission_loads_is_put_out_not_seated() -> None:
     manager = RoomManager(MemoryStore())
-    await manager.create(Circle(id="race", title="t", lobby=True),
+    await manager.create(CircleSettings(id="race", title="t", lobby=True),
                          [Invite("mod", Role.MODERATOR), Invite("mem", Role.MEMBER)])
     mod, _ = await _joined(manager, tokens.issue(SECRET, "race", "moderator", "mod", 60), "Pendamping")
     member, lobby = await _joined(manager, tokens.issue(SECRET, "race", "member", "mem", 60), "Melati")
