@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,8 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
                 "exit_url": settings.exit_url, "slots": settings.slots}
 
     async def healthz(request: Request) -> Response:
+        if ws.draining:  # a proxy takes this process out of its ring (DESIGN §8)
+            return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
@@ -122,6 +125,7 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
         for name in ("direct", "asgi"):
             metrics.WRITE_PATH.labels(name).set(1 if name == path else 0)
         log.info("WebSocket frames leave by the %s write path", path)
+        await homes.start()
         yield
         await drain(parts)
         await homes.close()
@@ -150,13 +154,33 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
 DRAIN_SECONDS = 2.0  # how long drain waits for the sockets it closed before it releases
 
 
+def new_home(circle_id: str, peers: Iterable[str]) -> str | None:
+    """The live process a draining one sends a circle to: rendezvous hashing over the others'
+    URLs, so that each circle goes to one of them and the circles spread over all."""
+    return max(peers, key=lambda url: hashlib.sha256(f"{circle_id}|{url}".encode()).digest(),
+               default=None)
+
+
 async def drain(parts: Parts) -> None:
-    """Graceful shutdown: refuse new sockets, close open ones with 1001, then give up this
-    process's leases (DESIGN §8) so another process takes its circles at once. Members keep
-    their seats for the grace period, so with Redis they resume on another process."""
+    """Graceful shutdown (DESIGN §8): refuse new sockets; hand each circle to another live
+    process — its lease given up, then its members sent there with `redirect` (4300), so they
+    resume at once in their seats — or, with no other process, close the sockets with 1001;
+    then give up what leases are left so another process takes those circles at once."""
+    if parts.ws.draining:
+        return
     parts.ws.draining = True
-    for session in parts.circles.sessions():
-        session.close(CloseCode.GOING_AWAY, "server restarting")
+    peers = list(parts.homes.peers.values())
+    moved = 0
+    for runtime in parts.circles.runtimes():
+        url = new_home(runtime.circle_id, peers)
+        if url is None:
+            runtime.close_sessions(CloseCode.GOING_AWAY, "server restarting")
+            continue
+        await parts.homes.release(runtime.circle_id)
+        runtime.redirect_sessions(url + "/ws")
+        moved += 1
+    if moved:
+        log.info("draining: %d circles sent to %d other processes", moved, len(peers))
     try:
         await asyncio.wait_for(parts.circles.idle.wait(), DRAIN_SECONDS)
     except TimeoutError:

@@ -140,6 +140,11 @@ class CircleRuntime:
         for session in list(self.sessions.values()):
             session.close(code, reason)
 
+    def redirect_sessions(self, url: str) -> None:
+        """Send every member here to `url` (`redirect`, then 4300): the circle's new home."""
+        for session in list(self.sessions.values()):
+            session.redirect(url)
+
     def close(self) -> Coroutine[Any, Any, None]:
         """Nobody here follows the circle any more: stop following it, and the relay forgets
         it (its gate would go stale)."""
@@ -191,6 +196,9 @@ class Circles:
 
     def runtime(self, circle_id: str) -> CircleRuntime | None:
         return self._runtimes.get(circle_id)
+
+    def runtimes(self) -> list[CircleRuntime]:
+        return list(self._runtimes.values())
 
     def sessions(self) -> list[Session]:
         return [s for runtime in self._runtimes.values() for s in runtime.sessions.values()]

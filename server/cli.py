@@ -51,9 +51,18 @@ class _Server:
                                 proxy_headers=False)  # the app believes X-Forwarded-For (build_app)
 
         class Server(uvicorn.Server):
+            """The first SIGTERM/SIGINT drains (members sent to another process, DESIGN §8)
+            and then stops; uvicorn would close every WebSocket with 1012 first. A second
+            signal stops at once."""
+
+            draining: asyncio.Task[None] | None = None
+
             def handle_exit(self, sig: int, frame: Any) -> None:
-                asyncio.get_event_loop().create_task(drain(app.state.parts))
-                super().handle_exit(sig, frame)
+                if self.draining is not None:
+                    super().handle_exit(sig, frame)
+                    return
+                self.draining = asyncio.get_event_loop().create_task(drain(app.state.parts))
+                self.draining.add_done_callback(lambda _: super(Server, self).handle_exit(sig, frame))
 
         server = Server(config)
         tune_gc()

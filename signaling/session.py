@@ -233,6 +233,11 @@ class Session:
         self.conn.close(code, reason)
         self.flush()
 
+    def redirect(self, url: str) -> None:
+        """Send the client to the circle's new home (a drain): `redirect`, then 4300."""
+        self.conn.redirect(url)
+        self.flush()
+
     def _enqueue(self, data: bytes) -> bool:
         try:
             self._out.put_nowait(data)

@@ -61,6 +61,7 @@ class Homes:
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False  # stopped: no new claims
+        self.peers: dict[str, str] = {}  # the other live processes (owner id -> URL), as last seen
 
     # ---- claiming ------------------------------------------------------------------------
 
@@ -157,6 +158,20 @@ class Homes:
 
     # ---- renewing ------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Announce this process among the live ones now, and every round from now on (a
+        process with no lease is still where a draining one can send circles)."""
+        await self._announce()
+        self._start()
+
+    async def _announce(self) -> None:
+        try:
+            alive = await self.store.announce(self.owner_id, self.url, self.ttl_ms)
+        except (StoreError, CorruptState) as exc:
+            log.warning("not announced: %s", type(exc).__name__)
+            return
+        self.peers = {owner: url for owner, url in alive.items() if owner != self.owner_id}
+
     def _start(self) -> None:
         if self._loop_task is None and not self.closed:
             self._loop_task = asyncio.get_running_loop().create_task(self._renew_forever())
@@ -175,7 +190,9 @@ class Homes:
                 log.exception("lease renewal failed")
 
     async def renew_once(self) -> None:
-        """One round: give up idle leases, extend the rest, re-check the lost ones."""
+        """One round: announce this process, give up idle leases, extend the rest, re-check
+        the lost ones."""
+        await self._announce()
         now = self._monotonic()
         for circle_id in list(self._leases):
             idle = now - self._claimed_at.get(circle_id, now) > self.ttl_ms / 1000
@@ -215,6 +232,10 @@ class Homes:
             except StoreError:
                 pass  # it expires on its own within the TTL
 
+    async def release(self, circle_id: str) -> None:
+        """Give the circle's lease up now (a drain sends its members to another process)."""
+        await self._release(circle_id)
+
     async def release_all(self) -> None:
         """Drain: every lease given up now, so another process can take these circles at
         once (their sessions were closed with 1001 first, and the endpoint refuses new ones)."""
@@ -222,6 +243,11 @@ class Homes:
                              return_exceptions=True)
 
     async def close(self) -> None:
+        if not self.closed:
+            try:
+                await self.store.withdraw(self.owner_id)
+            except StoreError:
+                pass  # it drops out of the live ones within a TTL
         self.closed = True
         tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
         for task in tasks:

@@ -34,6 +34,7 @@ KEEP_EVENTS_MS = events_horizon_ms(30)
 
 CIRCLE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what `secrets.token_urlsafe` makes, bounded
 CIRCLES_KEY = "lk:circles"  # set of circle ids, for listing only (see storage.redis_store)
+PROCESSES_KEY = "lk:processes"  # the live processes: owner id -> "expiry ms|own URL" (DESIGN §8)
 
 
 class CircleKeys(NamedTuple):

@@ -159,6 +159,12 @@ class MemoryStore:
         self._room(circle_id)
         return Lease(circle_id, owner_id, 0, taken_over=False)
 
+    async def announce(self, owner_id: str, url: str, ttl_ms: int) -> dict[str, str]:
+        return {owner_id: url}  # one process: nobody else to hand circles to
+
+    async def withdraw(self, owner_id: str) -> None:
+        pass
+
     async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> list[bool]:
         return [True for _ in leases]
 

@@ -46,6 +46,7 @@ from storage.layout import (
     IDLE_SECONDS,
     KEEP_EVENTS_MS,
     MAX_VERSIONS,
+    PROCESSES_KEY,
     circle_keys,
     circle_of_channel,
     replay_needed,
@@ -144,6 +145,26 @@ if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] then return 0 end
 return redis.call('DEL', KEYS[1])
 """
 
+# KEYS[1] the live processes; ARGV: owner id, URL, ttl ms. Expired entries are pruned here,
+# by the clock of Redis (one clock for every process).
+_ANNOUNCE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[3])) .. '|' .. ARGV[2])
+local all = redis.call('HGETALL', KEYS[1])
+local alive = {}
+for i = 1, #all, 2 do
+  local sep = string.find(all[i + 1], '|', 1, true)
+  if sep and tonumber(string.sub(all[i + 1], 1, sep - 1)) > now then
+    alive[#alive + 1] = all[i]
+    alive[#alive + 1] = string.sub(all[i + 1], sep + 1)
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return alive
+"""
+
 _DELETE = """
 redis.call('DEL', KEYS[3], KEYS[4])
 local n = redis.call('DEL', KEYS[1], KEYS[2])
@@ -211,6 +232,7 @@ class RedisStore:
         self._acquire_script = self._redis.register_script(_ACQUIRE)
         self._renew_script = self._redis.register_script(_RENEW)
         self._release_script = self._redis.register_script(_RELEASE)
+        self._announce_script = self._redis.register_script(_ANNOUNCE)
         self._saves: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []  # the next batch
         self._saving = False  # a batch is being sent (saves asked for meanwhile wait for the next)
         self._conns: dict[str, Any] = {}  # connections of saves and renewals (made, not pooled)
@@ -418,6 +440,19 @@ class RedisStore:
         with _mapped("release"):
             await self._release_script(keys=[circle_keys(lease.circle_id).home],
                                        args=[lease.owner_id, lease.token])
+
+    async def announce(self, owner_id: str, url: str, ttl_ms: int) -> dict[str, str]:
+        with _mapped("announce"):
+            answer = await self._announce_script(keys=[PROCESSES_KEY], args=[owner_id, url, ttl_ms])
+        try:
+            pairs = [x.decode() if isinstance(x, bytes) else str(x) for x in answer]
+            return dict(zip(pairs[::2], pairs[1::2], strict=True))
+        except (ValueError, TypeError):
+            raise CorruptState("unreadable process list") from None
+
+    async def withdraw(self, owner_id: str) -> None:
+        with _mapped("withdraw"):
+            await self._redis.hdel(PROCESSES_KEY, owner_id)
 
     async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
         channel = circle_keys(circle_id).wake

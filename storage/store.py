@@ -110,6 +110,14 @@ class Store(Protocol):
     async def release(self, lease: Lease) -> None:
         """Give the lease up at once if it is still held with its token."""
 
+    async def announce(self, owner_id: str, url: str, ttl_ms: int) -> dict[str, str]:
+        """Say that this process (`owner_id`, reachable at `url`) is alive for `ttl_ms`; answer
+        every process alive now, itself included (owner id -> URL). A draining process sends
+        its circles to one of the others (DESIGN §8)."""
+
+    async def withdraw(self, owner_id: str) -> None:
+        """This process is going away: no longer among the live ones."""
+
     async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
         """Deliver an event live to subscribers without keeping it anywhere."""
 

@@ -224,8 +224,7 @@ async def test_a_lease_left_by_an_earlier_run_at_the_same_url_is_waited_out(
         assert first is not None and first["type"] == "welcome"
 
 
-async def test_drain_releases_the_leases_so_another_process_takes_over_at_once(
-        redis_url: str) -> None:
+async def test_drain_sends_the_members_to_another_live_process_in_their_seats(redis_url: str) -> None:
     async with live_server(redis_url) as a, live_server(redis_url) as b:
         circle = await a.create_circle()
         links = circle["links"]
@@ -233,14 +232,39 @@ async def test_drain_releases_the_leases_so_another_process_takes_over_at_once(
         m = await join(a, links["member"], "Melati")
         await ack_of(m, "raise_hand")
         await settle(mod)
+        await a.parts.homes.renew_once()  # one round of A's loop: it has seen B announce itself
+        assert list(a.parts.homes.peers.values()) == [b.url]
         await drain(a.parts)
-        assert await asyncio.gather(mod.closed(), m.closed()) == [1001, 1001]
-        assert home_of(redis_url, circle["id"]) == {}
+        assert await asyncio.gather(mod.closed(), m.closed()) == [4300, 4300]
+        for client in (mod, m):
+            assert client.frames[-1] == {"type": "redirect", "url": b.url + "/ws"}
+        assert home_of(redis_url, circle["id"]) == {}  # given up before the members were sent
         # the very first hello at B is welcomed: no lease left to wait for
         back, welcome = await hello_at(b.url + "/ws", token_of(links["member"]), resume=m.resume)
         assert welcome is not None and welcome["type"] == "welcome", welcome
         assert welcome["member_id"] == m.member_id and welcome["state"]["queue"] == [m.member_id]
         assert home_of(redis_url, circle["id"])[b"owner"] == b.parts.homes.owner_id.encode()
+        status, _ = await a.api("GET", "/healthz")
+        assert status == 503  # out of a proxy's ring
+
+
+async def test_a_drain_with_no_other_process_closes_with_1001_and_gives_the_leases_up(
+        redis_url: str) -> None:
+    async with live_server(redis_url) as a:
+        circle = await a.create_circle()
+        mod = await join(a, circle["links"]["moderator"], "Pendamping")
+        await drain(a.parts)
+        assert await mod.closed() == 1001
+        assert home_of(redis_url, circle["id"]) == {}
+
+
+async def test_a_process_that_stops_leaves_the_live_ones(redis_url: str) -> None:
+    async with live_server(redis_url) as a:
+        async with live_server(redis_url) as b:
+            await a.parts.homes.renew_once()
+            assert list(a.parts.homes.peers) == [b.parts.homes.owner_id]
+        await a.parts.homes.renew_once()
+        assert a.parts.homes.peers == {}
 
 
 # ---- a killed process ---------------------------------------------------------------------------
@@ -284,6 +308,26 @@ async def _until_listening(log: asyncio.StreamReader) -> None:
 async def _drain(log: asyncio.StreamReader) -> None:
     while await log.readline():
         pass
+
+
+async def test_sigterm_sends_the_members_to_a_live_process_before_it_stops(redis_url: str) -> None:
+    # B is up first: A, starting, already sees it among the live processes.
+    async with live_server(redis_url) as b, serve_process(redis_url, lease_ms=3000) as (a, proc):
+        circle = await a.create_circle()
+        links = circle["links"]
+        mod = await join(a, links["moderator"], "Pendamping")
+        m = await join(a, links["member"], "Melati")
+        await ack_of(m, "raise_hand")
+        await settle(mod)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.gather(mod.closed(), m.closed()) == [4300, 4300]  # not uvicorn's 1012
+        for old, link in ((mod, links["moderator"]), (m, links["member"])):
+            assert old.frames[-1] == {"type": "redirect", "url": b.url + "/ws"}
+            client, welcome = await hello_at(old.frames[-1]["url"], token_of(link), "x", old.resume)
+            assert welcome is not None and welcome["member_id"] == old.member_id, welcome
+            assert welcome["state"]["queue"] == [m.member_id]
+        # uvicorn raises the signal again once it has shut down: the status says SIGTERM
+        assert await asyncio.wait_for(proc.wait(), 15) == -signal.SIGTERM
 
 
 async def test_a_killed_process_circles_come_back_on_another_with_nothing_lost(
