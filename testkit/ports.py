@@ -7,6 +7,7 @@ someone else before it is used; where the code that listens accepts a socket, ha
 
 from __future__ import annotations
 
+import random
 import socket
 
 REDIS_DEFAULT = 6379
@@ -31,3 +32,25 @@ def listening_socket() -> tuple[socket.socket, int]:
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     return sock, int(sock.getsockname()[1])
+
+
+def free_port_range(size: int) -> tuple[int, int]:
+    """`size` consecutive UDP ports nothing on this host holds now, below the kernel's
+    ephemeral range (32768 up on Linux), where the client peers' own sockets land."""
+    for _ in range(100):
+        low = random.randrange(20000, 32768 - size)
+        if all(_free(port) for port in range(low, low + size)):
+            return low, low + size - 1
+    raise RuntimeError(f"no {size} free UDP ports in a row")
+
+
+def _free(port: int) -> bool:
+    for family, wildcard in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind((wildcard, port))
+            except OSError:
+                return False
+    return True

@@ -80,7 +80,7 @@ def same_servers(in_page: list[dict[str, Any]], sent: list[dict[str, Any]]) -> b
     return norm(in_page) == norm(sent)
 
 
-class Circle:
+class Scene:
     """A moderator (a plain client), a speaker holding the floor with her microphone on, and a
     listener, both in Chromium; the relay's packet counts per source."""
 
@@ -92,7 +92,7 @@ class Circle:
     def __init__(self, server: live.Live) -> None:
         self.server = server
 
-    async def open(self, new_page: NewPage) -> Circle:
+    async def open(self, new_page: NewPage) -> Scene:
         server = self.server
         circle = await server.create_circle(title=TITLE, floor_mode="hands")
         self.circle_id = circle["id"]
@@ -149,7 +149,7 @@ class Circle:
 
 async def test_the_peer_connection_uses_the_ice_servers_minted_in_welcome(new_page: NewPage) -> None:
     async with live.live_server(**TURN) as server:
-        circle = await Circle(server).open(new_page)
+        circle = await Scene(server).open(new_page)
         welcome = circle.frames.of("welcome")[0]
         minted = welcome["ice_servers"]
         assert any(s.get("username", "").endswith(f":{circle.speaker_id}") for s in minted), minted
@@ -164,7 +164,7 @@ async def test_the_peer_connection_uses_the_ice_servers_minted_in_welcome(new_pa
 async def test_media_recovers_when_the_server_drops_the_peer_connection(
         new_page: NewPage, screenshots: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with live.live_server(**TURN) as server:
-        circle = await Circle(server).open(new_page)
+        circle = await Scene(server).open(new_page)
         relay = server.parts.relay
         before = await circle.speaker.evaluate(PC_NOW)
         since = len(await circle.media_history())
@@ -207,7 +207,7 @@ async def test_media_recovers_when_the_path_goes_silent(new_page: NewPage) -> No
     Chrome reaches some 7 s into the silence), whichever comes first. web/tests/media.test.mjs
     checks each of those rules alone."""
     async with live.live_server(**TURN) as server:
-        circle = await Circle(server).open(new_page)
+        circle = await Scene(server).open(new_page)
         since = len(await circle.media_history())
         peer = server.parts.relay._peers[(circle.circle_id, circle.speaker_id)]
         ice = peer.pc.getTransceivers()[0].receiver.transport.transport
@@ -232,7 +232,7 @@ async def test_after_a_resume_the_new_peer_connection_takes_the_fresh_credential
 
     monkeypatch.setattr(IceServers, "for_member", later)
     async with live.live_server(**TURN) as server:
-        circle = await Circle(server).open(new_page)
+        circle = await Scene(server).open(new_page)
         since = len(await circle.media_history())
         first = circle.frames.of("welcome")[0]["ice_servers"]
         # The socket drops (the page's own WebSocket closed under it): the client resumes its seat.

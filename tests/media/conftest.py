@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import random
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -71,25 +69,3 @@ async def room() -> AsyncIterator[Room]:
     room = Room()
     yield room
     await room.aclose()
-
-
-def free_port_range(size: int) -> tuple[int, int]:
-    """`size` consecutive UDP ports nothing on this host holds now, below the kernel's
-    ephemeral range (32768 up on Linux), where the client peers' own sockets land."""
-    for _ in range(100):
-        low = random.randrange(20000, 32768 - size)
-        if all(_free(port) for port in range(low, low + size)):
-            return low, low + size - 1
-    raise RuntimeError(f"no {size} free UDP ports in a row")
-
-
-def _free(port: int) -> bool:
-    for family, wildcard in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            try:
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.bind((wildcard, port))
-            except OSError:
-                return False
-    return True

@@ -21,8 +21,9 @@ from aioice import ice
 from aiortc import sdp
 
 from server.media import OfferError, OfferProblem, ports
+from testkit.ports import free_port_range
 
-from .conftest import CIRCLE, Room, free_port_range
+from .conftest import CIRCLE, Room
 from .peers import ClientPeer, wait_until
 
 ENOUGH = 25  # packets: half a second of audio

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from testkit.ports import free_port_range
 from tests.live import join, live_server
 
-from .conftest import free_port_range
 from .peers import ClientPeer, wait_until
 from .test_through_server import ENOUGH, Member, Room
 
