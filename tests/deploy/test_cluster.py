@@ -84,22 +84,22 @@ async def start_supervisor(data: Path, port: int, env: dict[str, str]) -> Child:
 
 
 def leftovers(data: Path, port: int) -> list[str]:
-    """Processes still running that this cluster started: Redis (its --dir), Caddy (its HOME)
-    and `lingkar serve` (its LINGKAR_PUBLIC_URL) name the data directory or the port."""
-    marks = [str(data).encode(), f"{HOST}:{port}".encode()]
+    """Processes still running that this cluster started: Redis and Caddy work in the data
+    directory (Redis retitles itself: its arguments no longer show), `lingkar serve` has its
+    process URL on this port in its environment."""
+    mark = f"LINGKAR_PROCESS_URL=http://{HOST}:{port}/p/".encode()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            seen = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
-            status = (proc / "status").read_text()
+            if "State:\tZ" in (proc / "status").read_text():
+                continue
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ours = Path(os.readlink(proc / "cwd")).is_relative_to(data) or mark in (proc / "environ").read_bytes()
         except OSError:
             continue
-        if "State:\tZ" in status:
-            continue
-        if any(mark in seen for mark in marks):
-            command = seen.split(b"\0\0", 1)[0].replace(b"\0", b" ").decode(errors="replace")
+        if ours:
             found.append(f"{proc.name}: {command[:120]}")
     return found
 
