@@ -6,10 +6,11 @@ Through the proxy only: a circle made with the organizer API; members whose hell
 `?c={circle}` all reach the circle's home (no `redirect`), while hellos without it may reach
 another process and follow its `redirect` to `/p/K/ws`. The home is killed with SIGKILL: every
 member resumes through the proxy into the same seat (same id, floor and queue). Then a rolling
-restart (`lingkar cluster restart`) while the members reconnect as the web client does: nobody
-loses their seat. Ctrl-C (SIGINT) stops everything, nothing is left behind, and a second start
-on the same data directory keeps the circle (AOF) and the links (the keys kept in keys.json).
-A child that fails to start stops the others, in one line and a non-zero exit.
+restart (`lingkar cluster restart`) while the members reconnect as the web client does (each
+draining process redirects them to another, under the proxy): nobody loses their seat. Ctrl-C
+(SIGINT) stops everything, nothing is left behind, and a second start on the same data
+directory keeps the circle (AOF) and the links (the keys kept in keys.json). A child that
+fails to start stops the others, in one line and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class Member:
     client: Client | None = None
     welcomes: list[dict[str, Any]] = field(default_factory=list)
     redirects: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
+    """`redirect`s received while in the circle (a draining process moving its members)."""
     connected: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -193,12 +196,15 @@ class Member:
             return client, None
         return client, first
 
-    async def join(self, timeout: float = 45.0) -> dict[str, Any]:
-        """Until a `welcome`: through the proxy, then where a `redirect` says; a refused upgrade
-        or a close without an answer is tried again through the proxy."""
+    async def join(self, timeout: float = 45.0, at: str | None = None) -> dict[str, Any]:
+        """Until a `welcome`: through the proxy (first at `at`, when given), then where a
+        `redirect` says; a refused upgrade or a close without an answer is tried again through
+        the proxy."""
         async def attempt() -> dict[str, Any]:
+            url = at
             while True:
-                client, first = await self._hello(self.ws_url)
+                client, first = await self._hello(url or self.ws_url)
+                url = None
                 if first is not None and first["type"] == "redirect":
                     self.redirects.append(first["url"])
                     await client.close()  # type: ignore[union-attr]
@@ -222,12 +228,16 @@ class Member:
         return welcome
 
     async def keep(self) -> None:
-        """As the web client: whenever the socket closes, resume through the proxy."""
+        """As the web client: whenever the socket closes, resume where a `redirect` before the
+        close said (a draining process names the circle's next home), else through the proxy."""
         while True:
-            assert self.client is not None
-            await self.client.closed(timeout=None)  # type: ignore[arg-type]
+            client = self.client
+            assert client is not None
+            await client.closed(timeout=None)  # type: ignore[arg-type]
             self.connected.clear()
-            await self.join()
+            moved = [fr["url"] for fr in client.frames if fr.get("type") == "redirect"]
+            self.moved += moved
+            await self.join(at=moved[-1] if moved else None)
 
     async def sync(self) -> dict[str, Any]:
         assert self.client is not None
@@ -311,6 +321,9 @@ async def test_cluster_routes_by_circle_survives_a_kill_and_a_rolling_restart(tm
             await asyncio.gather(*keepers, return_exceptions=True)
         assert all(w["member_id"] == m.member_id for m in everyone for w in m.welcomes)
         assert all(len(m.welcomes) >= 3 for m in everyone)  # each was moved by the restart, and came back
+        # ... by the draining processes' `redirect`, which names another process under the proxy
+        assert all(m.moved for m in everyone)
+        assert {url for m in everyone for url in m.moved} <= {f"{cluster.url}/p/{k}/ws" for k in (1, 2, 3)}
         state = (await mod.sync())["state"]
         assert seats(state) == before  # nobody lost their seat
         assert all(member["connected"] for member in state["members"]), state["members"]
