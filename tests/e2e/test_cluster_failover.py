@@ -1,0 +1,77 @@
+"""Behind the proxy of `make cluster` (three processes, Caddy, Redis): a speaker and a listener
+in Chromium, the circle's home killed with SIGKILL — both pages resume on another process
+through the proxy, build a new PeerConnection there, and the listener hears the floor holder
+again (DESIGN §8). The time from the kill to the tone heard again is printed, not asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, expect
+
+from tests.deploy.test_cluster import Member, running_cluster
+from tests.e2e.conftest import NewPage
+from tests.e2e.helpers import INSTRUMENT, fill_join, hear, my_id, screen
+from tests.live import token_of
+
+pytestmark = pytest.mark.e2e
+
+
+async def new_connection(page: Page, before: int) -> None:
+    """A PeerConnection built after the first `before` ones is connected."""
+    await page.wait_for_function(
+        "n => window.__pcs.length > n && window.__pcs.at(-1).connectionState === 'connected'",
+        arg=before, timeout=45_000)
+
+
+async def test_the_floor_holder_is_heard_again_after_the_home_is_killed_behind_the_proxy(
+        new_page: NewPage, tmp_path: Path) -> None:
+    async with running_cluster(tmp_path / "data") as cluster:
+        status, circle = await cluster.api("POST", "/api/circles", {"title": "Lingkar Tiga Rumah", "lobby": False})
+        assert status == 201, circle
+        links = circle["links"]
+        moderator = Member(cluster, circle["id"], token_of(links["moderator"]), "Pendamping")
+        await moderator.join()
+        keeping = asyncio.create_task(moderator.keep())  # back in after the kill, as the web client
+        try:
+            speaker = await new_page()
+            await speaker.add_init_script(INSTRUMENT)
+            await fill_join(speaker, links["member"], "Melati")  # the page, through the proxy
+            await speaker.click("button#join")
+            await screen(speaker, "room")
+            speaker_id = await my_id(speaker)
+            assert moderator.client is not None
+            assert (await moderator.client.command("give_floor", member_id=speaker_id))["type"] == "ack"
+            await speaker.click("#prompt-unmute")
+            await expect(speaker.locator("button#mute-self")).to_have_attribute("aria-pressed", "false")
+            listener = await new_page()
+            await listener.add_init_script(INSTRUMENT)
+            await fill_join(listener, links["member"], "Anggrek", listen_only=True)
+            await listener.click("button#join")
+            await screen(listener, "room")
+            first = await hear(listener, speaker_id)
+            assert first["ms"] is not None, f"not heard before the kill (best RMS {first['rms']:.4f})"
+
+            home = cluster.home_of(circle["id"])
+            built = {page: await page.evaluate("window.__pcs.length") for page in (speaker, listener)}
+            killed = time.monotonic()
+            os.kill(cluster.pid_of(home), signal.SIGKILL)
+            await asyncio.gather(*(new_connection(page, n) for page, n in built.items()))
+            again = await hear(listener, speaker_id, timeout_ms=30_000)
+            took = time.monotonic() - killed
+            assert again["ms"] is not None, f"not heard after the kill (best RMS {again['rms']:.4f})"
+            assert cluster.home_of(circle["id"]) != home
+            await moderator.connected.wait()
+            state = (await moderator.sync())["state"]
+            assert state["floor"]["holder"] == speaker_id
+            me = listener.locator(f"#roster [data-member-id='{speaker_id}']")
+            await expect(me).to_have_attribute("data-speaking", "true")
+            print(f"\nhome killed → floor holder heard again through the proxy: {took:.1f} s")
+        finally:
+            keeping.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
