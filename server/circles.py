@@ -53,7 +53,7 @@ class CircleRuntime:
         self.sessions: dict[str, Session] = {}
         self._sub: Subscription | None = None
         self._starting: asyncio.Task[None] | None = None
-        self._media_closed: set[str] = set()  # closed by a leave, before its event came
+        self._media_closed: set[str] = set()  # members whose media is closed already
         self.closed = False
 
     def start(self) -> None:
@@ -82,11 +82,7 @@ class CircleRuntime:
         elif item.name is Name.AUDIBLE:
             self.relay.set_audible(circle_id, item.data["members"])
         elif item.name in (Name.LEFT, Name.REMOVED, Name.DECLINED):
-            member_id = item.data["member_id"]
-            if member_id in self._media_closed:  # a quiet leave closed it in its own step
-                self._media_closed.discard(member_id)
-            else:
-                self._spawn(self.relay.close_member(circle_id, member_id))
+            self._spawn(self.close_media(item.data["member_id"]))
         elif item.name is Name.ENDED:
             self._spawn(self.relay.close_circle(circle_id))
 
@@ -103,8 +99,11 @@ class CircleRuntime:
         return self.relay.slots(self.circle_id, member_id)
 
     def close_media(self, member_id: str) -> Coroutine[Any, Any, None]:
-        """Out of the media at once (F8: a quiet leave, before the leave is saved); its
-        `left` event then finds it closed."""
+        """Out of the media at once, once: a quiet leave closes it in its own step (F8),
+        before the leave is saved; its `left` event, and the session's end, then find it
+        closed."""
+        if member_id in self._media_closed:
+            return _nothing()
         self._media_closed.add(member_id)
         return self.relay.close_member(self.circle_id, member_id)
 
@@ -114,8 +113,8 @@ class CircleRuntime:
         if self.sessions.get(session.member_id) is not session:
             return _nothing()
         del self.sessions[session.member_id]
+        closing = self.close_media(session.member_id)
         self._media_closed.discard(session.member_id)
-        closing = self.relay.close_member(self.circle_id, session.member_id)
         if not self.sessions:
             self._on_empty(self)
         return closing
