@@ -1,7 +1,8 @@
 """Behind the proxy of `make cluster` (three processes, Caddy, Redis): a speaker and a listener
 in Chromium, the circle's home killed with SIGKILL — both pages resume on another process
 through the proxy, build a new PeerConnection there, and the listener hears the floor holder
-again (DESIGN §8). The time from the kill to the tone heard again is printed, not asserted."""
+again (DESIGN §8); then that home drains (SIGTERM) and sends them on with `redirect`. The times
+from the kill and from the drain to the tone heard again are printed, not asserted."""
 
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ async def test_the_floor_holder_is_heard_again_after_the_home_is_killed_behind_t
             me = listener.locator(f"#roster [data-member-id='{speaker_id}']")
             await expect(me).to_have_attribute("data-speaking", "true")
             print(f"\nhome killed → floor holder heard again through the proxy: {took:.1f} s")
+
+            # A drain (SIGTERM) of the new home: it sends both pages `redirect` to a live
+            # process, where they resume at once and build a new PeerConnection.
+            home = cluster.home_of(circle["id"])
+            built = {page: await page.evaluate("window.__pcs.length") for page in (speaker, listener)}
+            drained = time.monotonic()
+            os.kill(cluster.pid_of(home), signal.SIGTERM)
+            await asyncio.gather(*(new_connection(page, n) for page, n in built.items()))
+            again = await hear(listener, speaker_id, timeout_ms=30_000)
+            took = time.monotonic() - drained
+            assert again["ms"] is not None, f"not heard after the drain (best RMS {again['rms']:.4f})"
+            assert cluster.home_of(circle["id"]) != home
+            print(f"home drained → floor holder heard again: {took:.1f} s")
         finally:
             keeping.cancel()
             await asyncio.gather(keeping, return_exceptions=True)
