@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +35,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import MovedError, NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from storage.clock import RealClock
 from storage.codec import CorruptState, state_version
@@ -193,7 +194,8 @@ def _mapped(what: str) -> Iterator[None]:
         if str(exc).startswith("WRONGTYPE"):
             raise CorruptState(f"{what}: a key of the wrong type") from None
         raise StoreUnavailable(f"{what}: {type(exc).__name__}") from None
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        # (redis-py's cluster client raises RedisClusterException, which is no RedisError)
         raise StoreUnavailable(f"{what}: {type(exc).__name__}") from None
 
 
@@ -203,10 +205,72 @@ class _Subscriber:
     on_ephemeral: Ephemeral
 
 
+# One script call: the script, its keys, its arguments.
+Call = tuple[AsyncScript, Sequence[str], Sequence[Any]]
+
+
+class _Batches:
+    """Script calls asked for while the previous batch is in flight go out as the next batch,
+    in one write (members of many circles speaking at once): a quiet process sends each call
+    alone, a busy one sends them by the dozen, so the cost per call shrinks when the process is
+    busiest. `send` answers every call of a batch in order (an exception in the place of one
+    that failed), or raises for the whole batch."""
+
+    def __init__(self, send: Callable[[list[Call]], Awaitable[list[Any]]],
+                 spawn: Callable[[Awaitable[None]], None]) -> None:
+        self._send = send
+        self._spawn = spawn
+        self._queue: list[tuple[Call, asyncio.Future[Any]]] = []  # the next batch
+        self._sending = False  # a batch is being sent (calls asked for meanwhile wait for the next)
+        self.closed = False
+
+    async def call(self, call: Call) -> Any:
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((call, answer))
+        if not self._sending:
+            self._sending = True
+            self._spawn(self._loop())
+        return await answer
+
+    async def _loop(self) -> None:
+        try:
+            while self._queue and not self.closed:
+                batch, self._queue = self._queue, []
+                await self._send_batch(batch)
+        finally:
+            self._sending = False
+            if self.closed:
+                batch, self._queue = self._queue, []
+                for _, answer in batch:
+                    answer.cancel()
+
+    async def _send_batch(self, batch: list[tuple[Call, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._send([call for call, _ in batch])
+        except asyncio.CancelledError:
+            for _, answer in batch:
+                answer.cancel()
+            raise
+        except Exception as exc:  # the connection failed: every call of the batch did
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for (_, answer), result in zip(batch, results, strict=True):
+            if answer.done():
+                continue  # its caller gave up waiting (the call may still have happened)
+            if isinstance(result, BaseException):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
+
+
 class RedisStore:
     """`url` as redis-py takes it (`redis://host:port/db`). Commands share a blocking pool of
     `pool_size` connections (a burst waits up to `pool_timeout` s for one instead of failing);
-    subscriptions use one more connection of their own."""
+    subscriptions use one more connection of their own, saves and renewals one each."""
+
+    PUBLISH = "PUBLISH"  # how wake-ups are published (on a cluster: SPUBLISH, in the slot's shard)
 
     def __init__(self, url: str, *, pool_size: int = 32, pool_timeout: float = 5.0,
                  socket_timeout: float = 5.0, idle_seconds: float = IDLE_SECONDS,
@@ -217,42 +281,54 @@ class RedisStore:
         self._clock = clock  # stamps saved events, for trimming them
         self._socket_timeout = socket_timeout
         self._max_versions = max_versions
-        # One quick retry on a broken connection (a pooled socket after a Redis restart);
-        # never on a timeout, whose command may have run. Saves are idempotent anyway.
-        options: dict[str, Any] = dict(socket_timeout=socket_timeout,
-                                       socket_connect_timeout=socket_timeout)
-        self._pool = BlockingConnectionPool.from_url(
-            url, max_connections=pool_size, timeout=pool_timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), **options)
-        self._redis = Redis(connection_pool=self._pool)
-        self._sub_redis = Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
-        self._create_script = self._redis.register_script(_CREATE)
-        self._save_script = self._redis.register_script(_SAVE)
-        self._delete_script = self._redis.register_script(_DELETE)
-        self._acquire_script = self._redis.register_script(_ACQUIRE)
-        self._renew_script = self._redis.register_script(_RENEW)
-        self._release_script = self._redis.register_script(_RELEASE)
-        self._announce_script = self._redis.register_script(_ANNOUNCE)
-        self._saves: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []  # the next batch
-        self._saving = False  # a batch is being sent (saves asked for meanwhile wait for the next)
+        self._redis: Any = self._connect(url, pool_size, pool_timeout, dict(
+            socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout))
+        self._create_script = self._script(_CREATE)
+        self._save_script = self._script(_SAVE)
+        self._delete_script = self._script(_DELETE)
+        self._acquire_script = self._script(_ACQUIRE)
+        self._renew_script = self._script(_RENEW)
+        self._release_script = self._script(_RELEASE)
+        self._announce_script = self._script(_ANNOUNCE)
         self._conns: dict[str, Any] = {}  # connections of saves and renewals (made, not pooled)
         self._subs: dict[str, list[_Subscriber]] = {}
         self._woken: dict[str, int] = {}  # newest version this process's subscribers heard, per circle
-        self._pubsub: PubSub | None = None
-        self._confirmed: set[str] = set()  # circles whose SUBSCRIBE the current connection confirmed
-        self._reader: asyncio.Task[None] | None = None
+        self._route: dict[str, _Reader] = {}  # the reader subscribed to each circle's channel
+        self._readers: dict[str, _Reader] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._heard = 0.0  # loop time of the last thing read on the subscriber connection
+        self._saves = _Batches(lambda calls: self._evalsha_all("saves", calls), self._spawn)
+
+    def _connect(self, url: str, pool_size: int, pool_timeout: float,
+                 options: dict[str, Any]) -> Any:
+        """The client of commands (and, here, the URL of the subscriber's)."""
+        self._url, self._options = url, options
+        # One quick retry on a broken connection (a pooled socket after a Redis restart);
+        # never on a timeout, whose command may have run. Saves are idempotent anyway.
+        self._pool = BlockingConnectionPool.from_url(
+            url, max_connections=pool_size, timeout=pool_timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), **options)
+        return Redis(connection_pool=self._pool)
+
+    def _script(self, text: str) -> AsyncScript:
+        return self._redis.register_script(text)  # type: ignore[no-any-return]
 
     # ---- state and events --------------------------------------------------------------
+
+    async def _run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """One call of a script that writes what a caller is told is done (create, acquire,
+        delete); on a cluster, it is answered only once a replica has it too."""
+        return await script(keys=keys, args=args)
+
+    async def _save_call(self, call: Call) -> Any:
+        return await self._saves.call(call)
 
     async def create(self, circle_id: str, blob: bytes) -> None:
         version = state_version(blob)
         with _mapped("create"):
             k = circle_keys(circle_id)
-            created = await self._create_script(keys=[k.state, k.events],
-                                                args=[version, blob, self._ttl_ms])
+            created = await self._run(self._create_script, [k.state, k.events],
+                                      [version, blob, self._ttl_ms])
             if not created:
                 raise CircleExists(circle_id)
             await self._redis.sadd(CIRCLES_KEY, circle_id)
@@ -279,7 +355,7 @@ class RedisStore:
                 self._clock(), self._keep_ms, *events]
         keys = [k.state, k.events, k.home, k.fence]
         with _mapped("save"):
-            outcome = await self._batched_save(keys, args)
+            outcome = await self._save_call((self._save_script, keys, args))
         if outcome == b"missing":
             raise NoSuchCircle(circle_id)
         if outcome == b"conflict":
@@ -298,93 +374,51 @@ class RedisStore:
         for sub in list(subs):
             _call(sub.on_wake, circle_id, new_version, list(events))
 
-    # Saves are pipelined on one connection of their own: whatever was asked for while the
-    # previous batch was in flight (members of many circles speaking at once) goes out as the
-    # next batch, in one write, and its answers are read in order. A quiet process sends each
-    # save alone; a busy one sends them by the dozen, so the cost per save shrinks when the
-    # process is busiest. Commands are packed here (`resp_command`), answers parsed by
-    # redis-py's connection, without the pool and client layers that cost more than the
-    # round trip.
+    # Saves (and on a cluster every acknowledged write) are pipelined on connections of their
+    # own (`_Batches`). Commands are packed here (`resp_command`), answers parsed by redis-py's
+    # connection, without the pool and client layers that cost more than the round trip.
 
-    async def _batched_save(self, keys: list[str], args: list[Any]) -> Any:
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._saves.append((keys, args, answer))
-        if not self._saving:
-            self._saving = True
-            self._spawn(self._save_loop())
-        return await answer
+    async def _evalsha_all(self, name: str, calls: Sequence[Call], node: Any = None) -> list[Any]:
+        """Run each idempotent script call of `calls`, all in one write on the connection
+        called `name` (to `node` of a cluster); the answers in order, an error answer in its
+        place. A broken connection (Redis restarted) is tried once more on a new one, never
+        after a timeout (the calls may have run); a script Redis forgot is loaded again once
+        on that connection and the calls that missed it are sent again."""
 
-    async def _save_loop(self) -> None:
-        try:
-            while self._saves and not self._closed:
-                batch, self._saves = self._saves, []
-                await self._send_saves(batch)
-        finally:
-            self._saving = False
-            if self._closed:
-                batch, self._saves = self._saves, []
-                for _, _, answer in batch:
-                    answer.cancel()
-
-    async def _send_saves(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
-        try:
-            # Saves are idempotent (a save that finds its own write succeeded): a batch that
-            # partly ran before a connection broke is safe to send again.
-            results = await self._evalsha_all("saves", self._save_script,
-                                              [(keys, args) for keys, args, _ in batch])
-        except asyncio.CancelledError:
-            for _, _, answer in batch:
-                answer.cancel()
-            raise
-        except Exception as exc:  # the connection failed: every save of the batch did
-            for _, _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(exc)
-            return
-        for (_, _, answer), result in zip(batch, results, strict=True):
-            if answer.done():
-                continue  # its caller gave up waiting (the save may still have happened)
-            if isinstance(result, BaseException):
-                answer.set_exception(result)
-            else:
-                answer.set_result(result)
-
-    async def _evalsha_all(self, name: str, script: Any,
-                           calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
-        """Run the idempotent `script` once per (keys, args) of `calls`, all in one write on
-        the connection called `name`; the answers in order, an error answer in its place.
-        A broken connection (Redis restarted) is tried once more on a new one, never after a
-        timeout (the calls may have run); a script Redis forgot is loaded again once and the
-        calls that missed it are sent again."""
-
-        def packed(items: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> bytes:
+        def packed(items: Sequence[Call]) -> bytes:
             return b"".join([resp_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                             for keys, args in items])
+                             for script, keys, args in items])
 
         try:
-            answers = await self._exchange(name, packed(calls), len(calls))
+            answers = await self._exchange(name, packed(calls), len(calls), node)
         except TimeoutError:
             raise
         except (RedisConnectionError, OSError):
-            answers = await self._exchange(name, packed(calls), len(calls))
+            answers = await self._exchange(name, packed(calls), len(calls), node)
         missing = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
         if missing:
-            await self._redis.script_load(script.script)
-            again = await self._exchange(name, packed([calls[i] for i in missing]), len(missing))
-            for i, answer in zip(missing, again, strict=True):
+            scripts = {calls[i][0].sha: calls[i][0].script for i in missing}
+            load = b"".join([resp_command("SCRIPT", "LOAD", bytes(text) if isinstance(text, memoryview) else text)
+                             for text in scripts.values()])
+            again = await self._exchange(name, load + packed([calls[i] for i in missing]),
+                                         len(scripts) + len(missing), node)
+            for i, answer in zip(missing, again[len(scripts):], strict=True):
                 answers[i] = answer
         return answers
 
-    async def _exchange(self, name: str, packed: bytes, count: int) -> list[Any]:
+    def _new_connection(self, node: Any) -> Any:
+        # No per-read timeout (redis-py wraps each in a timer, each send in a task): the
+        # whole exchange has one (`_exchange`).
+        return self._pool.connection_class(**{**self._pool.connection_kwargs, "socket_timeout": None})
+
+    async def _exchange(self, name: str, packed: bytes, count: int, node: Any = None) -> list[Any]:
         """Send `count` packed commands in one write on the connection called `name` (one of
-        this store's own, made on first use) and read their `count` answers in order; an
-        error answer is returned in its place, a broken connection raises."""
-        conn: Any = self._conns.get(name)
+        this store's own, made on first use; one per cluster node) and read their `count`
+        answers in order; an error answer is returned in its place, a broken connection raises."""
+        key = name if node is None else f"{name}@{node.name}"
+        conn: Any = self._conns.get(key)
         if conn is None:
-            # No per-read timeout (redis-py wraps each in a timer, each send in a task): the
-            # whole exchange has one, below.
-            options = {**self._pool.connection_kwargs, "socket_timeout": None}
-            conn = self._conns[name] = self._pool.connection_class(**options)
+            conn = self._conns[key] = self._new_connection(node)
         try:
             async with asyncio.timeout(self._socket_timeout):
                 await conn.send_packed_command(packed, check_health=False)
@@ -397,8 +431,8 @@ class RedisStore:
             return results
         except BaseException:
             # Half the answers read (or none): the connection cannot be trusted any more.
-            if self._conns.get(name) is conn:
-                del self._conns[name]
+            if self._conns.get(key) is conn:
+                del self._conns[key]
             await conn.disconnect(nowait=True)
             raise
 
@@ -408,8 +442,8 @@ class RedisStore:
                       ) -> Lease | Owner:
         with _mapped("acquire"):
             k = circle_keys(circle_id)  # the lease scripts check that the circle exists
-            answer = await self._acquire_script(keys=[k.state, k.home, k.fence],
-                                                args=[owner_id, url, ttl_ms, self._ttl_ms])
+            answer = await self._run(self._acquire_script, [k.state, k.home, k.fence],
+                                     [owner_id, url, ttl_ms, self._ttl_ms])
         try:
             how = int(answer[0])
             if how == -1:
@@ -427,14 +461,18 @@ class RedisStore:
         loop for milliseconds every second."""
         if not leases:
             return []
-        calls = [([circle_keys(lease.circle_id).home], [lease.owner_id, lease.token, ttl_ms])
-                 for lease in leases]
+        calls: list[Call] = [
+            (self._renew_script, [circle_keys(lease.circle_id).home],
+             [lease.owner_id, lease.token, ttl_ms]) for lease in leases]
         with _mapped("renew"):
-            answers = await self._evalsha_all("renewals", self._renew_script, calls)
+            answers = await self._renew_all(calls)
             for answer in answers:
-                if isinstance(answer, ResponseError):
+                if isinstance(answer, BaseException):
                     raise answer
         return [answer == 1 for answer in answers]
+
+    async def _renew_all(self, calls: list[Call]) -> list[Any]:
+        return await self._evalsha_all("renewals", calls)
 
     async def release(self, lease: Lease) -> None:
         with _mapped("release"):
@@ -457,7 +495,7 @@ class RedisStore:
     async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
         channel = circle_keys(circle_id).wake
         with _mapped("publish"):
-            await self._redis.publish(channel, bytes([EPHEMERAL]) + event)
+            await self._redis.execute_command(self.PUBLISH, channel, bytes([EPHEMERAL]) + event)
 
     async def events_since(self, circle_id: str, version: int) -> list[bytes]:
         k = circle_keys(circle_id)
@@ -485,8 +523,7 @@ class RedisStore:
         gone = bytes([WAKE]) + msgpack.packb([-1, None])
         k = circle_keys(circle_id)
         with _mapped("delete"):
-            await self._delete_script(keys=[k.state, k.events, k.home, k.fence],
-                                      args=[k.wake, gone])
+            await self._run(self._delete_script, [k.state, k.events, k.home, k.fence], [k.wake, gone])
             await self._redis.srem(CIRCLES_KEY, circle_id)
         self._woken.pop(circle_id, None)
 
@@ -512,13 +549,16 @@ class RedisStore:
 
     def keeps(self, circle_id: str) -> bool:
         """Whether this process keeps anything of the circle (for leak checks, issue 17)."""
-        return circle_id in self._subs or circle_id in self._woken or circle_id in self._confirmed
+        return (circle_id in self._subs or circle_id in self._woken or circle_id in self._route
+                or any(circle_id in r.confirmed for r in self._readers.values()))
 
     async def close(self) -> None:
         self._closed = True
-        if self._pubsub is not None and self._pubsub.connection is not None:
-            await self._pubsub.connection.disconnect()  # ends the reader's blocking read
-        tasks = [*self._tasks, *([self._reader] if self._reader else [])]
+        self._saves.closed = True
+        await asyncio.gather(*(r.close() for r in self._readers.values()), return_exceptions=True)
+        self._readers.clear()
+        self._route.clear()
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -526,27 +566,27 @@ class RedisStore:
         for conn in list(self._conns.values()):
             await conn.disconnect(nowait=True)
         self._conns.clear()
-        for client in (self._sub_redis, self._redis):
-            try:
-                await client.aclose()
-            except (RedisError, OSError):
-                pass
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
+        try:
+            await self._redis.aclose()
+        except (RedisError, OSError):
+            pass
         await self._pool.aclose()
 
-    # ---- subscriptions: one pub/sub connection, one reader task ------------------------
+    # ---- subscriptions: a pub/sub connection and its reader task (`_Reader`) ------------
 
     def subscribe(self, circle_id: str, on_wake: WakeUp, on_ephemeral: Ephemeral) -> Unsubscribe:
-        channel = circle_keys(circle_id).wake
         sub = _Subscriber(on_wake, on_ephemeral)
         subs = self._subs.setdefault(circle_id, [])
         subs.append(sub)
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
-        elif circle_id in self._confirmed:
+        reader = self._route.get(circle_id)
+        if reader is None:  # the first subscriber here
+            self._route_circle(circle_id)
+        elif circle_id in reader.confirmed:
             self._spawn(self._catch_up(circle_id, [sub]))
-        elif len(subs) == 1 and self._pubsub is not None:
-            self._spawn(self._pubsub_call(self._pubsub.subscribe, channel))
-        # otherwise the (re)connecting reader subscribes it and catches up
+        # otherwise its subscription is on the way, and its confirmation catches everyone up
 
         def unsubscribe() -> None:
             current = self._subs.get(circle_id, [])
@@ -556,11 +596,27 @@ class RedisStore:
                 return
             del self._subs[circle_id]
             self._woken.pop(circle_id, None)
-            self._confirmed.discard(circle_id)
-            if self._pubsub is not None and not self._closed:
-                self._spawn(self._pubsub_call(self._pubsub.unsubscribe, channel))
+            reader = self._route.pop(circle_id, None)
+            if reader is not None:
+                reader.unsubscribe(circle_id)
 
         return unsubscribe
+
+    def _route_circle(self, circle_id: str) -> None:
+        """Have a reader subscribe to the circle's channel (on one Redis, the only reader)."""
+        reader = self._readers.get("")
+        if reader is None:
+            client = Redis.from_url(self._url, retry=Retry(NoBackoff(), 0), **self._options)
+            reader = self._readers[""] = _Reader(self, client, sharded=False)
+        self._route[circle_id] = reader
+        reader.subscribe(circle_id)
+
+    def _routed_to(self, reader: _Reader) -> list[str]:
+        return [circle_id for circle_id, r in self._route.items() if r is reader]
+
+    def _moved(self, reader: _Reader) -> None:
+        """The reader's connection broke or its server named another owner of a channel's
+        slot: on a cluster, the circles are routed anew (one Redis: it just reconnects)."""
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         async def run() -> None:
@@ -569,12 +625,6 @@ class RedisStore:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _pubsub_call(self, method: Callable[..., Awaitable[Any]], channel: str) -> None:
-        try:
-            await method(channel)
-        except (RedisError, OSError):
-            pass  # the reader sees the broken connection too, reconnects and resubscribes
 
     async def _catch_up(self, circle_id: str, subs: list[_Subscriber]) -> None:
         """Tell subscribers the current version, so they fetch what they may have missed."""
@@ -588,79 +638,22 @@ class RedisStore:
             if sub in self._subs.get(circle_id, ()):
                 _call(sub.on_wake, circle_id, version, None)
 
-    async def _read_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = 0.05
-        while not self._closed:
-            pubsub = self._sub_redis.pubsub()
-            watchdog: asyncio.Task[None] | None = None
-            try:
-                sent = set(self._subs)
-                if sent:
-                    await pubsub.subscribe(*(circle_keys(c).wake for c in sent))
-                else:
-                    await pubsub.connect()  # type: ignore[no-untyped-call]
-                self._pubsub = pubsub
-                late = set(self._subs) - sent  # subscribed while we were connecting
-                if late:
-                    await pubsub.subscribe(*(circle_keys(c).wake for c in late))
-                self._heard = loop.time()
-                watchdog = loop.create_task(self._watch(pubsub))
-                while not self._closed:
-                    # A blocking read (no timeout inside redis-py, so cancelling is clean);
-                    # the watchdog notices a silent dead peer.
-                    message = await pubsub.get_message(timeout=None)
-                    self._heard = loop.time()
-                    if message is not None:
-                        delay = 0.05
-                        self._dispatch(message)
-            except (RedisError, OSError, TimeoutError) as exc:
-                if not self._closed:
-                    log.warning("redis subscriber connection lost (%s); reconnecting",
-                                type(exc).__name__)
-            finally:
-                if watchdog is not None:
-                    watchdog.cancel()
-                self._pubsub = None
-                self._confirmed.clear()
-                try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
-                except (RedisError, OSError):
-                    pass
-            if not self._closed:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    async def _watch(self, pubsub: PubSub) -> None:
-        """Ping when quiet; if nothing at all comes back, drop the connection to reconnect."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
-            quiet = loop.time() - self._heard
-            try:
-                if quiet > 2 * HEARTBEAT_SECONDS:
-                    raise TimeoutError
-                if quiet >= HEARTBEAT_SECONDS:
-                    await pubsub.ping()
-            except (RedisError, OSError, TimeoutError):
-                if pubsub.connection is not None:
-                    await pubsub.connection.disconnect()
-                return
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, reader: _Reader, message: dict[str, Any]) -> None:
         kind, channel, data = message["type"], message["channel"], message["data"]
+        kind = _SHARDED.get(kind, kind)
         if not isinstance(channel, bytes):
             return
         circle_id = circle_of_channel(channel)
-        subs = list(self._subs.get(circle_id, ()))
+        ours = self._route.get(circle_id) is reader  # else a late answer of a former route
+        subs = list(self._subs.get(circle_id, ())) if ours else []
         if kind == "subscribe":
             if subs:
-                self._confirmed.add(circle_id)
+                reader.confirmed.add(circle_id)
                 self._spawn(self._catch_up(circle_id, subs))
         elif kind == "unsubscribe":
-            self._confirmed.discard(circle_id)
-            if subs and self._pubsub is not None:  # subscribed again meanwhile
-                self._spawn(self._pubsub_call(self._pubsub.subscribe, channel.decode()))
+            reader.confirmed.discard(circle_id)
+            if subs:  # subscribed again meanwhile (or, on a cluster, the slot moved away)
+                reader.subscribe(circle_id)
         elif kind == "message" and isinstance(data, bytes) and data:
             if data[0] == EPHEMERAL:
                 for sub in subs:
@@ -682,6 +675,125 @@ class RedisStore:
                     self._woken[circle_id] = version
                 for sub in subs:
                     _call(sub.on_wake, circle_id, version, events)
+
+
+_SHARDED = {"ssubscribe": "subscribe", "sunsubscribe": "unsubscribe", "smessage": "message"}
+
+
+class _Reader:
+    """One pub/sub connection and the task that reads it: the wake-up channels of the circles
+    the store routes here (every circle, on one Redis; on a cluster, those whose slot one
+    master serves, with SSUBSCRIBE, one command per channel as a command's channels must share
+    a slot). On each (re)connection it subscribes everything routed to it; each confirmation
+    makes the store catch that circle's subscribers up (they fetch what they missed)."""
+
+    def __init__(self, store: RedisStore, client: Redis, *, sharded: bool) -> None:
+        self.store = store
+        self.client = client
+        self.sharded = sharded
+        self.pubsub: PubSub | None = None
+        self.confirmed: set[str] = set()  # circles whose subscription this connection confirmed
+        self.closed = False
+        self._heard = 0.0  # loop time of the last thing read
+        self.task = asyncio.get_running_loop().create_task(self._read_forever())
+
+    def subscribe(self, circle_id: str) -> None:
+        if self.pubsub is not None:  # else the (re)connecting reader subscribes it
+            self.store._spawn(self._call(self.pubsub, True, [circle_id]))
+
+    def unsubscribe(self, circle_id: str) -> None:
+        self.confirmed.discard(circle_id)
+        if self.pubsub is not None and not self.closed:
+            self.store._spawn(self._call(self.pubsub, False, [circle_id]))
+
+    async def _send(self, pubsub: PubSub, on: bool, circles: Iterable[str]) -> None:
+        channels = [circle_keys(c).wake for c in circles]
+        if not self.sharded:
+            await (pubsub.subscribe(*channels) if on else pubsub.unsubscribe(*channels))
+            return
+        for channel in channels:
+            await (pubsub.ssubscribe(channel) if on else pubsub.sunsubscribe(channel))
+
+    async def _call(self, pubsub: PubSub, on: bool, circles: list[str]) -> None:
+        try:
+            await self._send(pubsub, on, circles)
+        except (RedisError, OSError):
+            pass  # the reader sees the broken connection too, reconnects and resubscribes
+
+    async def close(self) -> None:
+        self.closed = True
+        if self.pubsub is not None and self.pubsub.connection is not None:
+            await self.pubsub.connection.disconnect()  # ends the reader's blocking read
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        try:
+            await self.client.aclose()
+        except (RedisError, OSError):
+            pass
+
+    async def _read_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        while not self.closed:
+            pubsub = self.client.pubsub()
+            watchdog: asyncio.Task[None] | None = None
+            try:
+                sent = set(self.store._routed_to(self))
+                if sent:
+                    await self._send(pubsub, True, sent)
+                else:
+                    await pubsub.connect()  # type: ignore[no-untyped-call]
+                self.pubsub = pubsub
+                late = set(self.store._routed_to(self)) - sent  # routed here while we connected
+                if late:
+                    await self._send(pubsub, True, late)
+                self._heard = loop.time()
+                watchdog = loop.create_task(self._watch(pubsub))
+                while not self.closed:
+                    # A blocking read (no timeout inside redis-py, so cancelling is clean);
+                    # the watchdog notices a silent dead peer.
+                    try:
+                        message = await pubsub.get_message(timeout=None)
+                    except MovedError:  # a channel's slot is served elsewhere now
+                        self.store._moved(self)
+                        message = None
+                    self._heard = loop.time()
+                    if message is not None:
+                        delay = 0.05
+                        self.store._dispatch(self, message)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not self.closed:
+                    log.warning("redis subscriber connection lost (%s); reconnecting",
+                                type(exc).__name__)
+                    self.store._moved(self)
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+                self.pubsub = None
+                self.confirmed.clear()
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
+                except (RedisError, OSError):
+                    pass
+            if not self.closed:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _watch(self, pubsub: PubSub) -> None:
+        """Ping when quiet; if nothing at all comes back, drop the connection to reconnect."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            quiet = loop.time() - self._heard
+            try:
+                if quiet > 2 * HEARTBEAT_SECONDS:
+                    raise TimeoutError
+                if quiet >= HEARTBEAT_SECONDS:
+                    await pubsub.ping()
+            except (RedisError, OSError, TimeoutError):
+                if pubsub.connection is not None:
+                    await pubsub.connection.disconnect()
+                return
 
 
 def _call(callback: Callable[..., None], *args: object) -> None:

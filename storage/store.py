@@ -36,6 +36,12 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached; nothing changed."""
 
 
+class NotReplicated(StoreUnavailable):
+    """A write reached a Redis Cluster master, but no replica confirmed having it in time
+    (`WAIT`): a failover could lose it, so it is not acknowledged (signaling answers `error
+    unavailable`). It may yet be kept: the caller reloads rather than trust its own copy."""
+
+
 class StaleOwner(StoreError):
     """A fenced save from a process that no longer holds the circle's lease (DESIGN §8):
     refused, nothing changed. Signaling answers `error unavailable`."""

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from testkit.redis_cluster import LocalRedisCluster
 from testkit.redis_server import RedisServer
 
 
@@ -26,3 +27,23 @@ def own_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, for fault tests that stop and restart it."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """One real Redis Cluster (3 masters, a replica each) on free loopback ports for the
+    whole session. Tests must not kill its nodes: the failover test has its own."""
+    with LocalRedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster: LocalRedisCluster) -> str:
+    return redis_cluster.url
+
+
+@pytest.fixture
+def own_redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A Redis Cluster of this test's own, for fault tests that kill a master."""
+    with LocalRedisCluster() as cluster:
+        yield cluster

@@ -1,4 +1,5 @@
-"""One suite, two stores: every test taking `make_store` runs on MemoryStore and RedisStore."""
+"""One suite, three stores: every test taking `make_store` runs on MemoryStore, RedisStore and
+RedisClusterStore (a real Redis Cluster of three masters with a replica each)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 
 from storage.clock import FakeClock
 from storage.memory_store import MemoryStore
+from storage.redis_cluster import RedisClusterStore
 from storage.redis_store import RedisStore
 from storage.store import Store
+from testkit.redis_cluster import LocalRedisCluster
 from testkit.redis_server import RedisServer
 
 MakeStore = Callable[..., Store]
@@ -23,7 +26,7 @@ def fake_clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def make_store(request: pytest.FixtureRequest, fake_clock: FakeClock
                      ) -> AsyncIterator[MakeStore]:
     """A factory of stores sharing one backend (one dict, or one Redis), so several
@@ -37,6 +40,15 @@ async def make_store(request: pytest.FixtureRequest, fake_clock: FakeClock
                 shared["store"] = MemoryStore(clock=fake_clock.now, **options)
                 made.append(shared["store"])
             return shared["store"]  # type: ignore[no-any-return]
+    elif request.param == "redis-cluster":
+        cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        with cluster.client() as c:
+            c.flushall(target_nodes=c.PRIMARIES)
+
+        def make(**options: Any) -> Store:
+            store = RedisClusterStore(cluster.url, **{"clock": fake_clock.now, **options})
+            made.append(store)
+            return store
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         with server.client() as c:
