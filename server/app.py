@@ -38,6 +38,8 @@ from storage.homes import Homes
 from storage.layout import events_horizon_ms
 from storage.manager import RoomManager
 from storage.memory_store import MemoryStore
+from storage.redis_cluster import SCHEME as CLUSTER_SCHEME
+from storage.redis_cluster import RedisClusterStore
 from storage.redis_store import RedisStore
 from storage.store import Store, StoreError
 
@@ -61,6 +63,8 @@ class Parts:
 
 def make_store(settings: Settings) -> Store:
     keep = events_horizon_ms(settings.grace_seconds)  # privacy at rest (DESIGN §12)
+    if settings.store.startswith(CLUSTER_SCHEME):
+        return RedisClusterStore(settings.store, keep_events_ms=keep)
     if settings.uses_redis:
         return RedisStore(settings.store, keep_events_ms=keep)
     return MemoryStore(keep_events_ms=keep)

@@ -252,14 +252,18 @@ def _store(raw: str) -> str:
     store = raw.strip()
     if store == "memory":
         return store
-    problem = "LINGKAR_STORE must be 'memory' or redis://host:port/db"
+    problem = "LINGKAR_STORE must be 'memory', redis://host:port/db or redis-cluster://host:port"
     try:
         parts = urlsplit(store)
         parts.port  # noqa: B018 - parsing the port validates it
     except ValueError:
         raise ConfigError(problem) from None
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+    if parts.scheme not in ("redis", "rediss", "redis-cluster") or not parts.hostname:
         raise ConfigError(problem)
+    if parts.scheme == "redis-cluster":  # any node of a Redis Cluster (DESIGN §8)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"{problem} (a cluster has no database number nor options)")
+        return store
     if parts.path not in ("", "/") and not re.fullmatch(r"/\d{1,5}", parts.path):
         raise ConfigError(f"{problem} (the database is a number)")
     if parts.fragment:

@@ -1,4 +1,5 @@
-"""Fixtures and helpers of the server suite: every test runs on both stores."""
+"""Fixtures and helpers of the server suite: every test runs on the three stores (memory,
+one Redis, a Redis Cluster)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from storage.clock import RealClock
 from tests.live import Client, Live, join, live_server
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def store_url(request: pytest.FixtureRequest) -> str:
     if request.param == "memory":
         return "memory"
+    if request.param == "redis-cluster":
+        return str(request.getfixturevalue("redis_cluster_url"))
     return str(request.getfixturevalue("redis_url"))
 
 
