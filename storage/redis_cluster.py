@@ -8,14 +8,19 @@ their own) only ever see single-key commands.
 
 Acked means kept. A master replicates asynchronously, so one that fails over can take its
 last writes with it. Every write a caller is told is done — a creation, a save, a deletion,
-a lease taken — is therefore sent with `WAIT 1` after it on the same connection, and
-acknowledged only once a replica has it too. When no replica confirms within `wait_ms`, the
+a lease taken — is therefore followed on its connection by ROLE and, when the master has a
+replica attached, by `WAIT 1`; it is acknowledged only once a replica has it too (the
+election promotes the most up-to-date replica). When none confirms within `wait_ms`, the
 write is answered `NotReplicated` (a `StoreUnavailable`: the command gets `error
-unavailable`, a hello is closed with 1013): fail closed, as when Redis is down. Such a write
-may still be kept (the caller reloads instead of trusting its copy), but none is acknowledged
-and then lost to a failover. So every master needs a replica. Renewals and releases go without
-WAIT: a lost renewal only shortens a lease, a lost release lets it expire, and a fencing token
-never goes back (the INCR that made it was waited for with its lease).
+unavailable`, a hello is closed with 1013): fail closed, as when Redis is down, for a
+failover now could lose it. Such a write may still be kept (the caller reloads instead of
+trusting its copy), but none is acknowledged and then lost to a failover. A master with no
+replica attached (the one just promoted, until its old master comes back as its replica)
+acknowledges at once: nothing could be promoted in its place, so no failover can take its
+writes; they are as durable as that master alone, as on one Redis (a warning says so when it
+starts and ends). Renewals and releases go without WAIT: a lost renewal only shortens a
+lease, a lost release lets it expire, and a fencing token never goes back (the INCR that made
+it was waited for with its lease).
 
 Routing. Acknowledged writes are batched per master, each on a connection of its own (as the
 saves of one Redis are, `_Batches`), grouped by the slot map of the client; a MOVED answer
@@ -78,6 +83,7 @@ class RedisClusterStore(RedisStore):
     def __init__(self, url: str, *, wait_ms: int = WAIT_MS, **options: Any) -> None:
         self._wait_ms = wait_ms
         self._writes: dict[str, _Batches] = {}  # per master (node name)
+        self._alone: set[str] = set()  # masters that had no replica at their last write
         self._rerouting: asyncio.Task[None] | None = None
         self._reroute_again = False
         super().__init__(url, **options)
@@ -130,20 +136,29 @@ class RedisClusterStore(RedisStore):
         return batches
 
     async def _replicated(self, node: ClusterNode, calls: list[Call]) -> list[Any]:
-        """The calls on `node`, then WAIT for one replica: if none confirms in time, every
-        write of the batch is answered NotReplicated instead."""
+        """The calls on `node` and, if a replica is attached to it (ROLE, sent after them),
+        WAIT for one: if none confirms in time, every write of the batch is answered
+        NotReplicated instead. With no replica attached, no failover can take the writes
+        away (nothing could be promoted): they are acknowledged as they are."""
+        confirmed: Any = 0
         try:
-            answers = await self._evalsha_all("writes", calls, node)
-            wait = resp_command("WAIT", 1, self._wait_ms)
-            replicas = (await self._exchange("writes", wait, 1, node))[0]
+            *answers, role = await self._evalsha_all("writes", calls, node, then=resp_command("ROLE"))
+            replicas = _replicas(role)
+            if replicas:
+                wait = resp_command("WAIT", 1, self._wait_ms)
+                confirmed = (await self._exchange("writes", wait, 1, node))[0]
         except (RedisError, OSError, TimeoutError):
             self._refresh_soon(node)
             raise
         self._note_errors(node, answers)
-        if isinstance(replicas, int) and replicas >= 1:
+        if (replicas == 0) is not (node.name in self._alone):
+            (self._alone.add if replicas == 0 else self._alone.discard)(node.name)
+            log.warning("a master has no replica attached: its writes are acknowledged without waiting for one"
+                        if replicas == 0 else
+                        "a master has a replica again: its writes are acknowledged once it has them")
+        if replicas == 0 or (isinstance(confirmed, int) and confirmed >= 1):
             return answers
-        log.warning("no replica of a master confirmed a write in %d ms: not acknowledged",
-                    self._wait_ms)
+        log.warning("no replica confirmed a write within %d ms: not acknowledged", self._wait_ms)
         unkept = NotReplicated(f"no replica confirmed the write within {self._wait_ms} ms")
         return [a if isinstance(a, BaseException) else unkept for a in answers]
 
@@ -268,6 +283,14 @@ class RedisClusterStore(RedisStore):
             await self._redis.aclose()
         except (RedisError, RedisClusterException, OSError):
             pass
+
+
+def _replicas(role: Any) -> int:
+    """How many replicas ROLE says are attached to a master (0 if it is no master now: its
+    answers are MOVED, and the calls go again to the one that is)."""
+    if isinstance(role, list) and len(role) > 2 and role[0] in (b"master", "master"):
+        return len(role[2])
+    return 0
 
 
 async def _turn(client: _GatedCluster) -> None:

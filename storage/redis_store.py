@@ -378,24 +378,27 @@ class RedisStore:
     # own (`_Batches`). Commands are packed here (`resp_command`), answers parsed by redis-py's
     # connection, without the pool and client layers that cost more than the round trip.
 
-    async def _evalsha_all(self, name: str, calls: Sequence[Call], node: Any = None) -> list[Any]:
+    async def _evalsha_all(self, name: str, calls: Sequence[Call], node: Any = None,
+                           then: bytes = b"") -> list[Any]:
         """Run each idempotent script call of `calls`, all in one write on the connection
         called `name` (to `node` of a cluster); the answers in order, an error answer in its
-        place. A broken connection (Redis restarted) is tried once more on a new one, never
-        after a timeout (the calls may have run); a script Redis forgot is loaded again once
-        on that connection and the calls that missed it are sent again."""
+        place (and last, the answer of the one packed command `then`, sent after them). A
+        broken connection (Redis restarted) is tried once more on a new one, never after a
+        timeout (the calls may have run); a script Redis forgot is loaded again once on that
+        connection and the calls that missed it are sent again."""
 
         def packed(items: Sequence[Call]) -> bytes:
             return b"".join([resp_command("EVALSHA", script.sha, len(keys), *keys, *args)
                              for script, keys, args in items])
 
+        count = len(calls) + (1 if then else 0)
         try:
-            answers = await self._exchange(name, packed(calls), len(calls), node)
+            answers = await self._exchange(name, packed(calls) + then, count, node)
         except TimeoutError:
             raise
         except (RedisConnectionError, OSError):
-            answers = await self._exchange(name, packed(calls), len(calls), node)
-        missing = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+            answers = await self._exchange(name, packed(calls) + then, count, node)
+        missing = [i for i, answer in enumerate(answers[:len(calls)]) if isinstance(answer, NoScriptError)]
         if missing:
             scripts = {calls[i][0].sha: calls[i][0].script for i in missing}
             load = b"".join([resp_command("SCRIPT", "LOAD", bytes(text) if isinstance(text, memoryview) else text)

@@ -5,7 +5,9 @@ port of its own too, `--cluster-port`, so no port + 10000 can clash or overflow)
 `redis-cli --cluster create … --cluster-replicas 1`. `start()` returns once every node says
 `cluster_state:ok` and every replica's link to its master is up (so `WAIT 1` can succeed at
 once). `kill(port)` SIGKILLs one node (the master of a circle's slot: `master_of(key)`);
-`wait_promoted(port)` awaits its replica taking over and the cluster being whole again.
+`wait_failing(port)` awaits the cluster noticing (`cluster_state:fail`), `wait_promoted(port)`
+its replica taking over and the cluster being whole again (all by polling CLUSTER INFO and
+CLUSTER SLOTS: awaiting a state).
 Nothing persists; `close()` (and `__exit__`) stops every node, also after a failed start.
 """
 
@@ -99,7 +101,7 @@ class LocalRedisCluster:
     @staticmethod
     def _link_up(replica: _Node) -> bool:
         with replica.client() as c:
-            info: dict[str, object] = c.info("replication")  # type: ignore[assignment]
+            info: dict[str, object] = c.info("replication")
         return info.get("master_link_status") == "up"
 
     def _state_ok(self, node: _Node) -> bool:
@@ -146,22 +148,46 @@ class LocalRedisCluster:
         self._served[port] = [first for first, _, master, _ in self._slots() if master == port]
         self.node(port).kill()
 
+    def wait_failing(self, old_master: int, timeout: float = 30.0) -> bool:
+        """Await the cluster noticing that the master at `old_master` is gone: True once a
+        live node says `cluster_state:fail` (commands are refused cluster-wide until its
+        replica is promoted), False if the failover was over before a look saw it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not all(self._state_ok(n) for n in self.live()):
+                    return True
+                if self._promoted(old_master) is not None:
+                    return False
+            except redis.exceptions.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not notice 127.0.0.1:{old_master} failing in time")
+            time.sleep(POLL_SECONDS)
+
     def wait_promoted(self, old_master: int, timeout: float = 30.0) -> int:
         """Await the failover of the killed master at `old_master`: another node serves every
         slot it served and every live node says `cluster_state:ok`. The new master's port."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if all(self._state_ok(n) for n in self.live()):
-                    owners = {first: master for first, _, master, _ in self._slots()}
-                    now = {owners.get(first) for first in self._served[old_master]}
-                    if old_master not in now and None not in now and len(now) == 1:
-                        return int(now.pop())  # type: ignore[arg-type]
+                promoted = self._promoted(old_master)
+                if promoted is not None:
+                    return promoted
             except redis.exceptions.RedisError:
                 pass  # a node busy failing over: look again
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no replica of 127.0.0.1:{old_master} was promoted in time")
             time.sleep(POLL_SECONDS)
+
+    def _promoted(self, old_master: int) -> int | None:
+        if not all(self._state_ok(n) for n in self.live()):
+            return None
+        owners = {first: master for first, _, master, _ in self._slots()}
+        now = {owners.get(first) for first in self._served[old_master]}
+        if old_master in now or None in now or len(now) != 1:
+            return None
+        return now.pop()
 
     def close(self) -> None:
         for node in self.nodes:
