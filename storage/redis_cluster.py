@@ -86,6 +86,7 @@ class RedisClusterStore(RedisStore):
         self._alone: set[str] = set()  # masters that had no replica at their last write
         self._rerouting: asyncio.Task[None] | None = None
         self._reroute_again = False
+        self._redirects: list[tuple[MovedError, ClusterNode | None]] = []  # heard by readers
         super().__init__(url, **options)
 
     def _connect(self, url: str, pool_size: int, pool_timeout: float,
@@ -235,10 +236,18 @@ class RedisClusterStore(RedisStore):
             reader = self._readers[node.name] = _Reader(self, Redis.from_pool(pool), sharded=True)
         return reader
 
-    def _moved(self, reader: _Reader) -> None:
-        if not self._closed:
+    def _moved(self, reader: _Reader, error: MovedError | None = None) -> None:
+        if self._closed:
+            return
+        if error is not None:  # patched into the slot map before routing again
+            self._redirects.append((error, self._node_named(reader)))
+        else:
             self._refresh_soon()
-            self._reroute_soon()
+        self._reroute_soon()
+
+    def _node_named(self, reader: _Reader) -> ClusterNode | None:
+        name = next((n for n, r in self._readers.items() if r is reader), None)
+        return None if name is None else self._redis.get_node(node_name=name)
 
     def _reroute_soon(self) -> None:
         if self._rerouting is not None and not self._rerouting.done():
@@ -250,10 +259,15 @@ class RedisClusterStore(RedisStore):
 
     async def _reroute(self) -> None:
         """Refresh the slot map (once due) and route every subscribed circle to the reader of
-        its slot's master; readers left without circles are closed."""
-        again = True
+        its slot's master; readers left without circles are closed. While a refresh asked for
+        is not due yet, look again once it is: a reader that heard MOVED hears nothing more."""
+        again, delay = True, REFRESH_SECONDS
         while again and not self._closed:
             self._reroute_again = False
+            redirects, self._redirects = self._redirects, []
+            for error, node in redirects:
+                if node is not None:
+                    await self._moved_slot(error, node)
             try:
                 await self._redis.initialize()
             except (RedisError, RedisClusterException, OSError) as exc:
@@ -272,6 +286,9 @@ class RedisClusterStore(RedisStore):
                     del self._readers[name]
                     self._spawn(reader.close())
             again = self._reroute_again
+            if not again and (self._redis._initialize or len(self._route) < len(self._subs)):
+                await asyncio.sleep(delay)  # a refresh not due yet, or a slot not covered
+                again, delay = True, min(delay * 2, 1.0)
 
     async def close(self) -> None:
         for batches in self._writes.values():

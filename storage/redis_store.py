@@ -617,7 +617,7 @@ class RedisStore:
     def _routed_to(self, reader: _Reader) -> list[str]:
         return [circle_id for circle_id, r in self._route.items() if r is reader]
 
-    def _moved(self, reader: _Reader) -> None:
+    def _moved(self, reader: _Reader, error: MovedError | None = None) -> None:
         """The reader's connection broke or its server named another owner of a channel's
         slot: on a cluster, the circles are routed anew (one Redis: it just reconnects)."""
 
@@ -757,8 +757,8 @@ class _Reader:
                     # the watchdog notices a silent dead peer.
                     try:
                         message = await pubsub.get_message(timeout=None)
-                    except MovedError:  # a channel's slot is served elsewhere now
-                        self.store._moved(self)
+                    except MovedError as moved:  # a channel's slot is served elsewhere now
+                        self.store._moved(self, moved)
                         message = None
                     self._heard = loop.time()
                     if message is not None:

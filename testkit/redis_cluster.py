@@ -143,6 +143,10 @@ class LocalRedisCluster:
         with self.client() as c:
             return int(c.get_node_from_key(key).port)
 
+    def replicas_of(self, master: int) -> list[int]:
+        """The ports of the replicas of the master at `master` (in sync: CLUSTER SLOTS)."""
+        return sorted({p for *_, m, ports in self._slots() if m == master for p in ports})
+
     def kill(self, port: int) -> None:
         """SIGKILL the node at `port` (its slots remembered for `wait_promoted`)."""
         self._served[port] = [first for first, _, master, _ in self._slots() if master == port]

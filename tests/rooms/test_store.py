@@ -12,15 +12,18 @@ from rooms.model import CircleSettings, RoomState
 from storage.clock import FakeClock
 from storage.codec import CorruptState, decode_event, decode_state, encode_event, encode_state
 from storage.memory_store import MemoryStore
+from storage.redis_cluster import RedisClusterStore
 from storage.redis_store import RedisStore
 from storage.store import (
     CircleExists,
     NoSuchCircle,
+    NotReplicated,
     Owner,
     ReplayGap,
     Store,
     VersionConflict,
 )
+from testkit.redis_cluster import LocalRedisCluster
 from testkit.redis_server import RedisServer, everything_in, key_expiry
 from tests.rooms.conftest import MakeStore
 
@@ -414,3 +417,51 @@ async def test_a_quiet_redis_circle_keeps_no_pseudonym_in_its_stream(redis_serve
     finally:
         await store.close()
 
+
+
+# ---- Redis Cluster only ----------------------------------------------------------------------
+
+
+async def test_a_cluster_write_no_replica_confirms_is_not_acknowledged(
+        redis_cluster: LocalRedisCluster) -> None:
+    """Acked means kept (DESIGN §8): a save that its master's replica does not confirm in
+    time (WAIT) is answered NotReplicated, an `unavailable`; once the replica answers, the
+    save retried finds its own write and is acknowledged."""
+    store = RedisClusterStore(redis_cluster.url, wait_ms=200)
+    try:
+        await store.create("unkept", blob("unkept", 0))
+        [replica] = redis_cluster.replicas_of(redis_cluster.master_of("lk:{unkept}:state"))
+        redis_cluster.node(replica).pause()  # attached, silent: WAIT gets no answer from it
+        try:
+            with pytest.raises(NotReplicated):
+                await store.save("unkept", 0, blob("unkept", 1), [event(1)], 1)
+        finally:
+            redis_cluster.node(replica).resume()
+        await store.save("unkept", 0, blob("unkept", 1), [event(1)], 1)
+        assert decode_state(await store.load("unkept")).version == 1
+        assert len(await store.events_since("unkept", 0)) == 1
+    finally:
+        await store.close()
+        await asyncio.to_thread(redis_cluster.wait_ok)
+
+
+async def test_a_cluster_subscription_sent_to_a_former_master_follows_the_slot(
+        redis_cluster: LocalRedisCluster) -> None:
+    """Right after a failover the slot map is stale: an SSUBSCRIBE sent to a master that no
+    longer serves the slot is answered MOVED, and the subscription moves to the one that
+    does, which confirms it (catch-up) and delivers what is published there."""
+    store, other = RedisClusterStore(redis_cluster.url), RedisClusterStore(redis_cluster.url)
+    try:
+        await store.create("moving", blob("moving", 0))  # the store has a slot map now
+        slot = store._redis.keyslot("lk:{moving}:wake")
+        right = store._redis.nodes_manager.slots_cache[slot][0]
+        wrong = next(n for n in store._redis.get_primaries() if n.name != right.name)
+        store._redis.nodes_manager.slots_cache[slot] = [wrong]
+        wakes = Wakes()
+        store.subscribe("moving", wakes.on_wake, wakes.on_ephemeral)
+        assert (await asyncio.wait_for(wakes.queue.get(), 10))[1:] == (0, None)
+        await save_versions(other, "moving", 1)
+        assert await wakes.next_carrying() == (1, [event(1, 0), event(1, 1)])
+    finally:
+        await store.close()
+        await other.close()
