@@ -58,7 +58,7 @@ from typing import Any, cast
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ConstantBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ClusterDownError, MovedError, RedisClusterException, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -95,7 +95,10 @@ class RedisClusterStore(RedisStore):
             raise ValueError(f"not a {SCHEME} URL")
         client = cast(_GatedCluster, _GatedCluster.from_url(
             "redis://" + url[len(SCHEME):], max_connections=pool_size,
-            retry=Retry(NoBackoff(), 1), topology_refresh_min_interval=REFRESH_SECONDS, **options))
+            # One retry, once a refresh of the topology the error asked for is due (a command
+            # after a failover would otherwise be sent to the dead master again).
+            retry=Retry(ConstantBackoff(REFRESH_SECONDS), 1),
+            topology_refresh_min_interval=REFRESH_SECONDS, **options))
         client.gate = asyncio.Semaphore(pool_size)
         client.gate_timeout = pool_timeout
         return client

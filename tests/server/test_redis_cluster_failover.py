@@ -98,6 +98,7 @@ async def test_a_master_killed_mid_circle_fails_over_and_loses_nothing_acked(
 
         # Afterwards the process finds the new master and its lease again, and carries on.
         await until(lambda: _ready(home), "/readyz 200 again")
+        await until(lambda: _ready(other), "/readyz 200 again on the other process")
         if not acked["lock"]:  # (while unlocked, a newcomer is welcome)
             newcomer = await until(lambda: welcome_or_1013(home, links["member"], "Mawar"),
                                    "a hello welcomed after the failover")
