@@ -38,6 +38,18 @@ bench: setup system web
 	$(PY) -m loadtest.soak --store memory --circles 100 --rounds 20
 	$(PY) -m loadtest.soak --store redis --circles 100 --rounds 20
 
+# The numbers of several processes (loadtest/cluster.py, README "Numbers: several processes"):
+# the home killed 20 times, redirect shares, acked writes over Redis kills (one redis-server with
+# AOF, then a Redis Cluster master), fan-out for 1, 2 and 4 processes. Each starts and stops its
+# own `lingkar cluster` (or processes); about 20 minutes; reported, never asserted; not in `make test`.
+.PHONY: bench-cluster
+bench-cluster: setup system
+	$(PY) -m loadtest.cluster failover --kills 20
+	$(PY) -m loadtest.cluster redirects --circles 100 --members 4
+	$(PY) -m loadtest.cluster acked --restarts 5
+	$(PY) -m loadtest.cluster acked --restarts 5 --store redis-cluster
+	$(PY) -m loadtest.cluster fanout --processes 1,2,4 --rooms 400,800 --members 8
+
 # A million frames through the real session, manager and rules in process (as a member, then
 # as a moderator), and a hundred thousand over real sockets to uvicorn (tests/fuzz).
 fuzz: setup system web

@@ -7,6 +7,12 @@ asserted.
 
     python -m loadtest.fanout [--store memory|redis|both] [--rooms 200] [--members 8]
                               [--seconds 10] [--out fanout.json]
+    python -m loadtest.fanout --url URL --api-key KEY [--by-circle] [--pids PID,…] …
+
+With `--url` it loads a server that is already running (a proxy in front of several, with
+`--by-circle`: hellos go to `/ws?c={circle}` and follow a `redirect`, as the web client's do);
+`--pids` names the processes whose CPU is read. `measure()` is the loop itself, for other
+benches (loadtest.cluster) that start their own deployment.
 """
 
 from __future__ import annotations
@@ -73,14 +79,24 @@ class Room:
     progress: Progress | None = None
 
 
-async def hello(ws_url: str, link: str, name: str) -> tuple[Any, str]:
-    ws = await websockets.connect(ws_url, max_size=2**20, compression=None, open_timeout=30)
+async def hello(ws_url: str, link: str, name: str, follow: bool = False) -> tuple[Any, str, int]:
+    """A member in: (socket, member id, redirects followed). With `follow`, a `redirect` is
+    followed (once, as the web client does) to the URL it names."""
     token = link.split("#t=", 1)[1]
-    await ws.send(msgpack.packb({"type": "hello", "token": token, "name": name, "listen_only": False}))
-    frame = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))
-    if frame.get("type") != "welcome":
-        raise RuntimeError(f"expected welcome, got {frame.get('type')}")
-    return ws, str(frame["member_id"])
+    redirects = 0
+    while True:
+        ws = await websockets.connect(ws_url, max_size=2**20, compression=None, open_timeout=30)
+        await ws.send(msgpack.packb({"type": "hello", "token": token, "name": name, "listen_only": False}))
+        frame = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))
+        if frame.get("type") == "redirect" and follow and redirects == 0:
+            redirects += 1
+            await ws.close()
+            ws_url = str(frame["url"]).replace("http", "ws", 1)
+            continue
+        if frame.get("type") != "welcome":
+            await ws.close()
+            raise RuntimeError(f"expected welcome, got {frame.get('type')}")
+        return ws, str(frame["member_id"]), redirects
 
 
 async def reader(room: Room, ws: Any) -> None:
@@ -120,16 +136,37 @@ async def driver(room: Room, phase: float, stop_at: float, measure_from: float) 
         await asyncio.sleep(max(0.0, tick - time.perf_counter()))
 
 
-async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: float) -> dict[str, Any]:
-    server: ServerProcess | None = None
-    sockets: list[Any] = []
-    log_path = Path(tempfile.gettempdir()) / f"lingkar-fanout-{store_label}-{os.getpid()}.log"
-    try:
-        server = ServerProcess(store_label, log_path)
-        await asyncio.to_thread(server.start)
-        base, key = server.url, server.api_key
-        ws_url = base.replace("http://", "ws://") + "/ws"
+@dataclass
+class Target:
+    """Where the load goes: a base URL and its organizer key; with `by_circle` hellos go to
+    `/ws?c={circle}` and follow a `redirect` (a proxy in front of several processes); `pids`
+    names whose CPU is read, by role ("server" counts as the server's; others, such as
+    "proxy" and "redis", are reported beside it)."""
 
+    label: str
+    url: str
+    api_key: str
+    by_circle: bool = False
+    pids: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:  # gone: what it used is not counted
+            pass
+    return total
+
+
+async def measure(target: Target, rooms_n: int, members_n: int, seconds: float) -> dict[str, Any]:
+    """The measuring loop against a running deployment: create the circles, join everyone,
+    drive one command per circle every PERIOD, and time every delivery."""
+    sockets: list[Any] = []
+    base, key = target.url, target.api_key
+    ws_base = base.replace("http://", "ws://").replace("https://", "wss://") + "/ws"
+    try:
         async def create(i: int) -> Room:
             body = {"title": f"fanout {i}", "capacity": max(2, members_n), "lobby": False,
                     "turn_seconds": 1800, "floor_mode": "hands"}
@@ -140,18 +177,25 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
 
         rooms = await asyncio.gather(*(create(i) for i in range(rooms_n)))
         limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        redirects = 0
 
         async def connect(room: Room, k: int) -> tuple[Any, str]:
+            nonlocal redirects
             async with limit:
                 link = room.links["moderator" if k == 0 else "member"]
-                return await hello(ws_url, link, f"m{k}")
+                url = f"{ws_base}?c={room.circle_id}" if target.by_circle else ws_base
+                ws, member_id, followed = await hello(url, link, f"m{k}", follow=target.by_circle)
+                redirects += followed
+                return ws, member_id
 
-        started = time.perf_counter()
-        for room in rooms:  # seat order: the moderator first
+        async def join(room: Room) -> None:
             joined = await asyncio.gather(*(connect(room, k) for k in range(members_n)))
-            room.sockets = [ws for ws, _ in joined]
+            room.sockets = [ws for ws, _ in joined]  # seat order: the moderator first
             room.actor_id = joined[1][1]
             sockets.extend(room.sockets)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(join(room) for room in rooms))
         connect_seconds = time.perf_counter() - started
         quiet_gc()  # the generator's own pauses must not pass for the server's latency
         progress = Progress()
@@ -162,19 +206,18 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
         t0 = time.perf_counter()
         measure_from = t0 + WARMUP
         stop_at = measure_from + seconds
-        cpu_before: float | None = None
+        cpu_before: dict[str, float] = {}
 
         async def cpu_mark() -> None:
-            nonlocal cpu_before
             await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
-            cpu_before = cpu_seconds(server.pid)  # type: ignore[union-attr]
+            cpu_before.update({role: _cpu(pids) for role, pids in target.pids.items()})
 
         client_before = time.process_time()
         marker = asyncio.create_task(cpu_mark())
         await asyncio.gather(*(driver(room, PERIOD * i / rooms_n, stop_at, measure_from)
                                for i, room in enumerate(rooms)))
         await marker
-        cpu_after = cpu_seconds(server.pid)
+        cpu_used = {role: _cpu(pids) - cpu_before[role] for role, pids in target.pids.items()}
         client_cpu = time.process_time() - client_before
         expected = sum(sum(1 for _, m in room.sent if m) * len(room.sockets) for room in rooms)
         progress.target = expected
@@ -188,17 +231,20 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
         all_samples = [s for room in rooms for s in room.samples]
         per_room = [summary(room.samples) for room in rooms]
         missing = expected - len(all_samples)
-        assert cpu_before is not None
+        server_cpu = cpu_used.get("server", math.nan)
         result = {
-            "store": store_label, "rooms": rooms_n, "members": members_n, "seconds": seconds,
+            "store": target.label, "rooms": rooms_n, "members": members_n, "seconds": seconds,
             "commands_per_second": rooms_n / PERIOD, "events_per_second": rooms_n * members_n / PERIOD,
             "connect_seconds": round(connect_seconds, 2),
             "overall": summary(all_samples),
+            "deliveries_per_second": round(len(all_samples) / seconds, 1),
             "worst_room_p99_ms": max((r["p99_ms"] for r in per_room if r["n"]), default=math.nan),
             "missing_deliveries": missing,
             "command_errors": sum(room.errors for room in rooms),
-            "server_cpu_seconds": round(cpu_after - cpu_before, 3),
-            "server_cpu_percent_of_one_core": round(100 * (cpu_after - cpu_before) / seconds, 1),
+            "redirects_at_join": redirects,
+            "server_cpu_seconds": round(server_cpu, 3),
+            "server_cpu_percent_of_one_core": round(100 * server_cpu / seconds, 1),
+            "cpu_percent_of_one_core": {role: round(100 * used / seconds, 1) for role, used in cpu_used.items()},
             "client_cpu_percent_of_one_core": round(100 * client_cpu / (seconds + WARMUP), 1),
             "per_room": per_room,
         }
@@ -207,6 +253,17 @@ async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: flo
         return result
     finally:
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+
+async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: float) -> dict[str, Any]:
+    server: ServerProcess | None = None
+    log_path = Path(tempfile.gettempdir()) / f"lingkar-fanout-{store_label}-{os.getpid()}.log"
+    try:
+        server = ServerProcess(store_label, log_path)
+        await asyncio.to_thread(server.start)
+        target = Target(store_label, server.url, server.api_key, pids={"server": [server.pid]})
+        return await measure(target, rooms_n, members_n, seconds)
+    finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
         log_path.unlink(missing_ok=True)
@@ -218,7 +275,8 @@ def _fmt(r: dict[str, Any]) -> str:
             f"p50 {o['p50_ms']:.2f} ms, p95 {o['p95_ms']:.2f} ms, p99 {o['p99_ms']:.2f} ms, "
             f"max {o['max_ms']:.2f} ms; worst room p99 {r['worst_room_p99_ms']:.2f} ms; "
             f"missing {r['missing_deliveries']}; server CPU {r['server_cpu_percent_of_one_core']} % of a core "
-            f"(client {r['client_cpu_percent_of_one_core']} %)")
+            + "".join(f"({role} {pct} %) " for role, pct in r["cpu_percent_of_one_core"].items() if role != "server")
+            + f"(client {r['client_cpu_percent_of_one_core']} %)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,16 +285,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rooms", type=int, default=200)
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--url", help="load a running deployment at this URL instead (with --api-key)")
+    parser.add_argument("--api-key", default=os.environ.get("LINGKAR_API_KEY"))
+    parser.add_argument("--by-circle", action="store_true",
+                        help="with --url: hellos to /ws?c={circle}, following a redirect (a proxy in front)")
+    parser.add_argument("--pids", default="", help="with --url: the server processes' pids, comma-separated, for CPU")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     if args.members < 2 or args.rooms < 1 or not 0 < args.seconds <= 600:
         parser.error("need --members ≥ 2, --rooms ≥ 1, 0 < --seconds ≤ 600")
-    stores = ["memory", "redis"] if args.store == "both" else [args.store]
+    if args.url and not args.api_key:
+        parser.error("--url needs --api-key (or LINGKAR_API_KEY)")
     results = []
-    for store in stores:
-        result = run_loop(run_store(store, args.rooms, args.members, args.seconds))
-        print(_fmt(result), flush=True)
-        results.append(result)
+    if args.url:
+        pids = [int(p) for p in args.pids.split(",") if p.strip()]
+        target = Target("url", args.url.rstrip("/"), args.api_key, args.by_circle, {"server": pids} if pids else {})
+        results.append(run_loop(measure(target, args.rooms, args.members, args.seconds)))
+        print(_fmt(results[-1]), flush=True)
+    else:
+        stores = ["memory", "redis"] if args.store == "both" else [args.store]
+        for store in stores:
+            result = run_loop(run_store(store, args.rooms, args.members, args.seconds))
+            print(_fmt(result), flush=True)
+            results.append(result)
     report = json.dumps({"results": results}, indent=1)
     if args.out:
         args.out.write_text(report)

@@ -9,13 +9,20 @@ safe to call twice (the caller stops both in a `finally`, so Ctrl-C and errors c
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from testkit import procs
 from testkit.http import call
@@ -115,3 +122,361 @@ class ServerProcess:
         if self.redis is not None:
             self.redis.close()
             self.redis = None
+
+
+# ---- a redis-server with AOF that can be killed and brought back ------------------------------
+
+REDIS_BIN = "redis-server"
+
+
+class AofRedis:
+    """A `redis-server` with AOF (`appendonly yes`, `appendfsync everysec`, no RDB snapshots)
+    on a fixed free loopback port and a directory of its own, for killing with SIGKILL and
+    starting again on the same port and files (testkit's RedisServer runs without AOF)."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.dir = directory
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._drain: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def start(self, timeout: float = 30.0) -> float:
+        """Start it and wait until it accepts connections (its AOF loaded); the seconds that took."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        began = time.monotonic()
+        self.proc = subprocess.Popen(
+            [REDIS_BIN, "--bind", "127.0.0.1", "--port", str(self.port), "--protected-mode", "yes",
+             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec",
+             "--save", "", "--logfile", "", "--daemonize", "no"],
+            cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        ready = threading.Event()
+        tail: list[bytes] = []
+        out = self.proc.stdout
+        assert out is not None
+
+        def read() -> None:
+            for line in out:
+                if not ready.is_set():
+                    tail.append(line)
+                    if b"Ready to accept connections" in line:
+                        ready.set()
+            ready.set()
+
+        self._drain = threading.Thread(target=read, daemon=True)
+        self._drain.start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
+            text = b"".join(tail[-5:]).decode(errors="replace")
+            self.kill()
+            raise RuntimeError(f"redis-server on port {self.port} did not start: {text}")
+        return time.monotonic() - began
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: nothing flushed beyond what the kernel already has)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        procs.stop(self.proc, 10)
+        self.proc = None
+
+
+# ---- `lingkar cluster` as a subprocess -------------------------------------------------------
+
+CLUSTER_READY_LINE = "Organizer link"
+
+
+def _pdeathsig(sig: int) -> Any:
+    """preexec_fn: `sig` to the child when this process dies (Linux), so a load test killed
+    hard leaves no cluster behind (the supervisor's own children get SIGTERM when it goes)."""
+    def setup() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    return setup
+
+
+class ClusterProcess:
+    """`python -m server.cli cluster -n N --port P --data-dir D` (what `make cluster` runs), as a
+    developer starts it: ready once it printed its organizer link; stopped with SIGINT, after
+    which nothing it started may be left. Its output is read all along (kept in `lines`).
+    `env` is added to the supervisor's environment (the processes inherit it); LINGKAR_*
+    variables of this environment are not passed on."""
+
+    def __init__(self, n: int, data_dir: Path, *, env: dict[str, str] | None = None) -> None:
+        self.n = n
+        self.data = data_dir
+        self.port = free_port()
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("LINGKAR_")},
+                    "LINGKAR_LOG_LEVEL": "WARNING", **(env or {})}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = ""
+        self.proc: Any = None  # asyncio.subprocess.Process
+        self.lines: list[str] = []
+        self._new: Any = None  # asyncio.Event, set at each line
+        self._reader: Any = None
+        self._known: dict[str, Any] = {}  # the last cluster.json read (it is gone after a stop)
+        self.started_seconds = 0.0
+
+    # -- life --
+
+    async def start(self, timeout: float = 120.0) -> None:
+        began = time.monotonic()
+        self._new = asyncio.Event()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "cluster", "-n", str(self.n), "--port", str(self.port),
+            "--data-dir", str(self.data), cwd=REPO, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, limit=1 << 20,
+            start_new_session=True, preexec_fn=_pdeathsig(2))  # SIGINT: it stops in order
+        self._reader = asyncio.create_task(self._read())
+        line = await self.said(lambda text: text.startswith(CLUSTER_READY_LINE), timeout)
+        self.api_key = line.split("#key=", 1)[1].strip()
+        self.started_seconds = time.monotonic() - began
+        self.state()
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            try:
+                raw = await self.proc.stdout.readline()
+            except ValueError:
+                continue
+            if not raw:
+                break
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+            self._new.set()
+        await self.proc.wait()
+        self._new.set()
+
+    async def said(self, match: Any, timeout: float, start: int = 0) -> str:
+        """The first line from `start` on that matches, awaited; RuntimeError if it exits first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen = start
+        while True:
+            for line in self.lines[seen:]:
+                if match(line):
+                    return line
+            seen = len(self.lines)
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"lingkar cluster exited ({self.proc.returncode}):\n" + self.tail())
+            self._new.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise RuntimeError(f"lingkar cluster: nothing matching within {timeout:.0f} s:\n" + self.tail())
+            try:
+                await asyncio.wait_for(self._new.wait(), left)
+            except TimeoutError:
+                pass
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.lines[-n:])
+
+    async def stop(self, timeout: float = 90.0) -> list[str]:
+        """SIGINT (Ctrl-C), wait for its exit; then what of it is still running (each killed
+        with SIGKILL, named in the answer: it must be empty)."""
+        if self.proc is None:
+            return []
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        left = self.leftovers()
+        for entry in left:
+            try:
+                os.kill(int(entry.split(":", 1)[0]), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        return left
+
+    def leftovers(self) -> list[str]:
+        """Processes still running that this cluster started: the pids it last wrote down,
+        anything working in its data directory (Redis and Caddy do; Redis retitles itself)
+        and any `lingkar serve` whose process URL is on its port."""
+        pids = {int(p) for p in self._pids() if p}
+        mark = f"LINGKAR_PROCESS_URL={self.url}/p/".encode()
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                if "State:\tZ" in (proc / "status").read_text():
+                    continue
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                ours = int(proc.name) in pids
+                if not ours:
+                    ours = (Path(os.readlink(proc / "cwd")).is_relative_to(self.data)
+                            or mark in (proc / "environ").read_bytes())
+            except OSError:
+                continue
+            if ours:
+                found.append(f"{proc.name}: {command[:100]}")
+        return found
+
+    def _pids(self) -> list[int | None]:
+        s = self._known
+        if not s:
+            return []
+        return [s["supervisor"], s["redis"]["pid"], s["caddy"]["pid"],
+                *(p["pid"] for p in s["processes"].values())]
+
+    # -- what runs where --
+
+    def state(self) -> dict[str, Any]:
+        """DATA/cluster.json (pids, ports, URLs, the Redis URL), as written last."""
+        self._known = dict(json.loads((self.data / "cluster.json").read_text()))
+        return self._known
+
+    def pid_of(self, k: int) -> int | None:
+        pid = self.state()["processes"][str(k)]["pid"]
+        return int(pid) if pid else None
+
+    @property
+    def redis_url(self) -> str:
+        return str((self._known or self.state())["redis"]["url"])
+
+    def home_of(self, circle_id: str) -> int | None:
+        """The process K whose lease the circle is on (`lk:{circle}:home` field `url` is the
+        public URL + /p/K), or None when no lease is held."""
+        with redis.Redis.from_url(self.redis_url, socket_timeout=5) as r:
+            url = (r.hget(f"lk:{{{circle_id}}}:home", "url") or b"").decode()
+        prefix = self.url + "/p/"
+        if not url.startswith(prefix):
+            return None
+        return int(url[len(prefix):])
+
+    def pids(self, role: str) -> list[int]:
+        """The running pids of "processes", "redis" or "caddy"."""
+        s = self.state()
+        if role == "processes":
+            return [int(p["pid"]) for p in s["processes"].values() if p["pid"]]
+        pid = s[role]["pid"]
+        return [int(pid)] if pid else []
+
+    async def rolling_restart(self, timeout: float = 300.0) -> tuple[int, float, str]:
+        """`lingkar cluster restart` (make cluster-restart): (exit status, seconds, its output)."""
+        began = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "cluster", "restart", "--data-dir", str(self.data),
+            cwd=REPO, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            out = (await asyncio.wait_for(proc.communicate(), timeout))[0].decode(errors="replace")
+        except TimeoutError:
+            proc.kill()
+            out = (await proc.communicate())[0].decode(errors="replace") + "\n(timed out)"
+        self.state()
+        return int(proc.returncode if proc.returncode is not None else -1), time.monotonic() - began, out
+
+
+def pids_working_in(directories: list[Path]) -> list[int]:
+    """The live processes whose working directory is one of `directories` (a redis-server
+    works in its --dir: that is how its pid is found without reaching into who started it)."""
+    wanted = {str(d.resolve()) for d in directories}
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.readlink(proc / "cwd") in wanted and "State:\tZ" not in (proc / "status").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+# ---- K `lingkar serve` behind Caddy on a store of one's own ---------------------------------
+
+class Deployment:
+    """What `lingkar cluster` runs, for a store it does not start itself (it always starts its
+    own redis-server): K `lingkar serve` on `store` with one secret, key and public URL and
+    their own LINGKAR_PROCESS_URL (public URL + /p/K), behind Caddy with the Caddyfile that
+    `lingkar cluster --print-caddyfile --hosts …` prints. Ready once every process answers
+    /p/K/readyz through the proxy; `stop()` sends SIGTERM (they drain), then stops Caddy, and
+    answers what is still running (must be nothing)."""
+
+    def __init__(self, n: int, store: str, data_dir: Path) -> None:
+        self.n = n
+        self.store = store
+        self.data = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = secrets.token_urlsafe(24)
+        self.secret = secrets.token_urlsafe(48)
+        self.ports = [free_port() for _ in range(n)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.caddy: subprocess.Popen[bytes] | None = None
+        self.started_seconds = 0.0
+
+    def start(self, timeout: float = 90.0) -> None:
+        began = time.monotonic()
+        self.data.mkdir(parents=True, exist_ok=True)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("LINGKAR_")}
+        for k, port in enumerate(self.ports, 1):
+            env = {**base, "LINGKAR_HOST": "127.0.0.1", "LINGKAR_PORT": str(port), "LINGKAR_STORE": self.store,
+                   "LINGKAR_SECRET": self.secret, "LINGKAR_API_KEY": self.api_key,
+                   "LINGKAR_PUBLIC_URL": self.url, "LINGKAR_PROCESS_URL": f"{self.url}/p/{k}",
+                   "LINGKAR_MAX_CONNECTIONS_PER_ADDRESS": "0", "LINGKAR_LOG_LEVEL": "WARNING"}
+            with open(self.data / f"p{k}.log", "wb") as log:
+                self.processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env, stdout=log,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_pdeathsig(signal.SIGTERM)))
+        for k, port in enumerate(self.ports, 1):
+            proc = self.processes[k - 1]
+            wait_ready(f"http://127.0.0.1:{port}", timeout, alive=lambda p=proc: p.poll() is None)
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        printed = subprocess.run([sys.executable, "-m", "server.cli", "cluster", "--print-caddyfile", "--hosts", hosts],
+                                 cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+        config = self.data / "Caddyfile"
+        config.write_text(printed.stdout)
+        home = self.data / "caddy"
+        caddy_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+                     "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config"),
+                     "LINGKAR_SITE": f"http://:{self.port}", "LINGKAR_CADDY_BIND": "127.0.0.1",
+                     "LINGKAR_CADDY_ADMIN": "off"}
+        with open(self.data / "caddy.log", "wb") as log:
+            self.caddy = subprocess.Popen(
+                ["caddy", "run", "--config", str(config), "--adapter", "caddyfile"], cwd=self.data,
+                env=caddy_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_pdeathsig(signal.SIGTERM))
+        for k in range(1, self.n + 1):
+            wait_ready(f"{self.url}/p/{k}", timeout, alive=lambda: self.caddy is not None and self.caddy.poll() is None)
+        self.started_seconds = time.monotonic() - began
+
+    def pids(self, role: str) -> list[int]:
+        if role == "processes":
+            return [p.pid for p in self.processes if p.poll() is None]
+        return [self.caddy.pid] if self.caddy is not None and self.caddy.poll() is None else []
+
+    def stop(self) -> list[str]:
+        for p in self.processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.processes:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        procs.stop(self.caddy, 10)
+        children = [(f"process {k}", p) for k, p in enumerate(self.processes, 1)]
+        children += [("caddy", self.caddy)] if self.caddy is not None else []
+        return [f"{p.pid}: {name}" for name, p in children if p.poll() is None]
