@@ -2,6 +2,8 @@
 
 - `ports`: free loopback ports, and a bound listening socket whose port is ours.
 - `redis_server`: a throwaway real `redis-server` (TLS too) and what tests ask of one.
+- `redis_cluster`: a throwaway Redis Cluster (3 masters, 3 replicas), a master killed, its
+  replica's promotion awaited.
 - `stats`: percentiles, a latency summary, RFC 3550 jitter.
 - `opus`: a tone encoded with libopus, the one test-packet marker, a paced track, a lean tap.
 - `procs`: /proc readings of a process's CPU time and memory, and stopping a child.
