@@ -101,7 +101,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     store: str = "memory"
-    """``memory`` or a ``redis://``/``rediss://`` URL."""
+    """``memory``, a ``redis://``/``rediss://`` URL, or ``redis-cluster://host:port`` (any node)."""
     secret: str = ""
     secret_generated: bool = False
     api_key: str = ""
