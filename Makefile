@@ -17,7 +17,7 @@ serve: setup web
 # N `lingkar serve` behind Caddy on http://127.0.0.1:8000, one redis-server with AOF, all
 # stopped by Ctrl-C; data and keys in .cluster/ (server/cluster.py, deploy/cluster/Caddyfile).
 cluster: setup system web
-	$(VENV)/bin/lingkar cluster -n $(N)
+	$(VENV)/bin/lingkar cluster -n $(N) $(if $(STORE),--store $(STORE))
 
 # Restarts the running cluster's processes one by one (each drains, comes back, is ready).
 cluster-restart: setup

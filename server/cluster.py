@@ -348,8 +348,9 @@ class Child:
 # ---- the supervisor --------------------------------------------------------------------------
 
 class Supervisor:
-    def __init__(self, n: int, port: int, data: Path, env: dict[str, str]) -> None:
+    def __init__(self, n: int, port: int, data: Path, env: dict[str, str], store: str | None = None) -> None:
         self.n = n
+        self.store = store  # a store of the operator's (e.g. a Redis Cluster): no Redis of ours
         self.port = port
         self.data = data
         self.env = env
@@ -414,17 +415,20 @@ class Supervisor:
     # -- children --
 
     def build(self) -> None:
-        redis_port = free_port()
-        self.redis_url = redis_url = f"redis://{HOST}:{redis_port}/0"
-        redis_dir = self.data / "redis"
-        redis_dir.mkdir(mode=0o700, exist_ok=True)
-        redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.redis = Child("redis-server", "redis", [
-            redis_server, "--bind", HOST, "--port", str(redis_port), "--protected-mode", "yes",
-            "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "everysec",
-            "--save", "", "--logfile", "", "--daemonize", "no"],
-            {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, self.data,
-            ready_line="Ready to accept connections")
+        if self.store is not None:
+            self.redis_url = redis_url = self.store
+        else:
+            redis_port = free_port()
+            self.redis_url = redis_url = f"redis://{HOST}:{redis_port}/0"
+            redis_dir = self.data / "redis"
+            redis_dir.mkdir(mode=0o700, exist_ok=True)
+            redis_server = shutil.which("redis-server") or "/usr/bin/redis-server"
+            self.redis = Child("redis-server", "redis", [
+                redis_server, "--bind", HOST, "--port", str(redis_port), "--protected-mode", "yes",
+                "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+                "--save", "", "--logfile", "", "--daemonize", "no"],
+                {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, self.data,
+                ready_line="Ready to accept connections")
 
         secret, self.api_key, self.key_generated = load_keys(self.data, self.env)
         lingkar = Path(sys.executable).with_name("lingkar")
@@ -484,9 +488,10 @@ class Supervisor:
         return check
 
     async def start_all(self) -> None:
-        assert self.redis is not None and self.caddy is not None
-        await self.redis.start(self.on_exit)
-        await self.redis.until_ready()
+        assert self.caddy is not None
+        if self.redis is not None:
+            await self.redis.start(self.on_exit)
+            await self.redis.until_ready()
         for p in self.processes:
             await p.start(self.on_exit)
         await asyncio.gather(*(p.until_ready(self.readyz_direct(p)) for p in self.processes))
@@ -513,9 +518,9 @@ class Supervisor:
                 await child.stop()
 
     def banner(self) -> list[str]:
-        assert self.redis is not None
-        lines = [f"Lingkar is running at {self.public_url}/ ({self.n} processes behind Caddy; Redis with AOF "
-                 f"in {self.data / 'redis'})"]
+        store = (f"Redis with AOF in {self.data / 'redis'}" if self.redis is not None
+                 else "the store given with --store")
+        lines = [f"Lingkar is running at {self.public_url}/ ({self.n} processes behind Caddy; {store})"]
         if self.key_generated:
             lines.append(f"Organizer link (its key was generated once and is kept in {self.data / 'keys.json'}): "
                          f"{self.public_url}/organizer#key={self.api_key}")
@@ -658,6 +663,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="the port Caddy serves on 127.0.0.1 (8000)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
                    help="Redis's AOF, the generated keys, the pid file (.cluster in the repository)")
+    p.add_argument("--store", help="a store of your own for every process (redis://…, rediss://… or "
+                   "redis-cluster://host:port) instead of the Redis with AOF started here")
     p.add_argument("--print-caddyfile", action="store_true",
                    help="print the Caddyfile for --hosts (or N loopback ones) and exit")
     p.add_argument("--hosts", help="h1:port,h2:port,…: the processes' addresses, for --print-caddyfile")
@@ -684,9 +691,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("-n must be between 1 and 64")
     if not 1 <= args.port <= 65535:
         parser.error("--port must be between 1 and 65535")
-    missing = [name for name, path in (("caddy", caddy_binary()),
-                                       ("redis-server", shutil.which("redis-server") or "/usr/bin/redis-server"))
-               if not os.access(path, os.X_OK)]
+    needed = [("caddy", caddy_binary())]
+    if args.store is None:
+        needed.append(("redis-server", shutil.which("redis-server") or "/usr/bin/redis-server"))
+    elif not args.store.startswith(("redis://", "rediss://", "redis-cluster://")):
+        parser.error("--store must be a redis://, rediss:// or redis-cluster:// URL (processes share it)")
+    missing = [name for name, path in needed if not os.access(path, os.X_OK)]
     if missing:
         print(f"lingkar cluster: {' and '.join(missing)} not found (`make system` installs the Debian packages)",
               file=sys.stderr)
@@ -699,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     env: dict[str, Any] = dict(os.environ)
-    return asyncio.run(Supervisor(args.processes, args.port, data, env).run())
+    return asyncio.run(Supervisor(args.processes, args.port, data, env, args.store).run())
 
 
 if __name__ == "__main__":

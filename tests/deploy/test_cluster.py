@@ -78,10 +78,10 @@ def supervisor_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("LINGKAR_")}, **extra}
 
 
-async def start_supervisor(data: Path, port: int, env: dict[str, str]) -> Child:
+async def start_supervisor(data: Path, port: int, env: dict[str, str], *args: str) -> Child:
     return await Child.start("lingkar cluster", [
         sys.executable, "-m", "server.cli", "cluster", "-n", "3", "--port", str(port),
-        "--data-dir", str(data)], env, ROOT)
+        "--data-dir", str(data), *args], env, ROOT)
 
 
 def leftovers(data: Path, port: int) -> list[str]:
@@ -112,12 +112,12 @@ def kill_leftovers(data: Path, port: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_cluster(data: Path) -> AsyncIterator[Cluster]:
+async def running_cluster(data: Path, *args: str) -> AsyncIterator[Cluster]:
     """The supervisor with three processes, until it printed the organizer link (all ready).
     Stopped (SIGTERM) at the end if the body did not stop it; on a failure its output is shown
     and anything it left behind is killed."""
     port = free_port()
-    supervisor = await start_supervisor(data, port, supervisor_env())
+    supervisor = await start_supervisor(data, port, supervisor_env(), *args)
     try:
         await supervisor.said(lambda line: line.startswith("Lingkar is running at"), "its banner", timeout=90)
         link = await supervisor.said(lambda line: line.startswith("Organizer link"), "the organizer link")
@@ -387,3 +387,22 @@ def test_the_checked_in_caddyfile_is_the_one_for_three_processes_and_caddy_takes
     text = json.dumps(config)
     assert all(f'"10.0.0.{k}:8000"' in text for k in range(1, 6)) and '"/p/5/*"' in text
     assert '"policy": "header"' in text and '"uri": "/healthz"' in text
+
+
+async def test_the_cluster_runs_on_a_redis_cluster_given_with_store(tmp_path: Path, redis_cluster_url: str) -> None:
+    async with running_cluster(tmp_path / "data", "--store", redis_cluster_url) as cluster:
+        assert cluster.state()["redis"] == {"pid": None, "url": redis_cluster_url}  # no Redis of its own
+        status, circle = await cluster.api("POST", "/api/circles", {"title": "Lingkar Gugus", "lobby": False})
+        assert status == 201, circle
+        members = [Member(cluster, circle["id"], token_of(circle["links"][role]), name)
+                   for role, name in (("moderator", "Pendamping"), ("member", "Melati"), ("member", "Kenanga"))]
+        for member in members:
+            await member.join()
+        assert [m.redirects for m in members] == [[], [], []]  # `?c=` reached the home each time
+        mod, melati, _ = members
+        assert mod.client is not None and melati.client is not None
+        assert (await melati.client.command("raise_hand"))["type"] == "ack"
+        assert (await mod.sync())["state"]["queue"] == [melati.member_id]
+        for member in members:
+            assert member.client is not None
+            await member.client.close()
