@@ -72,6 +72,8 @@ async def _child(probe: bool) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
         sys.stdout.flush()
 
+    profiler: list[Any] = [None]
+
     async def handle(request: dict[str, Any]) -> None:
         op = request["op"]
         if op == "answer":
@@ -88,6 +90,18 @@ async def _child(probe: bool) -> None:
             reply({"id": request["id"], "cpu": time.process_time(), "delays": delays_now, **relay.stats()})
         elif op == "reset":
             await relay.close()
+            reply({"id": request["id"]})
+        elif op == "profile":  # LINGKAR_BENCH_IDLE_PROFILE=<file>: profile the idle window only
+            path = os.environ.get("LINGKAR_BENCH_IDLE_PROFILE")
+            if path:
+                import cProfile
+
+                if request["on"]:
+                    profiler[0] = cProfile.Profile(time.process_time)
+                    profiler[0].enable()
+                elif profiler[0] is not None:
+                    profiler[0].disable()
+                    profiler[0].dump_stats(path)
             reply({"id": request["id"]})
         elif op == "collect":  # what a full collection costs with these peers alive
             started = time.perf_counter()
@@ -218,7 +232,9 @@ async def _direct_baseline(seconds: float) -> tuple[float, float]:
         await clients.close()
 
 
-async def _one_size(relay: _RelayProcess, listeners: int, seconds: float) -> dict[str, float]:
+async def _one_size(
+    relay: _RelayProcess, listeners: int, seconds: float, idle_seconds: float
+) -> dict[str, float]:
     clients = _Clients()
     try:
         started = time.perf_counter()
@@ -240,10 +256,12 @@ async def _one_size(relay: _RelayProcess, listeners: int, seconds: float) -> dic
 
         # The same peers with nothing forwarded: the relay's fixed cost (ICE, RTCP, timers).
         await relay.call(op="audible", members=[])
+        await relay.call(op="profile", on=True)
         idle_before = await relay.call(op="sample")
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(idle_seconds)
         idle_after = await relay.call(op="sample")
-        idle_cpu_per_s = (idle_after["cpu"] - idle_before["cpu"]) / seconds
+        await relay.call(op="profile", on=False)
+        idle_cpu_per_s = (idle_after["cpu"] - idle_before["cpu"]) / idle_seconds
         await relay.call(op="audible", members=["speaker"])
 
         before = await relay.call(op="sample")
@@ -276,7 +294,7 @@ async def _one_size(relay: _RelayProcess, listeners: int, seconds: float) -> dic
         await relay.call(op="reset")
 
 
-async def _main(sizes: list[int], seconds: float, probe: bool) -> None:
+async def _main(sizes: list[int], seconds: float, idle_seconds: float, probe: bool) -> None:
     base50, base99 = await _direct_baseline(seconds)
     print(f"direct peer-to-peer (no relay): p50 {base50:.2f} ms, p99 {base99:.2f} ms")
     header = (
@@ -288,12 +306,12 @@ async def _main(sizes: list[int], seconds: float, probe: bool) -> None:
         relay = _RelayProcess(probe)
         await relay.start()
         try:
-            row = await _one_size(relay, size, seconds)
+            row = await _one_size(relay, size, seconds, idle_seconds)
         finally:
             await relay.stop()
         print(
             f"{row['listeners']:>9} {row['forwarded']:>9} {row['cpu_us_per_packet']:>10.1f} "
-            f"{row['marginal_us_per_packet']:>8.1f} {row['cpu_share']:>8.0%} {row['idle_share']:>5.0%} "
+            f"{row['marginal_us_per_packet']:>8.1f} {row['cpu_share']:>8.0%} {row['idle_share']:>5.1%} "
             f"{row['p50_ms']:>6.2f}ms {row['p99_ms']:>6.2f}ms "
             f"{row['relay_p50_ms']:>7.2f}ms {row['relay_p99_ms']:>7.2f}ms {row['join_s']:>7.1f}",
             flush=True,
@@ -316,6 +334,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="7,30,100,300", help="listener counts, comma separated")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per size")
     parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=None,
+        help="seconds of the idle window (the same peers, nothing forwarded); default --seconds",
+    )
+    parser.add_argument(
         "--relay-delay",
         action="store_true",
         help="also time each packet from the tap to its datagram being sent (costs the relay ~1 µs a packet)",
@@ -333,7 +357,9 @@ def main() -> None:
         else:
             _run(_child(args.relay_delay))
     else:
-        asyncio.run(_main([int(s) for s in args.sizes.split(",")], args.seconds, args.relay_delay))
+        sizes = [int(s) for s in args.sizes.split(",")]
+        idle_seconds = args.seconds if args.idle_seconds is None else args.idle_seconds
+        asyncio.run(_main(sizes, args.seconds, idle_seconds, args.relay_delay))
 
 
 if __name__ == "__main__":
