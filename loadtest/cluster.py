@@ -810,7 +810,8 @@ def fanout_line(r: dict[str, Any]) -> str:
             f"p99 {o['p99_ms']:.2f} ms, {r['deliveries_per_second']:.0f} deliveries/s of "
             f"{r['events_per_second']:.0f}, missing {r['missing_deliveries']}, errors {r['command_errors']}, "
             f"redirects {r['redirects_at_join']}; CPU % of a core: processes {cpu.get('server')}, "
-            f"caddy {cpu.get('proxy')}, redis {cpu.get('redis')}, generator {r['client_cpu_percent_of_one_core']}")
+            f"caddy {cpu.get('proxy')}, redis {cpu.get('redis')}, generator {r['client_cpu_percent_of_one_core']} "
+            f"(its schedule {r['generator_lag_seconds']:.1f} s late)")
 
 
 def fanout_summary(r: dict[str, Any]) -> str:
