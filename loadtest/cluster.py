@@ -11,7 +11,7 @@ Each subcommand starts what it measures and stops it at the end (also on an erro
 cluster` runs it: K `lingkar serve`, Caddy, a redis-server with AOF), ready once it printed its
 organizer link, stopped with SIGINT, after which nothing it started may be left (named in the
 output when something was). `acked` runs one `lingkar serve` on a redis-server with AOF of its
-own instead, so that it can kill Redis.
+own (or on testkit's Redis Cluster) instead, so that it can kill Redis.
 
 - failover: per round a circle with a moderator and three members, all joined through the
   proxy as the web client does (`/ws?c=`, `redirect` followed, resume with the secret on a
@@ -32,8 +32,9 @@ own instead, so that it can kill Redis.
   every acked version (version ≥ the last acked one, the last acked change visible), and the
   writer's next ack must carry a higher version.
 - fanout: loadtest.fanout's loop (a command per circle every 200 ms, the time to every member)
-  through the proxy with `?c=`, for K processes on one Redis, as ratios to K=1; with the
-  processes', Caddy's, Redis's and the generator's CPU.
+  through the proxy with `?c=`, for K processes on one Redis, and on testkit's Redis Cluster
+  (`lingkar cluster --store redis-cluster://…`), as ratios to K=1; with the processes',
+  Caddy's, Redis's and the generator's CPU, and how late the generator ran its schedule.
 
 The machine is shared: the numbers move with whatever else runs (the load average before and
 after each subcommand is in the JSON).
@@ -59,7 +60,7 @@ from typing import Any
 
 from loadtest.client import Client, Closed
 from loadtest.fanout import Target, measure
-from loadtest.procs import AofRedis, ClusterProcess, Deployment, ServerProcess, pids_working_in
+from loadtest.procs import AofRedis, ClusterProcess, ServerProcess, pids_working_in
 from testkit.http import call
 from testkit.loop import run as run_loop
 from testkit.procs import machine_busy_seconds
@@ -265,9 +266,9 @@ def machine() -> dict[str, Any]:
 class Cluster:
     """A `lingkar cluster` of its own in a temporary data directory, for `async with`."""
 
-    def __init__(self, n: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, n: int, env: dict[str, str] | None = None, store: str | None = None) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="lk-bench-"))  # short: the control socket's path
-        self.proc = ClusterProcess(n, self.tmp / "data", env=env)
+        self.proc = ClusterProcess(n, self.tmp / "data", env=env, store=store)
         self.left: list[str] = []
 
     async def __aenter__(self) -> ClusterProcess:
@@ -767,25 +768,19 @@ async def fanout(processes: list[int], rooms: list[int], members: int, seconds: 
             left += cluster.left
     if "redis-cluster" in stores:
         rc = LocalRedisCluster()
-        tmp = Path(tempfile.mkdtemp(prefix="lk-fanout-rc-"))
         try:
             await asyncio.to_thread(rc.start)
             redis_pids = pids_working_in([node.dir for node in rc.nodes])
             for k in processes:
-                deployment = Deployment(k, rc.url, tmp / f"k{k}")
-                try:
-                    deployment.start()  # in this thread: its children die with it (PDEATHSIG)
-                    print(f"{k} × lingkar serve on the Redis Cluster behind Caddy up in "
-                          f"{deployment.started_seconds:.1f} s at {deployment.url}", flush=True)
-                    pids = {"server": deployment.pids("processes"), "proxy": deployment.pids("caddy"),
-                            "redis": redis_pids}
-                    results += await fanout_one("redis-cluster", k, deployment.url, deployment.api_key, pids,
-                                                rooms, members, seconds)
-                finally:
-                    left += await asyncio.to_thread(deployment.stop)
+                cluster = Cluster(k, env={"LINGKAR_MAX_CONNECTIONS_PER_ADDRESS": "0"}, store=rc.url)
+                async with cluster as cl:
+                    print(f"lingkar cluster -n {k} --store {rc.url} up in {cl.started_seconds:.1f} s at {cl.url}",
+                          flush=True)
+                    pids = {"server": cl.pids("processes"), "proxy": cl.pids("caddy"), "redis": redis_pids}
+                    results += await fanout_one("redis-cluster", k, cl.url, cl.api_key, pids, rooms, members, seconds)
+                left += cluster.left
         finally:
             await asyncio.to_thread(rc.close)
-            shutil.rmtree(tmp, ignore_errors=True)
     for store in stores:
         mine = [r for r in results if r["store"] == store]
         base = {r["rooms"]: r for r in mine if r["processes"] == processes[0] and "overall" in r}
@@ -854,8 +849,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--members", type=int, default=8)
     o.add_argument("--seconds", type=float, default=10.0)
     o.add_argument("--stores", type=lambda t: [x for x in t.split(",") if x], default=["redis", "redis-cluster"],
-                   help="redis (lingkar cluster's own redis-server), redis-cluster (testkit's, behind the "
-                        "same Caddyfile), or both, comma-separated")
+                   help="redis (lingkar cluster's own redis-server), redis-cluster (testkit's, given to "
+                        "`lingkar cluster --store`), or both, comma-separated")
     for s in (f, r, a, o):
         s.add_argument("--out", type=Path, help="write the JSON report here")
     return p

@@ -223,7 +223,7 @@ async def measure(target: Target, rooms_n: int, members_n: int, seconds: float) 
         # An overloaded generator finishes its schedule late: CPU is per second of the window
         # actually read, and the lag is reported (its sends bunch up; latencies then include it).
         ended = time.perf_counter()
-        window, lag = ended - cpu_before["at"], ended - stop_at
+        window, lag = ended - cpu_before["at"], max(0.0, ended - stop_at - PERIOD)  # the last tick ends ≤ PERIOD after
         expected = sum(sum(1 for _, m in room.sent if m) * len(room.sockets) for room in rooms)
         progress.target = expected
         if progress.count >= expected:

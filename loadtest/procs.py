@@ -210,15 +210,17 @@ def _pdeathsig(sig: int) -> Any:
 
 
 class ClusterProcess:
-    """`python -m server.cli cluster -n N --port P --data-dir D` (what `make cluster` runs), as a
+    """`python -m server.cli cluster -n N --port P --data-dir D [--store URL]` (what `make cluster` runs), as a
     developer starts it: ready once it printed its organizer link; stopped with SIGINT, after
     which nothing it started may be left. Its output is read all along (kept in `lines`).
     `env` is added to the supervisor's environment (the processes inherit it); LINGKAR_*
     variables of this environment are not passed on."""
 
-    def __init__(self, n: int, data_dir: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, n: int, data_dir: Path, *, env: dict[str, str] | None = None,
+                 store: str | None = None) -> None:
         self.n = n
         self.data = data_dir
+        self.store = store  # `--store URL`: the processes on a store of ours (a Redis Cluster), no Redis of its own
         self.port = free_port()
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("LINGKAR_")},
                     "LINGKAR_LOG_LEVEL": "WARNING", **(env or {})}
@@ -238,7 +240,7 @@ class ClusterProcess:
         self._new = asyncio.Event()
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server.cli", "cluster", "-n", str(self.n), "--port", str(self.port),
-            "--data-dir", str(self.data), cwd=REPO, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+            "--data-dir", str(self.data), *(["--store", self.store] if self.store else []), cwd=REPO, env=self.env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, limit=1 << 20,
             start_new_session=True, preexec_fn=_pdeathsig(2))  # SIGINT: it stops in order
         self._reader = asyncio.create_task(self._read())
@@ -401,82 +403,3 @@ def pids_working_in(directories: list[Path]) -> list[int]:
         except OSError:
             continue
     return found
-
-
-# ---- K `lingkar serve` behind Caddy on a store of one's own ---------------------------------
-
-class Deployment:
-    """What `lingkar cluster` runs, for a store it does not start itself (it always starts its
-    own redis-server): K `lingkar serve` on `store` with one secret, key and public URL and
-    their own LINGKAR_PROCESS_URL (public URL + /p/K), behind Caddy with the Caddyfile that
-    `lingkar cluster --print-caddyfile --hosts …` prints. Ready once every process answers
-    /p/K/readyz through the proxy; `stop()` sends SIGTERM (they drain), then stops Caddy, and
-    answers what is still running (must be nothing)."""
-
-    def __init__(self, n: int, store: str, data_dir: Path) -> None:
-        self.n = n
-        self.store = store
-        self.data = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = secrets.token_urlsafe(24)
-        self.secret = secrets.token_urlsafe(48)
-        self.ports = [free_port() for _ in range(n)]
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.caddy: subprocess.Popen[bytes] | None = None
-        self.started_seconds = 0.0
-
-    def start(self, timeout: float = 90.0) -> None:
-        began = time.monotonic()
-        self.data.mkdir(parents=True, exist_ok=True)
-        base = {k: v for k, v in os.environ.items() if not k.startswith("LINGKAR_")}
-        for k, port in enumerate(self.ports, 1):
-            env = {**base, "LINGKAR_HOST": "127.0.0.1", "LINGKAR_PORT": str(port), "LINGKAR_STORE": self.store,
-                   "LINGKAR_SECRET": self.secret, "LINGKAR_API_KEY": self.api_key,
-                   "LINGKAR_PUBLIC_URL": self.url, "LINGKAR_PROCESS_URL": f"{self.url}/p/{k}",
-                   "LINGKAR_MAX_CONNECTIONS_PER_ADDRESS": "0", "LINGKAR_LOG_LEVEL": "WARNING"}
-            with open(self.data / f"p{k}.log", "wb") as log:
-                self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env, stdout=log,
-                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_pdeathsig(signal.SIGTERM)))
-        for k, port in enumerate(self.ports, 1):
-            proc = self.processes[k - 1]
-            wait_ready(f"http://127.0.0.1:{port}", timeout, alive=lambda p=proc: p.poll() is None)
-        hosts = ",".join(f"127.0.0.1:{port}" for port in self.ports)
-        printed = subprocess.run([sys.executable, "-m", "server.cli", "cluster", "--print-caddyfile", "--hosts", hosts],
-                                 cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
-        config = self.data / "Caddyfile"
-        config.write_text(printed.stdout)
-        home = self.data / "caddy"
-        caddy_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-                     "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config"),
-                     "LINGKAR_SITE": f"http://:{self.port}", "LINGKAR_CADDY_BIND": "127.0.0.1",
-                     "LINGKAR_CADDY_ADMIN": "off"}
-        with open(self.data / "caddy.log", "wb") as log:
-            self.caddy = subprocess.Popen(
-                ["caddy", "run", "--config", str(config), "--adapter", "caddyfile"], cwd=self.data,
-                env=caddy_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_pdeathsig(signal.SIGTERM))
-        for k in range(1, self.n + 1):
-            wait_ready(f"{self.url}/p/{k}", timeout, alive=lambda: self.caddy is not None and self.caddy.poll() is None)
-        self.started_seconds = time.monotonic() - began
-
-    def pids(self, role: str) -> list[int]:
-        if role == "processes":
-            return [p.pid for p in self.processes if p.poll() is None]
-        return [self.caddy.pid] if self.caddy is not None and self.caddy.poll() is None else []
-
-    def stop(self) -> list[str]:
-        for p in self.processes:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.processes:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-        procs.stop(self.caddy, 10)
-        children = [(f"process {k}", p) for k, p in enumerate(self.processes, 1)]
-        children += [("caddy", self.caddy)] if self.caddy is not None else []
-        return [f"{p.pid}: {name}" for name, p in children if p.poll() is None]
