@@ -9,7 +9,7 @@ APT_UPDATED := /tmp/.lingkar-apt-updated
 PYTEST_ARGS ?=
 N ?= 3
 
-.PHONY: serve cluster cluster-restart test lint bench loadtest fuzz setup system web clean
+.PHONY: serve cluster cluster-restart cluster-revive test lint bench loadtest fuzz setup system web clean
 
 serve: setup web
 	$(VENV)/bin/lingkar serve
@@ -22,6 +22,10 @@ cluster: setup system web
 # Restarts the running cluster's processes one by one (each drains, comes back, is ready).
 cluster-restart: setup
 	$(VENV)/bin/lingkar cluster restart
+
+# Starts only the cluster's processes that are not running (after a crash); the others stay.
+cluster-revive: setup
+	$(VENV)/bin/lingkar cluster revive
 
 test: setup system web
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

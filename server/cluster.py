@@ -531,9 +531,17 @@ class Supervisor:
 
     # -- the rolling restart --
 
-    async def rolling_restart(self, say: Callable[[str], None]) -> bool:
-        say(f"rolling restart of {self.n} processes, one at a time")
+    async def rolling_restart(self, say: Callable[[str], None], *, only_dead: bool = False) -> bool:
+        """Every process in turn (`restart`), or only those that are not running (`revive`:
+        the healthy ones, and their circles, are left alone)."""
+        if only_dead:
+            dead = [k for k, p in enumerate(self.processes, 1) if not p.running]
+            say(f"starting the processes that are not running: {', '.join(map(str, dead)) or 'none'}")
+        else:
+            say(f"rolling restart of {self.n} processes, one at a time")
         for k, p in enumerate(self.processes, 1):
+            if only_dead and p.running:
+                continue
             if p.running:
                 say(f"process {k}: stopping (pid {p.pid}; it drains)")
                 await p.stop()
@@ -549,19 +557,19 @@ class Supervisor:
                 return False
             self.write_state()
             say(f"process {k}: ready")
-            if k < self.n:
+            if k < self.n and not only_dead:
                 await asyncio.sleep(SETTLE_SECONDS)  # back in the proxy's ring before the next stops
-        say("rolling restart done")
+        say("revive done" if only_dead else "rolling restart done")
         return True
 
-    def begin_restart(self, say: Callable[[str], None]) -> asyncio.Task[bool] | None:
+    def begin_restart(self, say: Callable[[str], None], *, only_dead: bool = False) -> asyncio.Task[bool] | None:
         if not self.running or self.stopping.is_set():
             say("the cluster is not running (yet); no restart")
             return None
         if self.restarting is not None and not self.restarting.done():
             say("a rolling restart is already running")
             return None
-        self.restarting = asyncio.create_task(self.rolling_restart(say))
+        self.restarting = asyncio.create_task(self.rolling_restart(say, only_dead=only_dead))
         return self.restarting
 
     def on_hup(self) -> None:
@@ -575,10 +583,10 @@ class Supervisor:
 
         try:
             command = (await asyncio.wait_for(reader.readline(), 5)).strip()
-            if command != b"restart":
-                writer.write(b"unknown command (this socket knows `restart`)\n")
+            if command not in (b"restart", b"revive"):
+                writer.write(b"unknown command (this socket knows `restart` and `revive`)\n")
                 return
-            task = self.begin_restart(say)
+            task = self.begin_restart(say, only_dead=command == b"revive")
             if task is not None:
                 await asyncio.gather(asyncio.shield(task), return_exceptions=True)
         except (OSError, TimeoutError):
@@ -633,9 +641,9 @@ def caddy_binary() -> str:
     return os.environ.get("LINGKAR_CADDY") or shutil.which("caddy") or "/usr/bin/caddy"
 
 
-def restart(data: Path) -> int:
-    """`lingkar cluster restart`: ask the running supervisor for a rolling restart and print
-    its progress; 0 once it is done."""
+def restart(data: Path, command: str = "restart") -> int:
+    """`lingkar cluster restart` (or `revive`: only the processes that are not running): ask
+    the running supervisor and print its progress; 0 once it is done."""
     path = data / "control.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
@@ -644,21 +652,22 @@ def restart(data: Path) -> int:
             print(f"lingkar cluster: no cluster is running from {data} (nothing listens on {path})",
                   file=sys.stderr)
             return 1
-        s.sendall(b"restart\n")
+        s.sendall(command.encode() + b"\n")
         last = ""
         with s.makefile("r", encoding="utf-8", errors="replace") as answers:
             for line in answers:
                 print(line, end="", flush=True)
                 last = line.strip()
-    return 0 if last == "rolling restart done" else 1
+    return 0 if last in ("rolling restart done", "revive done") else 1
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lingkar cluster",
         description="Several `lingkar serve` behind Caddy on one Redis, on this machine (DESIGN §8).")
-    p.add_argument("action", nargs="?", choices=("run", "restart"), default="run",
-                   help="run the cluster (default), or restart the running one's processes one by one")
+    p.add_argument("action", nargs="?", choices=("run", "restart", "revive"), default="run",
+                   help="run the cluster (default); restart the running one's processes one by one; "
+                        "or revive: start only those that are not running (after a crash)")
     p.add_argument("-n", "--processes", type=int, default=3, help="how many `lingkar serve` (3)")
     p.add_argument("--port", type=int, default=8000, help="the port Caddy serves on 127.0.0.1 (8000)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
@@ -685,8 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.hosts:
         parser.error("--hosts goes with --print-caddyfile")
     data = args.data_dir.resolve()
-    if args.action == "restart":
-        return restart(data)
+    if args.action in ("restart", "revive"):
+        return restart(data, args.action)
     if not 1 <= args.processes <= 64:
         parser.error("-n must be between 1 and 64")
     if not 1 <= args.port <= 65535:
