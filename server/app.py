@@ -90,7 +90,8 @@ def build_app(settings: Settings, *, store: Store | None = None, clock: Clock | 
     relay = circles.relay
     # DESIGN §8: this process's id (unique per start) and own URL go into its leases.
     homes = Homes(store, uuid.uuid4().hex, settings.process_url or settings.public_url, ttl_ms=settings.lease_ms,
-                  in_use=circles.in_use, on_takeover=circles.take_over, on_lost=circles.moved)
+                  in_use=circles.in_use, on_takeover=circles.take_over, on_lost=circles.moved,
+                  on_handover=circles.hand_over)
     manager.when_deleted(homes.deleted)  # its lease went with it: nothing to renew
     member_ice = IceServers(stun=ice, turn_urls=settings.turn_urls, turn_secret=settings.turn_secret,
                             turn_ttl=settings.turn_ttl)

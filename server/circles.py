@@ -211,6 +211,13 @@ class Circles:
     def in_use(self, circle_id: str) -> bool:
         return circle_id in self._runtimes
 
+    def hand_over(self, circle_id: str, url: str) -> None:
+        """The circle's lease was given up to the process at `url`, where the proxy sends its
+        hellos: its members here are sent there (`redirect`, 4300)."""
+        runtime = self._runtimes.get(circle_id)
+        if runtime is not None:
+            runtime.redirect_sessions(url + "/ws")
+
     def moved(self, circle_id: str) -> None:
         """Another process holds the circle now: close its sessions here with 1013 (the
         protocol's "try again"), so their clients reconnect with the resume secret and are

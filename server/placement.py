@@ -13,7 +13,7 @@ class Leases:
     def __init__(self, homes: Homes) -> None:
         self.homes = homes
 
-    async def place(self, circle_id: str) -> str | None:
+    async def place(self, circle_id: str, *, routed: bool = False) -> str | None:
         home = await self.homes.claim(circle_id)
         if not isinstance(home, Owner):
             return None
@@ -21,6 +21,8 @@ class Leases:
             # An earlier run of this process (same URL, now gone) still holds it: no
             # redirect to ourselves; the client retries once the lease is out.
             raise StaleOwner("the lease of an earlier run has not run out yet")
+        if routed:  # the proxy sends this circle here: ask its home to hand it over
+            await self.homes.ask_handover(home.url, circle_id)
         return home.url + "/ws"
 
     def fence(self, circle_id: str) -> int | None:

@@ -161,6 +161,10 @@ class WebSocketEndpoint:
         self.metrics = metrics.SessionMetrics()
         self._per_address: Counter[str] = Counter()
         self.draining = False
+        # Behind a proxy that routes `/ws?c=` (each process has a URL of its own under the
+        # public one): a hello it sends to a process that is not the circle's home asks
+        # the home to hand the circle over (DESIGN §8).
+        self.behind_proxy = (settings.process_url or settings.public_url) != settings.public_url
 
     async def handle(self, ws: WebSocket) -> None:
         if self.draining or not origin_allowed(self.settings, ws.headers.get("origin")):
@@ -177,7 +181,8 @@ class WebSocketEndpoint:
             await ws.accept()
             session = Session(_StarletteTransport(ws), self.manager, secret=self.settings.secret,
                               circles=self.circles, observer=self.metrics, limits=self.limits,
-                              home=self.home, address=address, ice=self.ice)
+                              home=self.home, address=address, ice=self.ice,
+                              routed=self.behind_proxy and ws.query_params.get("c") is not None)
             await session.run()
         finally:
             metrics.CONNECTIONS.dec()

@@ -70,9 +70,10 @@ class Transport(Protocol):
 class Home(Protocol):
     """Where a circle lives (DESIGN §8)."""
 
-    async def place(self, circle_id: str) -> str | None:
+    async def place(self, circle_id: str, *, routed: bool = False) -> str | None:
         """None: the circle lives here (this process holds its lease now); else the URL of
-        the `/ws` of the process that does. Raises StoreError, NoSuchCircle."""
+        the `/ws` of the process that does. `routed`: a proxy chose this process for the
+        circle (`/ws?c=`). Raises StoreError, NoSuchCircle."""
 
     def fence(self, circle_id: str) -> int | None:
         """The lease token every write of the circle carries; raises StaleOwner when this
@@ -85,7 +86,7 @@ class Home(Protocol):
 class Anywhere:
     """No leases: every process may write every circle (one process, or tests)."""
 
-    async def place(self, circle_id: str) -> str | None:
+    async def place(self, circle_id: str, *, routed: bool = False) -> str | None:
         return None
 
     def fence(self, circle_id: str) -> int | None:
@@ -174,8 +175,9 @@ class Session:
     def __init__(self, transport: Transport, manager: RoomManager, *, secret: str, circles: Circles,
                  observer: Observer | None = None, limits: Limits = DEFAULT_LIMITS,
                  now_ms: Callable[[], int] = _now_ms, home: Home | None = None,
-                 address: str = "", ice: IceServers = NO_ICE_SERVERS) -> None:
+                 address: str = "", ice: IceServers = NO_ICE_SERVERS, routed: bool = False) -> None:
         self.transport = transport
+        self.routed = routed  # a proxy sent this socket here for its circle (`/ws?c=`)
         self.manager = manager
         self.circles = circles
         self.observer = observer or Unobserved()
@@ -335,7 +337,7 @@ class Session:
         """The join step: find the circle's home (a redirect when it is elsewhere), then run
         the machine's `Join` or `Resume` there."""
         try:
-            url = await self.home.place(request.circle_id)
+            url = await self.home.place(request.circle_id, routed=self.routed)
             if url is not None:
                 self.conn.redirect(url)
                 return None

@@ -34,6 +34,7 @@ from storage.store import Lease, NoSuchCircle, Owner, Store, StoreError, StoreUn
 log = logging.getLogger(__name__)
 
 LEASE_MS = 3000
+HANDOVER_SETTLE_SECONDS = 30.0
 
 
 class Homes:
@@ -44,6 +45,8 @@ class Homes:
                  in_use: Callable[[str], bool] = lambda circle_id: False,
                  on_takeover: Callable[[str], Awaitable[None]] | None = None,
                  on_lost: Callable[[str], None] = lambda circle_id: None,
+                 on_handover: Callable[[str, str], None] = lambda circle_id, url: None,
+                 settle_seconds: float = HANDOVER_SETTLE_SECONDS,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.owner_id = owner_id
@@ -52,10 +55,13 @@ class Homes:
         self._in_use = in_use
         self._on_takeover = on_takeover
         self._on_lost = on_lost
+        self._on_handover = on_handover
+        self.settle_seconds = settle_seconds  # a circle stays this long where it came before it moves on
         self._monotonic = monotonic
         self._leases: dict[str, Lease] = {}
         self._valid_until: dict[str, float] = {}  # monotonic s; 0: unconfirmed (retry)
         self._claimed_at: dict[str, float] = {}
+        self._arrived_at: dict[str, float] = {}  # when the lease became ours (a hand-over waits)
         self._locks = KeyedLock()  # claims and releases of one circle in turn
         self._rechecking: set[str] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -84,6 +90,8 @@ class Homes:
         if isinstance(got, Owner):
             self._forget(circle_id)
             return got
+        if circle_id not in self._leases:
+            self._arrived_at[circle_id] = sent
         self._leases[circle_id] = got
         self._valid_until[circle_id] = sent + self.ttl_ms / 1000
         self._start()
@@ -145,6 +153,7 @@ class Homes:
         self._leases.pop(circle_id, None)
         self._valid_until.pop(circle_id, None)
         self._claimed_at.pop(circle_id, None)
+        self._arrived_at.pop(circle_id, None)
 
     def deleted(self, circle_id: str) -> None:
         """The circle was deleted, and its lease with it: nothing to renew or release."""
@@ -153,7 +162,8 @@ class Homes:
     def keeps(self, circle_id: str) -> bool:
         """Whether anything of the circle is kept here (for leak checks, issue 17)."""
         return (circle_id in self._leases or circle_id in self._valid_until
-                or circle_id in self._claimed_at or circle_id in self._locks
+                or circle_id in self._claimed_at or circle_id in self._arrived_at
+                or circle_id in self._locks
                 or circle_id in self._rechecking)
 
     # ---- renewing ------------------------------------------------------------------------
@@ -193,6 +203,7 @@ class Homes:
         """One round: announce this process, give up idle leases, extend the rest, re-check
         the lost ones."""
         await self._announce()
+        await self._hand_over()
         now = self._monotonic()
         for circle_id in list(self._leases):
             idle = now - self._claimed_at.get(circle_id, now) > self.ttl_ms / 1000
@@ -231,6 +242,36 @@ class Homes:
                 await self.store.release(lease)
             except StoreError:
                 pass  # it expires on its own within the TTL
+
+    # ---- hand-overs -------------------------------------------------------------------------
+
+    async def ask_handover(self, home_url: str, circle_id: str) -> None:
+        """A proxy sends the circle's hellos here while another live process is its home (it
+        came back after a restart, or the circle moved during one): ask that process to hand
+        the circle over, so that later hellos are not redirected. Best effort."""
+        try:
+            await self.store.ask_handover(home_url, circle_id, self.url)
+        except StoreError:
+            pass
+
+    async def _hand_over(self) -> None:
+        """Hand over the circles other processes asked for: given up here, then their members
+        sent there (`on_handover`), unless the asker is not alive or the circle came here less
+        than `settle_seconds` ago (no circle bounces between processes)."""
+        try:
+            asked = await self.store.handovers(self.url)
+        except (StoreError, CorruptState):
+            return
+        alive = set(self.peers.values())
+        now = self._monotonic()
+        for circle_id, to_url in asked.items():
+            arrived = self._arrived_at.get(circle_id)
+            if (circle_id not in self._leases or to_url not in alive or arrived is None
+                    or now - arrived < self.settle_seconds):
+                continue
+            await self._release(circle_id)
+            log.info("a circle handed over to the process its hellos reach")
+            self._on_handover(circle_id, to_url)
 
     async def release(self, circle_id: str) -> None:
         """Give the circle's lease up now (a drain sends its members to another process)."""

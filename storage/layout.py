@@ -35,6 +35,12 @@ KEEP_EVENTS_MS = events_horizon_ms(30)
 CIRCLE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what `secrets.token_urlsafe` makes, bounded
 CIRCLES_KEY = "lk:circles"  # set of circle ids, for listing only (see storage.redis_store)
 PROCESSES_KEY = "lk:processes"  # the live processes: owner id -> "expiry ms|own URL" (DESIGN §8)
+HANDOVER_KEEP_MS = 10_000  # a hand-over asked of a process that does not take it is dropped
+
+
+def handover_key(url: str) -> str:
+    """The hand-overs asked of the process at `url`: circle id -> the URL to hand it to."""
+    return f"lk:handover:{url}"
 
 
 class CircleKeys(NamedTuple):

@@ -165,6 +165,12 @@ class MemoryStore:
     async def withdraw(self, owner_id: str) -> None:
         pass
 
+    async def ask_handover(self, home_url: str, circle_id: str, to_url: str) -> None:
+        pass  # one process: it is every circle's home
+
+    async def handovers(self, home_url: str) -> dict[str, str]:
+        return {}
+
     async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> list[bool]:
         return [True for _ in leases]
 

@@ -44,12 +44,14 @@ from storage.codec import CorruptState, state_version
 from storage.layout import (
     CIRCLE_ID,
     CIRCLES_KEY,
+    HANDOVER_KEEP_MS,
     IDLE_SECONDS,
     KEEP_EVENTS_MS,
     MAX_VERSIONS,
     PROCESSES_KEY,
     circle_keys,
     circle_of_channel,
+    handover_key,
     replay_needed,
 )
 from storage.store import (
@@ -164,6 +166,13 @@ for i = 1, #all, 2 do
   end
 end
 return alive
+"""
+
+# KEYS[1] the hand-overs asked of one process: all of them, taken at once.
+_TAKE_ALL = """
+local asked = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1])
+return asked
 """
 
 _DELETE = """
@@ -290,6 +299,7 @@ class RedisStore:
         self._renew_script = self._script(_RENEW)
         self._release_script = self._script(_RELEASE)
         self._announce_script = self._script(_ANNOUNCE)
+        self._take_all_script = self._script(_TAKE_ALL)
         self._conns: dict[str, Any] = {}  # connections of saves and renewals (made, not pooled)
         self._subs: dict[str, list[_Subscriber]] = {}
         self._woken: dict[str, int] = {}  # newest version this process's subscribers heard, per circle
@@ -494,6 +504,18 @@ class RedisStore:
     async def withdraw(self, owner_id: str) -> None:
         with _mapped("withdraw"):
             await self._redis.hdel(PROCESSES_KEY, owner_id)
+
+    async def ask_handover(self, home_url: str, circle_id: str, to_url: str) -> None:
+        key = handover_key(home_url)
+        with _mapped("handover"):
+            await self._redis.hset(key, circle_id, to_url)
+            await self._redis.pexpire(key, HANDOVER_KEEP_MS)
+
+    async def handovers(self, home_url: str) -> dict[str, str]:
+        with _mapped("handovers"):
+            answer = await self._take_all_script(keys=[handover_key(home_url)])
+        pairs = [x.decode() if isinstance(x, bytes) else str(x) for x in answer]
+        return dict(zip(pairs[::2], pairs[1::2], strict=True))
 
     async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
         channel = circle_keys(circle_id).wake

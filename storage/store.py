@@ -124,6 +124,14 @@ class Store(Protocol):
     async def withdraw(self, owner_id: str) -> None:
         """This process is going away: no longer among the live ones."""
 
+    async def ask_handover(self, home_url: str, circle_id: str, to_url: str) -> None:
+        """Ask the process at `home_url` to hand the circle over to the one at `to_url` (where a
+        proxy sends the circle's hellos); kept a few seconds."""
+
+    async def handovers(self, home_url: str) -> dict[str, str]:
+        """The hand-overs asked of the process at `home_url` (circle id -> URL), taken: each
+        is answered once."""
+
     async def publish_ephemeral(self, circle_id: str, event: bytes) -> None:
         """Deliver an event live to subscribers without keeping it anywhere."""
 

@@ -149,6 +149,7 @@ async def test_a_hello_at_another_process_is_redirected_to_the_home(redis_url: s
         assert first == {"type": "redirect", "url": a.url + "/ws"}
         assert await client.closed() == 4300
         assert b.parts.circles.sessions() == []
+        assert not b.parts.ws.behind_proxy  # its URL is the public one: it asks no hand-over
 
         followed, welcome = await hello_at(first["url"], token_of(links["member"]))
         assert welcome is not None and welcome["type"] == "welcome"
@@ -246,6 +247,32 @@ async def test_drain_sends_the_members_to_another_live_process_in_their_seats(re
         assert home_of(redis_url, circle["id"])[b"owner"] == b.parts.homes.owner_id.encode()
         status, _ = await a.api("GET", "/healthz")
         assert status == 503  # out of a proxy's ring
+
+
+async def test_a_circle_is_handed_over_to_the_process_a_proxy_sends_its_hellos_to(redis_url: str) -> None:
+    public = "http://127.0.0.1:9"  # one public URL (a proxy's); each process has its own URL too
+    async with live_server(redis_url, public_url=public) as a, \
+            live_server(redis_url, public_url=public) as b:
+        circle = await a.create_circle()
+        cid, links = circle["id"], circle["links"]
+        mod = await join(b, links["moderator"], "Pendamping")  # B is the home
+        # A hello the proxy routed to A (`/ws?c=`): redirected to B, and B is asked to hand over.
+        client, first = await hello_at(f"{a.ws_url}?c={cid}", token_of(links["member"]))
+        assert first == {"type": "redirect", "url": b.url + "/ws"}
+        await client.closed()
+        await b.parts.homes.renew_once()  # the circle came to B a moment ago: it stays (no bouncing)
+        assert mod.close_code is None and home_of(redis_url, cid)[b"url"] == b.url.encode()
+        client, first = await hello_at(f"{a.ws_url}?c={cid}", token_of(links["member"]))
+        assert first is not None and first["type"] == "redirect"
+        await client.closed()
+        b.parts.homes.settle_seconds = 0.0  # as if it had been there for a while
+        await b.parts.homes.renew_once()
+        assert await mod.closed() == 4300 and mod.frames[-1] == {"type": "redirect", "url": a.url + "/ws"}
+        back, welcome = await hello_at(a.url + "/ws", token_of(links["moderator"]), "x", mod.resume)
+        assert welcome is not None and welcome["member_id"] == mod.member_id, welcome
+        client, first = await hello_at(f"{a.ws_url}?c={cid}", token_of(links["member"]), "Melati")
+        assert first is not None and first["type"] == "welcome"  # straight in: no redirect now
+        assert home_of(redis_url, cid)[b"url"] == a.url.encode()
 
 
 async def test_a_drain_with_no_other_process_closes_with_1001_and_gives_the_leases_up(
