@@ -87,7 +87,16 @@ async def _child(probe: bool) -> None:
         elif op == "sample":
             delays_now = list(delays)
             delays.clear()
-            reply({"id": request["id"], "cpu": time.process_time(), "delays": delays_now, **relay.stats()})
+            times = os.times()
+            reply(
+                {
+                    "id": request["id"],
+                    "cpu": time.process_time(),
+                    "system": times.system,
+                    "delays": delays_now,
+                    **relay.stats(),
+                }
+            )
         elif op == "reset":
             await relay.close()
             reply({"id": request["id"]})
@@ -262,6 +271,7 @@ async def _one_size(
         idle_after = await relay.call(op="sample")
         await relay.call(op="profile", on=False)
         idle_cpu_per_s = (idle_after["cpu"] - idle_before["cpu"]) / idle_seconds
+        idle_system_per_s = (idle_after["system"] - idle_before["system"]) / idle_seconds
         await relay.call(op="audible", members=["speaker"])
 
         before = await relay.call(op="sample")
@@ -282,6 +292,8 @@ async def _one_size(
             "cpu_share": cpu / wall,
             "marginal_us_per_packet": (cpu - idle_cpu_per_s * wall) / forwarded * 1e6 if forwarded else 0,
             "idle_share": idle_cpu_per_s,
+            "idle_system_share": idle_system_per_s,
+            "system_share": (after["system"] - before["system"]) / wall,
             "p50_ms": p50,
             "p99_ms": p99,
             "relay_p50_ms": in50,
@@ -299,7 +311,7 @@ async def _main(sizes: list[int], seconds: float, idle_seconds: float, probe: bo
     print(f"direct peer-to-peer (no relay): p50 {base50:.2f} ms, p99 {base99:.2f} ms")
     header = (
         f"{'listeners':>9} {'fwd pkts':>9} {'CPU µs/pkt':>10} {'marginal':>8} {'CPU core':>8} {'idle':>5} "
-        f"{'e2e p50':>8} {'e2e p99':>8} {'relay p50':>9} {'relay p99':>9} {'join s':>7}"
+        f"{'e2e p50':>8} {'e2e p99':>8} {'relay p50':>9} {'relay p99':>9} {'join s':>7} {'sys':>5} {'idle sys':>8}"
     )
     print(header)
     for size in sizes:
@@ -313,10 +325,12 @@ async def _main(sizes: list[int], seconds: float, idle_seconds: float, probe: bo
             f"{row['listeners']:>9} {row['forwarded']:>9} {row['cpu_us_per_packet']:>10.1f} "
             f"{row['marginal_us_per_packet']:>8.1f} {row['cpu_share']:>8.0%} {row['idle_share']:>5.1%} "
             f"{row['p50_ms']:>6.2f}ms {row['p99_ms']:>6.2f}ms "
-            f"{row['relay_p50_ms']:>7.2f}ms {row['relay_p99_ms']:>7.2f}ms {row['join_s']:>7.1f}",
+            f"{row['relay_p50_ms']:>7.2f}ms {row['relay_p99_ms']:>7.2f}ms {row['join_s']:>7.1f} "
+            f"{row['system_share']:>5.1%} {row['idle_system_share']:>8.1%}",
             flush=True,
         )
     print("e2e: speaker send → listener receive (both in this process); relay: tap → datagram sent.")
+    print("sys, idle sys: the relay's CPU spent in the kernel, forwarding and idle (share of a core).")
 
 
 def _run(main: Any) -> None:

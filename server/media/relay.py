@@ -25,7 +25,7 @@ from aiortc import (
 )
 from aiortc.rtp import RtpPacket
 
-from . import fastpath, gcpace, metrics, ports, tap
+from . import fastpath, gcpace, metrics, ports, stunfast, tap
 from .candidates import AddressKind, filter_candidates, own_address_kinds
 from .circle import SILENT_LEVEL, Listener, MediaCircle, Slots
 from .slot import Slot
@@ -117,6 +117,11 @@ def _offer_shape(offer_sdp: str, max_slots: int, listen_only: bool) -> _OfferSha
     return _OfferShape(None if listen_only else mic_mid, tuple(slots[:max_slots]))
 
 
+def _ice_connection(transceiver: Any) -> Any:
+    """The ``aioice.Connection`` under a transceiver (one for all of them: BUNDLE)."""
+    return transceiver.receiver.transport.transport._connection
+
+
 def _is_turn(server: RTCIceServer) -> bool:
     urls = [server.urls] if isinstance(server.urls, str) else server.urls
     return any(url.startswith(("turn:", "turns:")) for url in urls)
@@ -181,6 +186,7 @@ class MediaRelay:
         tap.check_supported()
         fastpath.check_supported()
         ports.check_supported()
+        stunfast.check_supported()
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self._max_slots = slots
@@ -287,6 +293,8 @@ class MediaRelay:
             raise OfferError(OfferProblem.NO_PORT) from exc
         if peer.closed:
             raise OfferError(OfferProblem.CLOSED)
+        for connection in {id(c): c for c in map(_ice_connection, pc.getTransceivers())}.values():
+            stunfast.install(connection)  # consent checks answered cheaply, no STUN parse of media
 
         answer = sdp.SessionDescription.parse(pc.localDescription.sdp)
         media = {m.rtp.muxId: m for m in answer.media if m.rtp.codecs}
