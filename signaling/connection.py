@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from rooms import commands as c
 from rooms.errors import Code, RoomError
-from rooms.events import Event, Name
+from rooms.events import AudienceKind, Event, Name
 from rooms.model import Role, RoomState
 from rooms.rules import joined_member_id, lobby_circle, snapshot
 from signaling import frames as f
@@ -49,6 +49,7 @@ from storage.subscription import Closed, Item, Resync
 log = logging.getLogger("lingkar.session")
 
 NO_ICE_SERVERS = IceServers()
+_EVERYONE = AudienceKind.EVERYONE
 
 
 def resume_hash(secret: str) -> str:
@@ -410,6 +411,19 @@ class Connection:
         else:
             return self._deliver(item)
         return []
+
+    def deliverable(self, event: Event) -> bytes | None:
+        """The common case of `item`, decided in one step: an event for everyone, newer than
+        this client's snapshot, reaching an admitted member while nothing else is pending
+        (open, no admission loading, no command in flight, nothing waiting to be sent): its
+        frame, to be written now; nothing is recorded. None: not that case — hand the item to
+        `item`, which decides every case (this one the same way)."""
+        if (self._out or self._command is not None or self._held is not None
+                or self.phase is not Phase.OPEN or not self.admitted
+                or event.audience.kind is not _EVERYONE
+                or event.version <= self.last_version):
+            return None
+        return self._encode(event)
 
     def _deliver(self, event: Event) -> list[Request]:
         if not event.ephemeral and event.version <= self.last_version:

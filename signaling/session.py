@@ -153,11 +153,11 @@ def _encoded_event(event: Event) -> bytes:
     for that step only (keeping the event keeps its id unique meanwhile). Kept longer, it
     held the last few hundred events, pseudonyms of departed members included, for as long
     as the server stayed quiet (issue 17)."""
+    hit = _ENCODED.get(id(event))
+    if hit is not None and hit[0] is event:  # never an ephemeral one: those are not kept
+        return hit[1]
     if event.ephemeral:  # a private note's text is not kept, not even in this cache
         return encode_event(event)
-    hit = _ENCODED.get(id(event))
-    if hit is not None and hit[0] is event:
-        return hit[1]
     if not _ENCODED:
         asyncio.get_running_loop().call_soon(_ENCODED.clear)
     elif len(_ENCODED) > 256:
@@ -370,7 +370,18 @@ class Session:
     def _on_item(self, item: Item) -> None:
         """Called by the subscription for every item, synchronously: no task per member on
         the fan-out path."""
-        requests = self.conn.item(item, self.now_ms())
+        conn = self.conn
+        if type(item) is Event:
+            data = conn.deliverable(item)
+            if data is not None:  # the common case: one frame, nothing ahead of it
+                if (not self._dropped and not self._writing and self._out.empty()
+                        and self.transport.write_now(data)):
+                    self.observer.frame_out()
+                    return
+                conn.send_encoded(data)  # the general way, as `item` would have queued it
+                self.flush()
+                return
+        requests = conn.item(item, self.now_ms())
         self.flush()
         if requests:
             self._start(requests)

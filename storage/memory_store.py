@@ -48,6 +48,7 @@ class _Room:
     log: deque[tuple[int, tuple[bytes, ...], int]]  # (version, its events, saved at ms), per save
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     trim: TimerHandle | None = None  # drops the log's entries once they are too old
+    trim_due: int = 0  # when `trim` fires (ms by the store's clock)
 
 
 @dataclass(eq=False)
@@ -141,16 +142,23 @@ class MemoryStore:
         log = room.log
         while log and log[0][2] <= now - self._keep_ms:
             log.popleft()
+        due = log[0][2] + self._keep_ms if log else None
         if room.trim is not None:
+            if due == room.trim_due:
+                return  # armed for that already (a save behind the oldest entry)
             room.trim.cancel()
             room.trim = None
-        if not log:
+        if due is None:
             return
-        due = log[0][2] + self._keep_ms
+        room.trim_due = due
         if self._timers is not None:
-            room.trim = self._timers.call_at(due, lambda: self._trim(room))
+            room.trim = self._timers.call_at(due, lambda: self._trim_due(room))
         else:
-            room.trim = asyncio.get_running_loop().call_later(max(due - now, 1) / 1000, self._trim, room)
+            room.trim = asyncio.get_running_loop().call_later(max(due - now, 1) / 1000, self._trim_due, room)
+
+    def _trim_due(self, room: _Room) -> None:
+        room.trim = None  # it fired: armed again by `_trim` if anything is left
+        self._trim(room)
 
     # One process holds every lease, always: the same interface as Redis, trivially ours.
 
