@@ -32,6 +32,7 @@ from typing import Any
 import msgpack
 import websockets
 
+from loadtest import fastclient
 from loadtest.procs import ServerProcess
 from testkit.http import call
 from testkit.loop import quiet_gc
@@ -85,7 +86,7 @@ async def hello(ws_url: str, link: str, name: str, follow: bool = False) -> tupl
     token = link.split("#t=", 1)[1]
     redirects = 0
     while True:
-        ws = await websockets.connect(ws_url, max_size=2**20, compression=None, open_timeout=30)
+        ws = await fastclient.connect(ws_url, max_size=2**20, open_timeout=30)  # a light client
         await ws.send(msgpack.packb({"type": "hello", "token": token, "name": name, "listen_only": False}))
         frame = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))
         if frame.get("type") == "redirect" and follow and redirects == 0:
