@@ -295,6 +295,7 @@ class MediaRelay:
             raise OfferError(OfferProblem.CLOSED)
         for connection in {id(c): c for c in map(_ice_connection, pc.getTransceivers())}.values():
             stunfast.install(connection)  # consent checks answered cheaply, no STUN parse of media
+            stunfast.install_consent(connection)  # and sent from one timer, without a task
 
         answer = sdp.SessionDescription.parse(pc.localDescription.sdp)
         media = {m.rtp.muxId: m for m in answer.media if m.rtp.codecs}

@@ -23,24 +23,44 @@ instance attribute: no other connection is touched) by one that
 - leaves everything else (responses to the relay's own checks, errors, any request that is
   not exactly such a check, anything malformed) to aioice's own ``datagram_received``.
 
+`install_consent` replaces the connection's consent freshness (RFC 7675) *requests* too:
+aioice runs a task per connection that sleeps, builds a request (three serializations),
+runs a STUN transaction (a future and a retransmission timer) and parses the response.
+Here one timer per connection (``loop.call_later``, no task) sends the same request,
+byte for byte (built here), at the same randomised interval; the answer is recognised
+by its transaction id in the fast receive path and authenticated as aioice does
+(MESSAGE-INTEGRITY with the remote password, FINGERPRINT). A check not answered by the
+next tick counts as a failure (aioice waits 500 ms: an answer that is a few seconds late
+counts here, and RFC 7675 only asks that consent expire after 30 s without one);
+`CONSENT_FAILURES` in a row close the connection, as aioice does.
+
 Private names used (aioice 0.13; `check_supported` fails loudly if an upgrade moves any):
 ``StunProtocol.datagram_received``, ``.receiver``, ``.local_candidate``, ``.transport``;
 ``Connection._protocols``, ``._closing``, ``._early_checks_done``, ``.ice_controlling``,
 ``.local_password``, ``._valid_username``, ``._remote_candidates``, ``._find_pair``;
-``Candidate._network_host``; ``CandidatePair.state``.
+``Candidate._network_host``; ``CandidatePair.state``; for consent ``Connection.connect``
+starting ``self.query_consent()`` as ``_query_consent_task``, ``.remote_username``,
+``.local_username``, ``.remote_password``, ``._tie_breaker``, ``._nominated``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import hmac
 import inspect
+import logging
+import random
+import secrets
 import socket
 import struct
 import weakref
 from typing import Any
 
 from aioice import ice, stun
+from aioice.candidate import candidate_priority
+
+logger = logging.getLogger(__name__)
 
 _COOKIE = stun.COOKIE
 _COOKIE_BYTES = struct.pack("!I", _COOKIE)
@@ -53,7 +73,11 @@ _USE_CANDIDATE = 0x0025
 _FINGERPRINT = 0x8028
 _CONTROLLED = 0x8029
 _CONTROLLING = 0x802A
+_PRIORITY = 0x0024
+_SUCCESS = b"\x01\x01"
 _SUCCEEDED = ice.CandidatePair.State.SUCCEEDED
+CONSENT_INTERVAL = ice.CONSENT_INTERVAL  # seconds, randomised ×0.8-1.2 (RFC 7675 §5.1)
+CONSENT_FAILURES = ice.CONSENT_FAILURES  # checks in a row without an answer: consent expired
 _HEAD = struct.Struct("!HHI12s")
 _ATTR = struct.Struct("!HH")
 _XOR_PORT = _COOKIE >> 16
@@ -63,9 +87,8 @@ class StunFastUnsupported(RuntimeError):
     """The installed aioice no longer receives the way this module expects."""
 
 
-def check_supported() -> None:
-    """Raise `StunFastUnsupported` unless aioice's receive path is where it was (cheap:
-    source inspection only)."""
+def _problem() -> str | None:
+    """What of aioice's receive and consent paths is not where it was (None: all is)."""
     checks = {
         "StunProtocol.datagram_received parses, else hands the data to its receiver": (
             ice.StunProtocol.datagram_received,
@@ -100,6 +123,31 @@ def check_supported() -> None:
                 'if "USE-CANDIDATE" in message.attributes and not self.ice_controlling:',
             ),
         ),
+        "Connection.connect starts query_consent through the instance": (
+            ice.Connection.connect,
+            ("self._query_consent_task = asyncio.create_task(self.query_consent())",),
+        ),
+        "Connection.query_consent sends build_request(nominate=False) to each nominated pair": (
+            ice.Connection.query_consent,
+            (
+                "for pair in self._nominated.values():",
+                "request = self.build_request(pair, nominate=False)",
+                'integrity_key=self.remote_password.encode("utf8")',
+                "retransmissions=0",
+                "if failures >= CONSENT_FAILURES:",
+                "self._query_consent_task = None",
+                "return await self.close()",
+            ),
+        ),
+        "Connection.build_request writes USERNAME, PRIORITY and the role": (
+            ice.Connection.build_request,
+            (
+                'tx_username = f"{self.remote_username}:{self.local_username}"',
+                'request.attributes["PRIORITY"] = candidate_priority(pair.component, "prflx")',
+                'request.attributes["ICE-CONTROLLING"] = self._tie_breaker',
+                'request.attributes["ICE-CONTROLLED"] = self._tie_breaker',
+            ),
+        ),
         "Message.add_message_integrity adds MESSAGE-INTEGRITY then FINGERPRINT": (
             stun.Message.add_message_integrity,
             ("self.add_fingerprint()",),
@@ -109,10 +157,22 @@ def check_supported() -> None:
         try:
             source = inspect.getsource(function)
         except (OSError, TypeError) as exc:
-            raise StunFastUnsupported(f"{what}: no source ({exc})") from exc
+            return f"{what}: no source ({exc})"
         for needle in needles:
             if needle not in source:
-                raise StunFastUnsupported(f"{what}: {needle!r} not found")
+                return f"{what}: {needle!r} not found"
+    return None
+
+
+# Checked once, at import: aioice as installed, not as a test may have wrapped it since.
+_PROBLEM = _problem()
+
+
+def check_supported() -> None:
+    """Raise `StunFastUnsupported` unless aioice's receive and consent paths were where
+    this module expects them when it was imported (source inspection only)."""
+    if _PROBLEM is not None:
+        raise StunFastUnsupported(_PROBLEM)
 
 
 def binding_response(transaction_id: bytes, addr: tuple[str, int], key: bytes) -> bytes:
@@ -128,12 +188,7 @@ def binding_response(transaction_id: bytes, addr: tuple[str, int], key: bytes) -
         packed = socket.inet_aton(host)
         xored = (int.from_bytes(packed, "big") ^ _COOKIE).to_bytes(4, "big")
         mapped = struct.pack("!HHBBH", 0x0020, 8, 0, 1, port ^ _XOR_PORT) + xored
-    length = len(mapped)
-    signed = _HEAD.pack(_BINDING_RESPONSE, length + 24, _COOKIE, transaction_id) + mapped
-    data = signed + _ATTR.pack(_INTEGRITY, 20) + hmac.digest(key, signed, "sha1")
-    check = _HEAD.pack(_BINDING_RESPONSE, length + 32, _COOKIE, transaction_id) + data[20:]
-    fingerprint = binascii.crc32(check) ^ _FINGERPRINT_XOR
-    return check + struct.pack("!HHI", _FINGERPRINT, 4, fingerprint)
+    return _sign(_HEAD.pack(_BINDING_RESPONSE, 0, _COOKIE, transaction_id), mapped, key)
 
 
 def _answer_consent(protocol: Any, data: bytes, addr: tuple[str, int]) -> bool:
@@ -222,13 +277,157 @@ def _install(protocol: ice.StunProtocol) -> None:
         if data and data[0] > 3:  # RTP, RTCP, DTLS (RFC 7983): never STUN
             protocol.receiver.data_received(data, protocol.local_candidate.component)
             return
-        if data[:2] == _BINDING_REQUEST and _answer_consent(protocol, data, addr):
-            stats[0] += 1
+        head = data[:2]
+        if head == _BINDING_REQUEST:
+            if _answer_consent(protocol, data, addr):
+                stats[0] += 1
+                return
+        elif head == _SUCCESS and _waiting and _consent_answer(data):
             return
         original(protocol, data, addr)
 
     protocol.datagram_received = datagram_received  # type: ignore[method-assign]
 
 
-stats = [0]
-"""Consent checks answered here (for tests)."""
+stats = [0, 0, 0]
+"""[consent checks answered here, consent requests sent here, their answers received]
+(for tests)."""
+
+
+def _sign(head: bytes, attributes: bytes, key: bytes) -> bytes:
+    """A STUN message: `head` (type, then transaction id at [8:20]) and `attributes`,
+    then MESSAGE-INTEGRITY with `key` and FINGERPRINT, as aioice's
+    ``add_message_integrity`` writes them."""
+    length = len(attributes)
+    signed = head[:2] + (length + 24).to_bytes(2, "big") + head[4:20] + attributes
+    data = signed + _ATTR.pack(_INTEGRITY, 20) + hmac.digest(key, signed, "sha1")
+    check = head[:2] + (length + 32).to_bytes(2, "big") + data[4:]
+    return check + struct.pack("!HHI", _FINGERPRINT, 4, binascii.crc32(check) ^ _FINGERPRINT_XOR)
+
+
+def consent_request(connection: Any, component: int, transaction_id: bytes) -> bytes:
+    """The consent request aioice's ``query_consent`` sends for a pair of `component`
+    (``build_request(pair, nominate=False)`` signed with the remote password)."""
+    username = f"{connection.remote_username}:{connection.local_username}".encode()
+    attributes = (
+        _ATTR.pack(_USERNAME, len(username))
+        + username
+        + bytes(-len(username) % 4)
+        + struct.pack("!HHI", _PRIORITY, 4, candidate_priority(component, "prflx"))
+        + struct.pack(
+            "!HHQ", _CONTROLLING if connection.ice_controlling else _CONTROLLED, 8, connection._tie_breaker
+        )
+    )
+    head = _HEAD.pack(0x0001, 0, _COOKIE, transaction_id)
+    return _sign(head, attributes, connection.remote_password.encode("utf8"))
+
+
+_waiting: dict[bytes, _Consent] = {}  # transaction id -> the consent clock that sent it
+_expiring: set[asyncio.Future[None]] = set()  # connections closing: consent expired
+
+
+class _Consent:
+    """Consent freshness of one connection: one timer, no task (see the module's docstring)."""
+
+    __slots__ = ("_ref", "_sent", "_failures", "_handle")
+
+    def __init__(self, connection: Any) -> None:
+        self._ref = weakref.ref(connection)
+        self._sent: list[bytes] = []  # transaction ids of the last tick's requests
+        self._failures = 0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def schedule(self) -> None:
+        delay = CONSENT_INTERVAL * (0.8 + 0.4 * random.random())
+        self._handle = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def answered(self, transaction_id: bytes) -> None:
+        if transaction_id in self._sent:
+            self._sent.remove(transaction_id)
+            self._failures = 0
+
+    def _tick(self) -> None:
+        connection = self._ref()
+        for transaction_id in self._sent:  # not answered in time
+            _waiting.pop(transaction_id, None)
+            self._failures += 1
+        self._sent = []
+        if connection is None or connection._closing:
+            return
+        if self._failures >= CONSENT_FAILURES:
+            logger.info("%s consent to send expired", connection)
+            task = asyncio.ensure_future(_expire(connection))
+            connection._query_consent_task = task
+            _expiring.add(task)
+            task.add_done_callback(_expiring.discard)
+            return
+        for pair in list(connection._nominated.values()):
+            transaction_id = secrets.token_bytes(12)
+            data = consent_request(connection, pair.component, transaction_id)
+            _waiting[transaction_id] = self
+            self._sent.append(transaction_id)
+            pair.protocol.transport.sendto(data, pair.remote_addr)
+            stats[1] += 1
+        self.schedule()
+
+
+async def _expire(connection: Any) -> None:
+    connection._query_consent_task = None  # close() must not wait for this very task
+    await connection.close()
+
+
+def install_consent(connection: Any) -> bool:
+    """Send `connection`'s consent checks from one timer (see the module's docstring);
+    install before ``connect()`` (right after gathering). False if consent checks were
+    running already (they are then aioice's)."""
+    if connection._query_consent_task is not None:
+        return False
+    ref = weakref.ref(connection)
+
+    async def query_consent() -> None:  # connect() runs it as a task: it returns at once
+        connection = ref()
+        if connection is not None and not connection._closing:
+            _Consent(connection).schedule()
+
+    connection.query_consent = query_consent
+    return True
+
+
+def _consent_answer(data: bytes) -> bool:
+    """True if `data` is the authenticated answer to a consent request sent here (it is
+    then taken); False to leave it to aioice (its own transactions, anything else)."""
+    consent = _waiting.get(data[8:20])
+    if consent is None:
+        return False
+    connection = consent._ref()
+    if connection is None:
+        return False
+    size = len(data)
+    if size < 20 or data[4:8] != _COOKIE_BYTES or int.from_bytes(data[2:4], "big") + 20 != size:
+        return False
+    integrity_at = integrity = None
+    pos = 20
+    while pos <= size - 4:
+        kind, length = _ATTR.unpack_from(data, pos)
+        end = pos + 4 + length
+        if end > size:
+            return False
+        if integrity_at is None and kind == _INTEGRITY:
+            integrity_at, integrity = pos, data[pos + 4 : end]
+        elif kind == _FINGERPRINT:
+            check = data[:2] + (pos - 12).to_bytes(2, "big") + data[4:pos]
+            if length != 4 or binascii.crc32(check) ^ _FINGERPRINT_XOR != int.from_bytes(
+                data[pos + 4 : end], "big"
+            ):
+                return False
+        pos = end + (-length % 4)
+    if integrity_at is None or pos != size:
+        return False
+    key = connection.remote_password.encode("utf8")
+    signed = data[:2] + (integrity_at + 4).to_bytes(2, "big") + data[4:integrity_at]
+    if not hmac.compare_digest(integrity, hmac.digest(key, signed, "sha1")):
+        return True  # not authenticated: dropped, as aioice's transaction drops it
+    del _waiting[data[8:20]]
+    consent.answered(data[8:20])
+    stats[2] += 1
+    return True

@@ -21,14 +21,22 @@ def test_private_receive_path_has_the_expected_shape() -> None:
 
 @pytest.mark.parametrize(
     "addr",
-    [("127.0.0.1", 50000), ("192.0.2.7", 1), ("203.0.113.250", 65535), ("::1", 40000), ("2001:db8::5:1", 3478)],
+    [
+        ("127.0.0.1", 50000),
+        ("192.0.2.7", 1),
+        ("203.0.113.250", 65535),
+        ("::1", 40000),
+        ("2001:db8::5:1", 3478),
+    ],
 )
 def test_binding_response_is_byte_for_byte_aioices(addr: tuple[str, int]) -> None:
     for _ in range(20):
         transaction_id = os.urandom(12)
         key = os.urandom(16).hex().encode()
         response = stun.Message(
-            message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE, transaction_id=transaction_id
+            message_method=stun.Method.BINDING,
+            message_class=stun.Class.RESPONSE,
+            transaction_id=transaction_id,
         )
         response.attributes["XOR-MAPPED-ADDRESS"] = addr
         response.add_message_integrity(key)
@@ -101,3 +109,45 @@ async def test_every_socket_of_a_relay_connection_has_the_fast_path(room: Room) 
     protocols = [p for p in connection._protocols if isinstance(p, ice.StunProtocol)]
     assert protocols and all("datagram_received" in vars(p) for p in protocols)
     assert stunfast.install(connection) == 0  # installed once
+
+
+async def test_consent_requests_are_byte_for_byte_aioices(room: Room) -> None:
+    await room.join("mod")
+    (peer,) = room.relay._peers.values()
+    (transceiver, *_) = peer.pc.getTransceivers()
+    connection = transceiver.receiver.transport.transport._connection
+    await wait_until(lambda: bool(connection._nominated))
+    pair = connection._nominated[1]
+    for _ in range(5):
+        request = connection.build_request(pair, nominate=False)
+        request.add_message_integrity(connection.remote_password.encode("utf8"))
+        assert stunfast.consent_request(connection, pair.component, request.transaction_id) == bytes(request)
+
+
+async def test_the_relays_consent_checks_come_from_one_timer_and_expire(
+    room: Room, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stunfast, "CONSENT_INTERVAL", 0.05)
+    monkeypatch.setattr(stunfast, "CONSENT_FAILURES", 3)
+    speaker = await room.join("mod")
+    listener = await room.join("l1", listen_only=True)
+    room.relay.set_audible("circle-1", ["mod"])
+    await wait_until(lambda: listener.received_from("mod") > 5)
+    relay_ice = [
+        next(iter(p.pc.getTransceivers())).receiver.transport.transport._connection
+        for p in room.relay._peers.values()
+    ]
+    # no task of aioice's: the clock runs on a timer
+    assert all(c._query_consent_task is not None and c._query_consent_task.done() for c in relay_ice)
+    sent, answered = stunfast.stats[1], stunfast.stats[2]
+    await wait_until(lambda: stunfast.stats[2] >= answered + 10, limit=5)
+    assert stunfast.stats[1] >= sent + 10
+    assert all(p.pc.connectionState == "connected" for p in room.peers.values())
+
+    # the listener stops answering: consent expires, the relay closes its connection
+    client_ice, _ = _client_ice(room, "l1")
+    for protocol in client_ice._protocols:
+        protocol.datagram_received = lambda data, addr: None
+    await wait_until(lambda: room.relay.stats()["peers"] == 1, limit=5)
+    assert room.relay.slots("circle-1", "l1") is None
+    assert speaker.pc.connectionState == "connected"
