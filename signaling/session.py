@@ -418,9 +418,7 @@ class Session:
 
     async def _do(self, request: Request) -> None:
         assert self.here is not None
-        if isinstance(request, CloseMedia):
-            await self.here.close_media(self.member_id)
-        elif isinstance(request, Execute):
+        if type(request) is Execute:  # the common request first
             started = time.perf_counter()
             try:
                 state, _ = await self.manager.execute(self.circle_id, request.command,
@@ -433,6 +431,8 @@ class Session:
                 self.conn.executed(state.version)
             self.flush()
             self.observer.command_took(time.perf_counter() - started)
+        elif isinstance(request, CloseMedia):
+            await self.here.close_media(self.member_id)
         elif isinstance(request, Load):
             try:
                 state = await self.manager.load(self.circle_id)

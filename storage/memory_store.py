@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from storage.clock import Clock, TimerHandle
 from storage.codec import state_version
@@ -46,7 +46,6 @@ class _Room:
     blob: bytes
     touched: int  # ms of the last create or save
     log: deque[tuple[int, tuple[bytes, ...], int]]  # (version, its events, saved at ms), per save
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     trim: TimerHandle | None = None  # drops the log's entries once they are too old
     trim_due: int = 0  # when `trim` fires (ms by the store's clock)
 
@@ -80,9 +79,9 @@ class MemoryStore:
         self._clock = clock
         self._timers = timers
 
-    def _room(self, circle_id: str) -> _Room:
+    def _room(self, circle_id: str, now: int | None = None) -> _Room:
         room = self._rooms.get(circle_id)
-        if room is not None and self._clock() - room.touched >= self._idle_ms:
+        if room is not None and (self._clock() if now is None else now) - room.touched >= self._idle_ms:
             self._drop(circle_id)
             room = None
         if room is None:
@@ -121,24 +120,24 @@ class MemoryStore:
     async def save(self, circle_id: str, expected_version: int, blob: bytes,
                    events: Sequence[bytes], new_version: int, fence: int | None = None) -> None:
         # `fence` needs no check: with one process, its lease is always its own.
-        room = self._room(circle_id)
-        async with room.lock:
-            if self._rooms.get(circle_id) is not room:  # deleted while we waited
-                raise NoSuchCircle(circle_id)
-            if room.version == new_version and room.blob == blob:
-                return  # the same save again (a retry): it already happened
-            if room.version != expected_version:
-                raise VersionConflict(f"{circle_id}: at {room.version}, not {expected_version}")
-            kept = tuple(events)
-            now = self._clock()
-            room.version, room.blob, room.touched = new_version, blob, now
-            room.log.append((new_version, kept, now))
-            self._trim(room)
+        # One step from the check to the wake-up, with no await between: no other save of the
+        # circle can come between them (no lock needed).
+        now = self._clock()
+        room = self._room(circle_id, now)
+        if room.version == new_version and room.blob == blob:
+            return  # the same save again (a retry): it already happened
+        if room.version != expected_version:
+            raise VersionConflict(f"{circle_id}: at {room.version}, not {expected_version}")
+        kept = tuple(events)
+        room.version, room.blob, room.touched = new_version, blob, now
+        room.log.append((new_version, kept, now))
+        self._trim(room, now)
         self._wake(circle_id, new_version, kept)
 
-    def _trim(self, room: _Room) -> None:
+    def _trim(self, room: _Room, now: int | None = None) -> None:
         """Drop the entries that are `keep_events_ms` old; come back when the next one is."""
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         log = room.log
         while log and log[0][2] <= now - self._keep_ms:
             log.popleft()
