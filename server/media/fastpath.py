@@ -36,7 +36,12 @@ RTCP of a slot: aiortc's sender sends a sender report every 0.5–1.5 s whether 
 anything or not; with S slots per listener that was most of the relay's idle CPU. A slot
 sender here reports every `RTCP_INTERVAL` (randomised ×0.5–1.5, as libwebrtc does for
 audio) and only while it has sent RTP in the last two intervals (RFC 3550 §6.4: a
-participant that sent nothing reports as a receiver, and a slot receives nothing).
+participant that sent nothing reports as a receiver, and a slot receives nothing). The
+reports of all the slots of one peer come from one timer, `RtcpClock` (no task per slot
+waking up to find nothing to say), and are protected and sent synchronously as `send`
+sends RTP (what ``RTCDtlsTransport._send_rtp`` does for RTCP: ``protect_rtcp``, the ICE
+pair's transport, the transport's counters); the sender's RTCP task only waits for
+``stop()`` and then says BYE as before.
 """
 
 from __future__ import annotations
@@ -173,6 +178,14 @@ def check_supported() -> None:
             RTCRtpSender.send,
             ("self.__cname = parameters.rtcp.cname", "asyncio.ensure_future(self._run_rtcp())"),
         ),
+        "RTCDtlsTransport._send_rtp protects RTCP with protect_rtcp and counts it": (
+            RTCDtlsTransport._send_rtp,
+            (
+                "data = self._tx_srtp.protect_rtcp(data)",
+                "self.__tx_bytes += len(data)",
+                "self.__tx_packets += 1",
+            ),
+        ),
         "RTCRtpSender.stop waits for the RTCP loop's events": (
             RTCRtpSender.stop,
             ("self.__rtcp_started.wait()", "self.__rtcp_exited.wait()"),
@@ -210,6 +223,45 @@ class IdleTrack(MediaStreamTrack):
             self._ended.set_result(None)
 
 
+class RtcpClock:
+    """One timer for the sender reports of a peer's slots (see the module's docstring):
+    ticks every `interval` (randomised ×0.5–1.5) while any `RtpOut` is registered."""
+
+    __slots__ = ("interval", "_outs", "_handle")
+
+    def __init__(self, interval: float | None = None) -> None:
+        self.interval = RTCP_INTERVAL if interval is None else interval
+        self._outs: list[RtpOut] = []
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, out: RtpOut) -> None:
+        if out not in self._outs:
+            self._outs.append(out)
+        if self._handle is None:
+            self._schedule()
+
+    def remove(self, out: RtpOut) -> None:
+        if out in self._outs:
+            self._outs.remove(out)
+        if not self._outs and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self) -> None:
+        delay = self.interval * (0.5 + random.random())
+        self._handle = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._handle = None
+        for out in list(self._outs):
+            try:
+                out.report()
+            except Exception:
+                logger.exception("media: a sender report failed")
+        if self._outs:
+            self._schedule()
+
+
 class RtpOut:
     """Sends RTP packets of one slot (one ``RTCRtpSender``) synchronously.
 
@@ -226,7 +278,8 @@ class RtpOut:
         media: sdp.MediaDescription,
         payload_type: int,
         *,
-        rtcp_interval: float = RTCP_INTERVAL,
+        rtcp_interval: float | None = None,
+        clock: RtcpClock | None = None,
     ) -> None:
         if not media.ssrc:
             raise ValueError("answer m-line without an SSRC")
@@ -259,7 +312,8 @@ class RtpOut:
         self._pending: deque[tuple[int, bytes, int | None, bool, float]] | None = deque(maxlen=PENDING)
         sender.transport.on("statechange", self._flush)
         # RTCRtpSender.send() starts self._run_rtcp(): this instance's replaces the class's
-        self._rtcp_interval = rtcp_interval
+        self._clock: RtcpClock | None = clock if clock is not None else RtcpClock(rtcp_interval)
+        self._reported = (0, 0)  # packet counts at the previous two reports' ticks
         sender._run_rtcp = self._run_rtcp  # type: ignore[method-assign]
         sender.getStats = self._get_stats  # type: ignore[method-assign]
 
@@ -274,6 +328,9 @@ class RtpOut:
         if sender is None:
             return
         self.sync_counters()
+        if self._clock is not None:
+            self._clock.remove(self)  # no reference cycle through the clock either
+            self._clock = None
         installed = vars(sender)
         for name, method in (("_run_rtcp", self._run_rtcp), ("getStats", self._get_stats)):
             if installed.get(name) == method:
@@ -389,42 +446,62 @@ class RtpOut:
         self.sync_counters()
         return await RTCRtpSender.getStats(self._sender)
 
-    async def _run_rtcp(self) -> None:
-        """The slot sender's RTCP loop (see the module's docstring)."""
+    def report(self) -> None:
+        """One tick of the slot's RTCP (`RtcpClock`): a sender report (and SDES) if RTP
+        went out in the last two intervals, sent at once (see the module's docstring)."""
         sender = self._sender
+        if sender is None:
+            return
+        self.sync_counters()
+        count = sender._RTCRtpSender__packet_count
+        quiet = count == self._reported[0]
+        self._reported = (self._reported[1], count)
+        if quiet:
+            return  # nothing sent in the last two intervals: no report
+        dtls = self._dtls
+        pair = self._nominated.get(_RTP_COMPONENT)
+        if dtls._state is not _CONNECTED or pair is None:
+            return
+        if (pair is not self._pair or dtls._tx_srtp is not self._session) and not self._bind(dtls, pair):
+            return
+        ntp = sender._RTCRtpSender__ntp_timestamp
+        payload = bytes(
+            RtcpSrPacket(
+                ssrc=self.ssrc,
+                sender_info=RtcpSenderInfo(
+                    ntp_timestamp=ntp,
+                    rtp_timestamp=sender._RTCRtpSender__rtp_timestamp,
+                    packet_count=count & 0xFFFFFFFF,
+                    octet_count=sender._RTCRtpSender__octet_count & 0xFFFFFFFF,
+                ),
+            )
+        )
+        sender._RTCRtpSender__lsr = (ntp >> 16) & 0xFFFFFFFF
+        sender._RTCRtpSender__lsr_time = time.time()
+        cname = sender._RTCRtpSender__cname
+        if cname is not None:
+            chunk = RtcpSourceInfo(ssrc=self.ssrc, items=[(1, cname.encode())])
+            payload += bytes(RtcpSdesPacket(chunks=[chunk]))
+        data = self._session.protect_rtcp(payload)
+        self._sendto(data, self._addr)
+        dtls._RTCDtlsTransport__tx_bytes += len(data)
+        dtls._RTCDtlsTransport__tx_packets += 1
+
+    async def _run_rtcp(self) -> None:
+        """The slot sender's RTCP task: reports come from the peer's `RtcpClock`; this
+        only waits for ``stop()`` and then says BYE (see the module's docstring)."""
+        sender = self._sender
+        clock = self._clock
         sender._RTCRtpSender__rtcp_started.set()
-        counts = [0, 0]  # packets sent by the previous two ticks
         try:
-            while True:
-                await asyncio.sleep(self._rtcp_interval * (0.5 + random.random()))
-                self.sync_counters()
-                count = sender._RTCRtpSender__packet_count
-                quiet = count == counts[0]
-                counts = [counts[1], count]
-                if quiet:
-                    continue  # nothing sent in the last two intervals: no report
-                ntp = sender._RTCRtpSender__ntp_timestamp
-                packets: list[Any] = [
-                    RtcpSrPacket(
-                        ssrc=self.ssrc,
-                        sender_info=RtcpSenderInfo(
-                            ntp_timestamp=ntp,
-                            rtp_timestamp=sender._RTCRtpSender__rtp_timestamp,
-                            packet_count=count & 0xFFFFFFFF,
-                            octet_count=sender._RTCRtpSender__octet_count & 0xFFFFFFFF,
-                        ),
-                    )
-                ]
-                sender._RTCRtpSender__lsr = (ntp >> 16) & 0xFFFFFFFF
-                sender._RTCRtpSender__lsr_time = time.time()
-                cname = sender._RTCRtpSender__cname
-                if cname is not None:
-                    packets.append(
-                        RtcpSdesPacket(chunks=[RtcpSourceInfo(ssrc=self.ssrc, items=[(1, cname.encode())])])
-                    )
-                await sender._send_rtcp(packets)
+            if clock is not None:
+                clock.add(self)
+            await asyncio.get_running_loop().create_future()  # until cancelled by stop()
         except asyncio.CancelledError:
             pass
+        finally:
+            if clock is not None:
+                clock.remove(self)
         self.sync_counters()
         if sender._RTCRtpSender__packet_count:
             await sender._send_rtcp([RtcpByePacket(sources=[self.ssrc])])

@@ -313,9 +313,10 @@ class MediaRelay:
         if mic is None and senders:  # listening only: its RTCP is about our slots only
             fastpath.ignore_rtcp(next(iter(senders.values())).transport.transport._connection)
         slots = []
+        clock = fastpath.RtcpClock()  # one timer for the sender reports of all its slots
         for mid in shape.slot_mids:
             if mid in senders:
-                out = fastpath.RtpOut(senders[mid], media[mid], first_codec[mid].payloadType)
+                out = fastpath.RtpOut(senders[mid], media[mid], first_codec[mid].payloadType, clock=clock)
                 peer.outs.append(out)
                 slots.append(Slot(out.send, out.close))
         return slots
