@@ -34,6 +34,7 @@ from .relay import MediaRelay
 
 CIRCLE = "bench"
 SLOTS = 3
+QUIET_SETTLE = 16.0  # s: two of the slots' longest report intervals (fastpath.RTCP_INTERVAL ×1.5)
 
 
 # -- the relay side (child process) --------------------------------------------------------
@@ -241,8 +242,23 @@ async def _direct_baseline(seconds: float) -> tuple[float, float]:
         await clients.close()
 
 
+async def _quiet_share(relay: _RelayProcess, clients: _Clients, listeners: int, seconds: float) -> float:
+    """The relay's CPU share with the listeners alone: the speaker gone, the slots' last
+    sender reports over (`QUIET_SETTLE` s), nothing received or forwarded."""
+    await clients.pcs[0].close()  # the speaker (the first peer offered)
+    for _ in range(150):  # the relay process is polled: it closes the peer within seconds
+        if (await relay.call(op="sample"))["peers"] <= listeners:
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(QUIET_SETTLE)
+    before = await relay.call(op="sample")
+    await asyncio.sleep(seconds)
+    after = await relay.call(op="sample")
+    return (after["cpu"] - before["cpu"]) / seconds
+
+
 async def _one_size(
-    relay: _RelayProcess, listeners: int, seconds: float, idle_seconds: float
+    relay: _RelayProcess, listeners: int, seconds: float, idle_seconds: float, quiet_seconds: float
 ) -> dict[str, float]:
     clients = _Clients()
     try:
@@ -285,6 +301,9 @@ async def _one_size(
         p50, p99 = _percentiles(clients.latencies)
         in50, in99 = _percentiles(after["delays"])
         received = len(clients.latencies)
+        quiet = (
+            await _quiet_share(relay, clients, listeners, quiet_seconds) if quiet_seconds else float("nan")
+        )
         return {
             "listeners": listeners,
             "forwarded": forwarded,
@@ -293,6 +312,7 @@ async def _one_size(
             "marginal_us_per_packet": (cpu - idle_cpu_per_s * wall) / forwarded * 1e6 if forwarded else 0,
             "idle_share": idle_cpu_per_s,
             "idle_system_share": idle_system_per_s,
+            "quiet_share": quiet,
             "system_share": (after["system"] - before["system"]) / wall,
             "p50_ms": p50,
             "p99_ms": p99,
@@ -306,19 +326,21 @@ async def _one_size(
         await relay.call(op="reset")
 
 
-async def _main(sizes: list[int], seconds: float, idle_seconds: float, probe: bool) -> None:
+async def _main(
+    sizes: list[int], seconds: float, idle_seconds: float, quiet_seconds: float, probe: bool
+) -> None:
     base50, base99 = await _direct_baseline(seconds)
     print(f"direct peer-to-peer (no relay): p50 {base50:.2f} ms, p99 {base99:.2f} ms")
     header = (
         f"{'listeners':>9} {'fwd pkts':>9} {'CPU µs/pkt':>10} {'marginal':>8} {'CPU core':>8} {'idle':>5} "
-        f"{'e2e p50':>8} {'e2e p99':>8} {'relay p50':>9} {'relay p99':>9} {'join s':>7} {'sys':>5} {'idle sys':>8}"
+        f"{'e2e p50':>8} {'e2e p99':>8} {'relay p50':>9} {'relay p99':>9} {'join s':>7} {'sys':>5} {'idle sys':>8} {'quiet':>6}"
     )
     print(header)
     for size in sizes:
         relay = _RelayProcess(probe)
         await relay.start()
         try:
-            row = await _one_size(relay, size, seconds, idle_seconds)
+            row = await _one_size(relay, size, seconds, idle_seconds, quiet_seconds)
         finally:
             await relay.stop()
         print(
@@ -326,11 +348,12 @@ async def _main(sizes: list[int], seconds: float, idle_seconds: float, probe: bo
             f"{row['marginal_us_per_packet']:>8.1f} {row['cpu_share']:>8.0%} {row['idle_share']:>5.1%} "
             f"{row['p50_ms']:>6.2f}ms {row['p99_ms']:>6.2f}ms "
             f"{row['relay_p50_ms']:>7.2f}ms {row['relay_p99_ms']:>7.2f}ms {row['join_s']:>7.1f} "
-            f"{row['system_share']:>5.1%} {row['idle_system_share']:>8.1%}",
+            f"{row['system_share']:>5.1%} {row['idle_system_share']:>8.1%} {row['quiet_share']:>6.2%}",
             flush=True,
         )
     print("e2e: speaker send → listener receive (both in this process); relay: tap → datagram sent.")
     print("sys, idle sys: the relay's CPU spent in the kernel, forwarding and idle (share of a core).")
+    print("idle: the speaker still sends, gated; quiet: listeners only, no speaker (--quiet-seconds).")
 
 
 def _run(main: Any) -> None:
@@ -354,6 +377,12 @@ def main() -> None:
         help="seconds of the idle window (the same peers, nothing forwarded); default --seconds",
     )
     parser.add_argument(
+        "--quiet-seconds",
+        type=float,
+        default=0.0,
+        help=f"also measure the listeners alone: speaker gone, {QUIET_SETTLE:.0f} s to settle, then this long",
+    )
+    parser.add_argument(
         "--relay-delay",
         action="store_true",
         help="also time each packet from the tap to its datagram being sent (costs the relay ~1 µs a packet)",
@@ -373,7 +402,7 @@ def main() -> None:
     else:
         sizes = [int(s) for s in args.sizes.split(",")]
         idle_seconds = args.seconds if args.idle_seconds is None else args.idle_seconds
-        asyncio.run(_main(sizes, args.seconds, idle_seconds, args.relay_delay))
+        asyncio.run(_main(sizes, args.seconds, idle_seconds, args.quiet_seconds, args.relay_delay))
 
 
 if __name__ == "__main__":

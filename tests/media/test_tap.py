@@ -64,11 +64,17 @@ async def test_packet_through_a_real_peer_hits_the_tap_and_is_never_decoded() ->
         assert all(isinstance(t, int) and t > 0 for t in arrival_times)
         assert not tap.decoder_running(transceiver.receiver)
         assert threading.active_count() <= threads_before
-        # the original still ran: aiortc's own statistics counted the packets
+        # aiortc's own statistics counted the packets (tap.count_only) ...
         await wait_until(lambda: len(seen) >= 20)
         report = await transceiver.receiver.getStats()
         inbound = [s for s in report.values() if s.type == "inbound-rtp"]
         assert inbound and inbound[0].packetsReceived >= 10
+        # ... exactly as many as it received, and nothing reached the jitter buffer
+        streams = transceiver.receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+        (stream,) = streams.values()
+        assert stream.packets_received >= len(seen) - 2
+        jitter_buffer = transceiver.receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+        assert all(packet is None for packet in jitter_buffer._packets)
     finally:
         await sender.close()
         await receiver_pc.close()
