@@ -101,7 +101,7 @@ async def _child(probe: bool) -> None:
         elif op == "reset":
             await relay.close()
             reply({"id": request["id"]})
-        elif op == "profile":  # LINGKAR_BENCH_IDLE_PROFILE=<file>: profile the idle window only
+        elif op == "profile":  # LINGKAR_BENCH_IDLE_PROFILE=<file>: <file>.idle, <file>.quiet
             path = os.environ.get("LINGKAR_BENCH_IDLE_PROFILE")
             if path:
                 import cProfile
@@ -111,7 +111,7 @@ async def _child(probe: bool) -> None:
                     profiler[0].enable()
                 elif profiler[0] is not None:
                     profiler[0].disable()
-                    profiler[0].dump_stats(path)
+                    profiler[0].dump_stats(f"{path}.{request['window']}")
             reply({"id": request["id"]})
         elif op == "collect":  # what a full collection costs with these peers alive
             started = time.perf_counter()
@@ -251,9 +251,11 @@ async def _quiet_share(relay: _RelayProcess, clients: _Clients, listeners: int, 
             break
         await asyncio.sleep(0.2)
     await asyncio.sleep(QUIET_SETTLE)
+    await relay.call(op="profile", on=True)
     before = await relay.call(op="sample")
     await asyncio.sleep(seconds)
     after = await relay.call(op="sample")
+    await relay.call(op="profile", on=False, window="quiet")
     return (after["cpu"] - before["cpu"]) / seconds
 
 
@@ -285,7 +287,7 @@ async def _one_size(
         idle_before = await relay.call(op="sample")
         await asyncio.sleep(idle_seconds)
         idle_after = await relay.call(op="sample")
-        await relay.call(op="profile", on=False)
+        await relay.call(op="profile", on=False, window="idle")
         idle_cpu_per_s = (idle_after["cpu"] - idle_before["cpu"]) / idle_seconds
         idle_system_per_s = (idle_after["system"] - idle_before["system"]) / idle_seconds
         await relay.call(op="audible", members=["speaker"])
