@@ -20,13 +20,15 @@ class CorruptState(Exception):
     """A stored blob that is not a room state (or an event) of this format."""
 
 
+# The enums are `StrEnum`s: msgpack packs a `str` subclass as the plain string it is, so they go
+# in without `.value` (the same bytes; tests/rooms/test_codec_bytes.py), and come back as members.
 def _circle(c: CircleSettings) -> list[Any]:
-    return [c.id, c.title, c.topic, c.language.value, c.capacity, c.turn_seconds,
-            c.floor_mode.value, c.lobby, c.grace_seconds, c.created_at]
+    return [c.id, c.title, c.topic, c.language, c.capacity, c.turn_seconds,
+            c.floor_mode, c.lobby, c.grace_seconds, c.created_at]
 
 
 def _member(m: Member) -> list[Any]:
-    return [m.id, m.name, m.role.value, m.invite_id, m.listen_only, m.seat, m.muted,
+    return [m.id, m.name, m.role, m.invite_id, m.listen_only, m.seat, m.muted,
             m.connected, m.grace_deadline, m.session, m.resume_hash, m.knock_tag]
 
 
@@ -39,12 +41,12 @@ def _unmember(v: list[Any]) -> Member:
 def encode_state(s: RoomState) -> bytes:
     f = s.floor
     blob: bytes = msgpack.packb([
-        FORMAT, s.version, _circle(s.circle), s.mode.value, s.locked,
+        FORMAT, s.version, _circle(s.circle), s.mode, s.locked,
         [_member(m) for m in s.members.values()],
         [_member(m) for m in s.lobby.values()],
         [f.holder, f.since, f.deadline, f.warned, f.over] if f else None,
         s.queue,
-        [[i.id, i.role.value, i.personal, i.label] for i in s.invites.values()],
+        [[i.id, i.role, i.personal, i.label] for i in s.invites.values()],
         sorted(s.revoked),
         s.invite_holders,
         s.screen_shared_links,
@@ -102,7 +104,7 @@ def state_version(blob: bytes) -> int:
 
 
 def encode_event(e: Event) -> bytes:
-    blob: bytes = msgpack.packb([e.version, e.name.value, e.data, e.audience.kind.value,
+    blob: bytes = msgpack.packb([e.version, e.name, e.data, e.audience.kind,
                           e.audience.member_id], use_bin_type=True)
     return blob
 
