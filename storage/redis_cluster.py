@@ -64,7 +64,8 @@ from redis.exceptions import ClusterDownError, MovedError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from storage.layout import circle_keys
-from storage.redis_store import Call, RedisStore, _Batches, _Reader, resp_command
+from storage.redis_scripts import resp_command
+from storage.redis_store import Call, RedisStore, _Batches, _Reader
 from storage.store import NotReplicated, StoreUnavailable
 
 log = logging.getLogger(__name__)

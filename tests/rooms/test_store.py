@@ -337,7 +337,7 @@ async def test_saves_at_once_across_circles_each_get_their_own_answer(make_store
 def test_the_save_path_packs_commands_as_redis_py_does() -> None:
     from redis.asyncio.connection import Connection
 
-    from storage.redis_store import resp_command
+    from storage.redis_scripts import resp_command
 
     args = ("EVALSHA", "ab" * 20, 4, "lk:{c}:state", b"\x00\xffblob" * 100, 0, 7, "", "é", b"")
     assert resp_command(*args) == b"".join(Connection().pack_command(*args))
