@@ -27,6 +27,7 @@ import redis
 from testkit import procs
 from testkit.http import call
 from testkit.ports import free_port
+from testkit.procs import cluster_leftovers
 from testkit.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -313,25 +314,7 @@ class ClusterProcess:
         """Processes still running that this cluster started: the pids it last wrote down,
         anything working in its data directory (Redis and Caddy do; Redis retitles itself)
         and any `lingkar serve` whose process URL is on its port."""
-        pids = {int(p) for p in self._pids() if p}
-        mark = f"LINGKAR_PROCESS_URL={self.url}/p/".encode()
-        found = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                if "State:\tZ" in (proc / "status").read_text():
-                    continue
-                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                ours = int(proc.name) in pids
-                if not ours:
-                    ours = (Path(os.readlink(proc / "cwd")).is_relative_to(self.data)
-                            or mark in (proc / "environ").read_bytes())
-            except OSError:
-                continue
-            if ours:
-                found.append(f"{proc.name}: {command[:100]}")
-        return found
+        return cluster_leftovers(self.data, f"{self.url}/p/", frozenset(int(p) for p in self._pids() if p))
 
     def _pids(self) -> list[int | None]:
         s = self._known

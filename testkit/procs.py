@@ -42,3 +42,26 @@ def stop(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def cluster_leftovers(data: Path, process_url: str, pids: frozenset[int] = frozenset()) -> list[str]:
+    """Processes still running that a `lingkar cluster` started ("pid: command"): the `pids` it
+    wrote down, anything working in its data directory (Redis and Caddy do; Redis retitles
+    itself, so its arguments no longer show), and any `lingkar serve` whose process URL is
+    under `process_url` (the public URL + "/p/")."""
+    mark = f"LINGKAR_PROCESS_URL={process_url}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if "State:\tZ" in (proc / "status").read_text():
+                continue
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ours = (int(proc.name) in pids or Path(os.readlink(proc / "cwd")).is_relative_to(data)
+                    or mark in (proc / "environ").read_bytes())
+        except OSError:
+            continue
+        if ours:
+            found.append(f"{proc.name}: {command[:120]}")
+    return found

@@ -35,6 +35,7 @@ import websockets
 from server.cluster import CADDYFILE, caddyfile, default_hosts
 from testkit.http import call
 from testkit.ports import free_port
+from testkit.procs import cluster_leftovers
 from tests.deploy.stack import CADDY, ROOT, Child
 from tests.live import Client, token_of
 
@@ -85,24 +86,7 @@ async def start_supervisor(data: Path, port: int, env: dict[str, str], *args: st
 
 
 def leftovers(data: Path, port: int) -> list[str]:
-    """Processes still running that this cluster started: Redis and Caddy work in the data
-    directory (Redis retitles itself: its arguments no longer show), `lingkar serve` has its
-    process URL on this port in its environment."""
-    mark = f"LINGKAR_PROCESS_URL=http://{HOST}:{port}/p/".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if "State:\tZ" in (proc / "status").read_text():
-                continue
-            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ours = Path(os.readlink(proc / "cwd")).is_relative_to(data) or mark in (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if ours:
-            found.append(f"{proc.name}: {command[:120]}")
-    return found
+    return cluster_leftovers(data, f"http://{HOST}:{port}/p/")
 
 
 def kill_leftovers(data: Path, port: int) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Page, expect
 
-from tests.deploy.test_cluster import Member, running_cluster
+from tests.deploy.test_cluster import Cluster, Member, running_cluster
 from tests.e2e.conftest import NewPage
 from tests.e2e.helpers import INSTRUMENT, fill_join, hear, my_id, screen
 from tests.live import token_of
@@ -28,6 +28,22 @@ async def new_connection(page: Page, before: int) -> None:
     await page.wait_for_function(
         "n => window.__pcs.length > n && window.__pcs.at(-1).connectionState === 'connected'",
         arg=before, timeout=45_000)
+
+
+async def heard_again_after(cluster: Cluster, circle_id: str, sig: signal.Signals, speaker: Page,
+                            listener: Page, speaker_id: str) -> float:
+    """Send `sig` to the circle's home; once both pages have a new PeerConnection connected
+    (elsewhere) and the listener hears the speaker again: the seconds since the signal."""
+    home = cluster.home_of(circle_id)
+    built = {page: await page.evaluate("window.__pcs.length") for page in (speaker, listener)}
+    sent = time.monotonic()
+    os.kill(cluster.pid_of(home), sig)
+    await asyncio.gather(*(new_connection(page, n) for page, n in built.items()))
+    again = await hear(listener, speaker_id, timeout_ms=30_000)
+    took = time.monotonic() - sent
+    assert again["ms"] is not None, f"not heard after {sig.name} (best RMS {again['rms']:.4f})"
+    assert cluster.home_of(circle_id) != home
+    return took
 
 
 async def test_the_floor_holder_is_heard_again_after_the_home_is_killed_behind_the_proxy(
@@ -58,15 +74,7 @@ async def test_the_floor_holder_is_heard_again_after_the_home_is_killed_behind_t
             first = await hear(listener, speaker_id)
             assert first["ms"] is not None, f"not heard before the kill (best RMS {first['rms']:.4f})"
 
-            home = cluster.home_of(circle["id"])
-            built = {page: await page.evaluate("window.__pcs.length") for page in (speaker, listener)}
-            killed = time.monotonic()
-            os.kill(cluster.pid_of(home), signal.SIGKILL)
-            await asyncio.gather(*(new_connection(page, n) for page, n in built.items()))
-            again = await hear(listener, speaker_id, timeout_ms=30_000)
-            took = time.monotonic() - killed
-            assert again["ms"] is not None, f"not heard after the kill (best RMS {again['rms']:.4f})"
-            assert cluster.home_of(circle["id"]) != home
+            took = await heard_again_after(cluster, circle["id"], signal.SIGKILL, speaker, listener, speaker_id)
             await moderator.connected.wait()
             state = (await moderator.sync())["state"]
             assert state["floor"]["holder"] == speaker_id
@@ -76,15 +84,7 @@ async def test_the_floor_holder_is_heard_again_after_the_home_is_killed_behind_t
 
             # A drain (SIGTERM) of the new home: it sends both pages `redirect` to a live
             # process, where they resume at once and build a new PeerConnection.
-            home = cluster.home_of(circle["id"])
-            built = {page: await page.evaluate("window.__pcs.length") for page in (speaker, listener)}
-            drained = time.monotonic()
-            os.kill(cluster.pid_of(home), signal.SIGTERM)
-            await asyncio.gather(*(new_connection(page, n) for page, n in built.items()))
-            again = await hear(listener, speaker_id, timeout_ms=30_000)
-            took = time.monotonic() - drained
-            assert again["ms"] is not None, f"not heard after the drain (best RMS {again['rms']:.4f})"
-            assert cluster.home_of(circle["id"]) != home
+            took = await heard_again_after(cluster, circle["id"], signal.SIGTERM, speaker, listener, speaker_id)
             print(f"home drained → floor holder heard again: {took:.1f} s")
         finally:
             keeping.cancel()
