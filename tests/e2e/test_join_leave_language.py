@@ -40,7 +40,7 @@ async def test_listen_only_never_asks_for_the_microphone_and_hears_the_floor_hol
         # includes up to one beep interval of waiting for sound; `packets` is the first RTP of
         # the holder's slot.
         print("\njoin→hear (listen only, loopback, ms after the #join click): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in took.items()))
+              + ", ".join(f"{k} {'-' if v is None else f'{v:.0f}'}" for k, v in took.items()))
         await screen(listener, "room")
         await expect(listener.locator("button#mute-self")).to_be_disabled()
         await expect(listener.locator("button#mute-self")).to_have_attribute("aria-pressed", "true")
