@@ -1,12 +1,20 @@
-"""Benchmark of the media relay: CPU per forwarded packet and added latency.
+"""Benchmark of the media relay: CPU per forwarded packet, idle cost and added latency.
 
-    python -m server.media.bench [--sizes 7,30,100,300] [--seconds 3]
+    python -m server.media.bench [--sizes 7,30,100,300] [--seconds 3] [--quiet-seconds S]
+    python -m server.media.bench --sizes 100,300 --janus DIR --rounds 3 --out runs.jsonl
 
-The relay runs alone in a child process (its CPU time is that process's CPU time); the
-parent runs one speaker and N listeners as real aiortc peers on loopback. For each size it
-prints the relay's CPU per forwarded packet and its share of a core, the end-to-end
-latency speaker → listener (p50/p99), the same path peer-to-peer without the relay, and
-the delay inside the relay (from the tap to the datagram handed to the listener's socket).
+The relay runs alone in a child process (its CPU time is that process's user+sys); the
+parent runs one speaker and N listeners as real aiortc peers on loopback, and a direct
+speaker → listener pair beside them. For each size it prints the relay's CPU per forwarded
+packet (total, and marginal over its idle cost) and its share of a core, the idle cost (the
+speaker gated; and with --quiet-seconds the listeners alone, per 100 listeners), and the
+relay-added latency: the listeners' kernel receive timestamps − the speaker's send time,
+minus the same on the direct pair in the same window, percentile by percentile, as the
+Janus anchor's harness computes it (`testkit/kstamp.py`). Also the end-to-end latency at
+the listeners' handler and, with --relay-delay, the delay inside the relay (tap → datagram
+handed to the listener's socket; a probe patching the relay's send path).
+With --janus DIR (a copy of ../shared/anchors/janus) each size runs K interleaved rounds of
+Lingkar then Janus tuned in the same run (`bench_janus.py`), 20 s windows by default.
 Numbers are printed, never asserted.
 """
 
@@ -25,11 +33,12 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from server.gctune import tune_gc
+from testkit import kstamp
 from testkit.loop import run as run_loop
 from testkit.opus import PacedTone, unmark
 from testkit.stats import percentiles
 
-from . import circle, fastpath, tap
+from . import bench_janus, circle, fastpath, tap
 from .relay import MediaRelay
 
 CIRCLE = "bench"
@@ -172,42 +181,76 @@ class _RelayProcess:
 
 # -- the client side (parent process) ------------------------------------------------------
 
+GRACE = 1.0  # s after a window for its last packets to land (the Janus anchor's --grace)
+
 
 class _Clients:
-    """One speaker (a paced, marked Opus tone) and listeners; `latencies` holds, for every
-    marked packet any listener received while recording, arrival − the mark's send time (s)."""
+    """One speaker (a paced, marked Opus tone, `source`) and listeners. While `recording`,
+    `latencies` gets, for every marked packet a listener handles, handler time − the mark's
+    send time (s, end to end through the listeners' event loop); while `stamping`,
+    `arrivals` gets (listener, seq, kernel receive time) for `testkit.kstamp`."""
 
-    def __init__(self) -> None:
-        self.speaker = PacedTone("speaker")
+    def __init__(self, source: str = "speaker") -> None:
+        self.source = source
+        self.speaker = PacedTone(source)
         self.pcs: list[RTCPeerConnection] = []
         self.latencies: list[float] = []
+        self.arrivals: list[tuple[int, int, float]] = []
         self.received = 0
         self.recording = False
+        self.stamping = False
         self.progress = asyncio.Event()
+        self.sent: dict[tuple[str, int], float] = {}  # the speaker's send times (kstamp)
 
-    def _sink(self) -> Callable[[Any, int], None]:
+    def tap(self, receiver: Any, listener: int) -> None:
+        source = self.source
+
         def on_packet(packet: Any, arrival_time_ms: int) -> None:
             self.received += 1
             self.progress.set()
-            if self.recording:
+            if self.recording or self.stamping:
                 marked = unmark(packet.payload)
-                if marked is not None:
+                if marked is None or marked.source != source:
+                    return
+                if self.recording:
                     self.latencies.append((time.monotonic_ns() - marked.sent_ns) / 1e9)
+                if self.stamping:
+                    arrived = kstamp.arrival(receiver)
+                    if arrived is not None:
+                        self.arrivals.append((listener, marked.seq, arrived))
 
-        return on_packet
+        tap.install_tap(receiver, on_packet)
 
     async def offer(self, *, speaker: bool, slots: int) -> RTCPeerConnection:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        listener = len(self.pcs)
         self.pcs.append(pc)
         if speaker:
             pc.addTransceiver(self.speaker, direction="sendrecv")
         for _ in range(slots):
-            tap.install_tap(pc.addTransceiver("audio", direction="recvonly").receiver, self._sink())
+            self.tap(pc.addTransceiver("audio", direction="recvonly").receiver, listener)
         await pc.setLocalDescription(await pc.createOffer())
         return pc
 
+    def log_sends(self) -> None:
+        """Record the speaker's send times from now on (its peer, the first, is connected)."""
+        self.sent = kstamp.log_sends(self.pcs[0].getSenders()[0])
+
+    def kernel_latencies(self, t0: float, t1: float) -> list[float]:
+        """As the anchor: for packets sent in [t0, t1], each listener's first arrival (kernel
+        receive time) − send time, in ms."""
+        sent = {seq: t for (src, seq), t in self.sent.items() if src == self.source and t0 <= t <= t1}
+        seen: set[tuple[int, int]] = set()
+        out = []
+        for listener, seq, arrived in self.arrivals:
+            t = sent.get(seq)
+            if t is not None and (listener, seq) not in seen:
+                seen.add((listener, seq))
+                out.append((arrived - t) * 1e3)
+        return out
+
     async def close(self) -> None:
-        await asyncio.gather(*(pc.close() for pc in self.pcs))
+        await asyncio.gather(*(pc.close() for pc in self.pcs), return_exceptions=True)
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
@@ -223,23 +266,24 @@ async def _until(clients: _Clients, condition: Callable[[], bool], limit: float)
             await clients.progress.wait()
 
 
-async def _direct_baseline(seconds: float) -> tuple[float, float]:
-    """Speaker → one listener peer to peer: the path without the relay."""
-    clients = _Clients()
+async def _direct_pair() -> _Clients:
+    """A speaker → one listener peer to peer, in this process: the path without the relay,
+    measured at the same time as the relay's so that both see the same load."""
+    clients = _Clients("direct")
     try:
         speaker_pc = await clients.offer(speaker=True, slots=0)
         listener = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         clients.pcs.append(listener)
         await listener.setRemoteDescription(speaker_pc.localDescription)
-        tap.install_tap(listener.getTransceivers()[0].receiver, clients._sink())
+        clients.tap(listener.getTransceivers()[0].receiver, 1)
         await listener.setLocalDescription(await listener.createAnswer())
         await speaker_pc.setRemoteDescription(listener.localDescription)
         await _until(clients, lambda: clients.received > 10, 20)
-        clients.recording = True
-        await asyncio.sleep(seconds)
-        return _percentiles(clients.latencies)
-    finally:
+        clients.log_sends()
+        return clients
+    except BaseException:
         await clients.close()
+        raise
 
 
 async def _quiet_share(relay: _RelayProcess, clients: _Clients, listeners: int, seconds: float) -> float:
@@ -261,8 +305,9 @@ async def _quiet_share(relay: _RelayProcess, clients: _Clients, listeners: int, 
 
 async def _one_size(
     relay: _RelayProcess, listeners: int, seconds: float, idle_seconds: float, quiet_seconds: float
-) -> dict[str, float]:
+) -> dict[str, Any]:
     clients = _Clients()
+    direct: _Clients | None = None
     try:
         started = time.perf_counter()
         members = [("speaker", True)] + [(f"l{i}", False) for i in range(listeners)]
@@ -280,6 +325,8 @@ async def _one_size(
         # warm up until every listener gets packets
         await _until(clients, lambda: clients.received >= listeners * 20, 60 + listeners / 2)
         join_seconds = time.perf_counter() - started
+        clients.log_sends()
+        direct = await _direct_pair()
 
         # The same peers with nothing forwarded: the relay's fixed cost (ICE, RTCP, timers).
         await relay.call(op="audible", members=[])
@@ -291,23 +338,37 @@ async def _one_size(
         idle_cpu_per_s = (idle_after["cpu"] - idle_before["cpu"]) / idle_seconds
         idle_system_per_s = (idle_after["system"] - idle_before["system"]) / idle_seconds
         await relay.call(op="audible", members=["speaker"])
+        await asyncio.sleep(1.0)  # the gate open again: forwarding in full before the window
 
+        # The window: the relay's CPU, and both paths' latency at the same time.
+        for c in (clients, direct):
+            c.stamping = c.recording = True
         before = await relay.call(op="sample")
-        clients.recording = True
+        t0 = time.time()
         await asyncio.sleep(seconds)
-        clients.recording = False
+        t1 = time.time()
         after = await relay.call(op="sample")
+        clients.recording = direct.recording = False
+        await asyncio.sleep(GRACE)  # packets sent before t1 still land
+        clients.stamping = direct.stamping = False
         forwarded = after["packets_forwarded"] - before["packets_forwarded"]
         cpu = after["cpu"] - before["cpu"]
         wall = seconds  # the sampling calls add a little; CPU share is approximate
+        relay_k = clients.kernel_latencies(t0, t1)
+        direct_k = direct.kernel_latencies(t0, t1)
+        sent = sum(1 for (_, t) in clients.sent.items() if t0 <= t <= t1)
+        await direct.close()
+        direct = None
         p50, p99 = _percentiles(clients.latencies)
         in50, in99 = _percentiles(after["delays"])
-        received = len(clients.latencies)
         quiet = (
             await _quiet_share(relay, clients, listeners, quiet_seconds) if quiet_seconds else float("nan")
         )
+        path = [kstamp.pct(relay_k, q) for q in (50, 95, 99)]
+        base = [kstamp.pct(direct_k, q) for q in (50, 95, 99)]
         return {
             "listeners": listeners,
+            "window_s": seconds,
             "forwarded": forwarded,
             "cpu_us_per_packet": cpu / forwarded * 1e6 if forwarded else float("nan"),
             "cpu_share": cpu / wall,
@@ -315,47 +376,89 @@ async def _one_size(
             "idle_share": idle_cpu_per_s,
             "idle_system_share": idle_system_per_s,
             "quiet_share": quiet,
+            "quiet_share_per_100": quiet / listeners * 100 if listeners else float("nan"),
             "system_share": (after["system"] - before["system"]) / wall,
+            # relay-added latency, as the anchor: percentile of the relay path's kernel-timestamped
+            # latency minus the same percentile of the direct pair's, both measured in this window
+            "added_p50_ms": path[0] - base[0],
+            "added_p99_ms": path[2] - base[2],
+            "path_ms": path,
+            "direct_ms": base,
+            "kernel_samples": len(relay_k),
+            "direct_samples": len(direct_k),
+            "loss_pct": 100 * (1 - len(relay_k) / (sent * listeners)) if sent and listeners else float("nan"),
             "p50_ms": p50,
             "p99_ms": p99,
             "relay_p50_ms": in50,
             "relay_p99_ms": in99,
-            "received": received,
+            "received": len(clients.latencies),
             "join_s": join_seconds,
         }
     finally:
+        if direct is not None:
+            await direct.close()
         await clients.close()
         await relay.call(op="reset")
 
 
-async def _main(
-    sizes: list[int], seconds: float, idle_seconds: float, quiet_seconds: float, probe: bool
-) -> None:
-    base50, base99 = await _direct_baseline(seconds)
-    print(f"direct peer-to-peer (no relay): p50 {base50:.2f} ms, p99 {base99:.2f} ms")
-    header = (
-        f"{'listeners':>9} {'fwd pkts':>9} {'CPU µs/pkt':>10} {'marginal':>8} {'CPU core':>8} {'idle':>5} "
-        f"{'e2e p50':>8} {'e2e p99':>8} {'relay p50':>9} {'relay p99':>9} {'join s':>7} {'sys':>5} {'idle sys':>8} {'quiet':>6}"
+async def measure(
+    size: int, seconds: float, idle_seconds: float, quiet_seconds: float, probe: bool
+) -> dict[str, Any]:
+    """One size in a relay process of its own."""
+    relay = _RelayProcess(probe)
+    await relay.start()
+    try:
+        return await _one_size(relay, size, seconds, idle_seconds, quiet_seconds)
+    finally:
+        await relay.stop()
+
+
+def print_row(row: dict[str, Any], probe: bool) -> None:
+    print(
+        f"{row['listeners']:>5} listeners: {row['forwarded']} packets forwarded in {row['window_s']:.0f} s, "
+        f"{row['cpu_us_per_packet']:.1f} µs of CPU per packet (marginal {row['marginal_us_per_packet']:.1f}), "
+        f"{row['cpu_share']:.0%} of a core (sys {row['system_share']:.1%}); joined in {row['join_s']:.1f} s\n"
+        f"       idle (gated) {row['idle_share']:.1%} (sys {row['idle_system_share']:.1%}), "
+        f"quiet (listeners alone) {row['quiet_share']:.2%}: "
+        f"idle cost per 100 listeners {row['quiet_share_per_100']:.2%} of a core\n"
+        f"       relay-added latency p50 {row['added_p50_ms']:.2f} ms, p99 {row['added_p99_ms']:.2f} ms "
+        f"(kernel rx: relay path p50/p99 {row['path_ms'][0]:.2f}/{row['path_ms'][2]:.2f}, "
+        f"direct pair {row['direct_ms'][0]:.2f}/{row['direct_ms'][2]:.2f}; "
+        f"loss {row['loss_pct']:.2f} %)\n"
+        f"       e2e at the listeners' handler p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms"
+        + (
+            f"; tap → datagram sent p50 {row['relay_p50_ms']:.2f} ms, p99 {row['relay_p99_ms']:.2f} ms"
+            if probe
+            else ""
+        ),
+        flush=True,
     )
-    print(header)
+
+
+LEGEND = """\
+relay-added latency: p(relay path) − p(direct pair), percentile by percentile, each from the
+  listener's kernel receive timestamp (SIOCGSTAMPNS) − the speaker's send time at aiortc's
+  _send_rtp, both CLOCK_REALTIME (testkit/kstamp.py; as ../shared/anchors/janus/bench.py);
+  the direct aiortc pair runs in this process during the same window.
+e2e: speaker's mark → listener's packet handler (includes the listeners' event loop).
+idle: the speaker still sends, gated; quiet: listeners only, no speaker (--quiet-seconds);
+  idle cost per 100 listeners = quiet share ÷ listeners × 100. sys: CPU in the kernel."""
+
+
+async def _main(
+    sizes: list[int],
+    seconds: float,
+    idle_seconds: float,
+    quiet_seconds: float,
+    probe: bool,
+    out: str | None,
+) -> None:
     for size in sizes:
-        relay = _RelayProcess(probe)
-        await relay.start()
-        try:
-            row = await _one_size(relay, size, seconds, idle_seconds, quiet_seconds)
-        finally:
-            await relay.stop()
-        print(
-            f"{row['listeners']:>9} {row['forwarded']:>9} {row['cpu_us_per_packet']:>10.1f} "
-            f"{row['marginal_us_per_packet']:>8.1f} {row['cpu_share']:>8.0%} {row['idle_share']:>5.1%} "
-            f"{row['p50_ms']:>6.2f}ms {row['p99_ms']:>6.2f}ms "
-            f"{row['relay_p50_ms']:>7.2f}ms {row['relay_p99_ms']:>7.2f}ms {row['join_s']:>7.1f} "
-            f"{row['system_share']:>5.1%} {row['idle_system_share']:>8.1%} {row['quiet_share']:>6.2%}",
-            flush=True,
-        )
-    print("e2e: speaker send → listener receive (both in this process); relay: tap → datagram sent.")
-    print("sys, idle sys: the relay's CPU spent in the kernel, forwarding and idle (share of a core).")
-    print("idle: the speaker still sends, gated; quiet: listeners only, no speaker (--quiet-seconds).")
+        row = await measure(size, seconds, idle_seconds, quiet_seconds, probe)
+        print_row(row, probe)
+        if out:
+            bench_janus.append_jsonl(out, {"bench": "lingkar", **row})
+    print(LEGEND)
 
 
 def _run(main: Any) -> None:
@@ -371,7 +474,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", default="7,30,100,300", help="listener counts, comma separated")
-    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per size")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="measured seconds per size; default 3, 20 with --janus"
+    )
     parser.add_argument(
         "--idle-seconds",
         type=float,
@@ -381,8 +486,22 @@ def main() -> None:
     parser.add_argument(
         "--quiet-seconds",
         type=float,
-        default=0.0,
-        help=f"also measure the listeners alone: speaker gone, {QUIET_SETTLE:.0f} s to settle, then this long",
+        default=None,
+        help=f"also measure the listeners alone: speaker gone, {QUIET_SETTLE:.0f} s to settle, then this long;"
+        " default 0 (not measured), --seconds with --janus",
+    )
+    parser.add_argument("--out", default=None, help="append every result as a JSON line to this file")
+    parser.add_argument(
+        "--janus",
+        default=None,
+        metavar="DIR",
+        help="also run Janus tuned side by side: DIR is a copy of ../shared/anchors/janus",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --janus: interleaved rounds per size")
+    parser.add_argument(
+        "--janus-python",
+        default=None,
+        help="with --janus: the interpreter for the anchor (default: found/made)",
     )
     parser.add_argument(
         "--relay-delay",
@@ -403,8 +522,34 @@ def main() -> None:
             _run(_child(args.relay_delay))
     else:
         sizes = [int(s) for s in args.sizes.split(",")]
-        idle_seconds = args.seconds if args.idle_seconds is None else args.idle_seconds
-        asyncio.run(_main(sizes, args.seconds, idle_seconds, args.quiet_seconds, args.relay_delay))
+        seconds = args.seconds if args.seconds is not None else (20.0 if args.janus else 3.0)
+        idle_seconds = seconds if args.idle_seconds is None else args.idle_seconds
+        quiet_seconds = (
+            args.quiet_seconds if args.quiet_seconds is not None else (seconds if args.janus else 0.0)
+        )
+        kstamp.install()  # this (parent) process only: the listeners' kernel receive timestamps
+        if args.janus:
+            probe = args.relay_delay
+
+            async def one(size: int) -> dict[str, Any]:
+                return await measure(size, seconds, idle_seconds, quiet_seconds, probe)
+
+            async def both() -> None:
+                await bench_janus.side_by_side(
+                    one,
+                    lambda row: print_row(row, probe),
+                    anchor=args.janus,
+                    sizes=sizes,
+                    rounds=args.rounds,
+                    seconds=seconds,
+                    out=args.out,
+                    python=args.janus_python,
+                )
+                print(LEGEND)
+
+            asyncio.run(both())
+        else:
+            asyncio.run(_main(sizes, seconds, idle_seconds, quiet_seconds, args.relay_delay, args.out))
 
 
 if __name__ == "__main__":
