@@ -131,6 +131,24 @@ def _row(k: int, lk: dict[str, Any], jn: dict[str, Any]) -> str:
     )
 
 
+def summary(size: int, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    """Every round's range at one size and the ratio of the means (Lingkar/Janus)."""
+
+    def span(values: list[float], fmt: str) -> str:
+        return f"{min(values):{fmt}}–{max(values):{fmt}}"
+
+    lk_us = [lk["cpu_us_per_packet"] for lk, _ in pairs]
+    jn_us = [jn["us_cpu_per_fwd_pkt"] for _, jn in pairs]
+    return (
+        f"{size} listeners, {len(pairs)} rounds: Lingkar {span(lk_us, '.1f')} µs/pkt (marginal "
+        f"{span([lk['marginal_us_per_packet'] for lk, _ in pairs], '.1f')}), Janus {span(jn_us, '.1f')}, "
+        f"ratio of means {sum(lk_us) / sum(jn_us):.2f}; relay-added p99 Lingkar "
+        f"{span([lk['added_p99_ms'] for lk, _ in pairs], '.2f')} ms, Janus "
+        f"{span([jn['relay_added_ms_p99'] for _, jn in pairs], '.2f')} ms; Lingkar idle cost per 100 "
+        f"listeners {span([lk['quiet_share_per_100'] for lk, _ in pairs], '.2%')} of a core"
+    )
+
+
 async def side_by_side(
     measure: Callable[[int], Awaitable[dict[str, Any]]],
     print_row: Callable[[dict[str, Any]], None],
@@ -172,6 +190,8 @@ async def side_by_side(
                 append_jsonl(
                     out, {"bench": "lingkar", "round": k, **lk}, {"bench": "janus", "round": k, **jn}
                 )
+    for size in sizes:
+        print(summary(size, [(lk, jn) for lk, jn in pairs if lk["listeners"] == size]))
     print(
         "L: Lingkar, J: Janus tuned. µs/pkt: the relay process's user+sys ÷ forwarded packets; marg.: "
         "Lingkar's minus its idle (gated) CPU; idle/100: Lingkar's quiet share per 100 listeners; "
