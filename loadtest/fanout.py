@@ -8,6 +8,13 @@ asserted.
     python -m loadtest.fanout [--store memory|redis|both] [--rooms 200] [--members 8]
                               [--seconds 10] [--out fanout.json]
     python -m loadtest.fanout --url URL --api-key KEY [--by-circle] [--pids PID,…] …
+    python -m loadtest.fanout --store memory --rooms 400 --profile /tmp/fanout.prof
+
+`--profile FILE` runs the server under cProfile over the measured window only (switched on
+and off by SIGUSR1/SIGUSR2, which `python -m loadtest.fanout serve` installs before running
+`server.cli`), writes the stats to FILE and prints the top entries per delivery and per
+command. cProfile's own cost inflates every figure: compare profiles with each other, and
+CPU per delivery only from runs without it.
 
 With `--url` it loads a server that is already running (a proxy in front of several, with
 `--by-circle`: hellos go to `/ws?c={circle}` and follow a `redirect`, as the web client's do);
@@ -22,6 +29,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -149,6 +157,7 @@ class Target:
     api_key: str
     by_circle: bool = False
     pids: dict[str, list[int]] = field(default_factory=dict)
+    profiled: bool = False  # the server's profiler follows the window (SIGUSR1 on, SIGUSR2 off)
 
 
 def _cpu(pids: list[int]) -> float:
@@ -213,6 +222,7 @@ async def measure(target: Target, rooms_n: int, members_n: int, seconds: float) 
             await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
             cpu_before.update({role: _cpu(pids) for role, pids in target.pids.items()})
             cpu_before["at"] = time.perf_counter()
+            _signal_servers(target, signal.SIGUSR1)
 
         client_before, client_from = time.process_time(), time.perf_counter()
         marker = asyncio.create_task(cpu_mark())
@@ -220,6 +230,7 @@ async def measure(target: Target, rooms_n: int, members_n: int, seconds: float) 
                                for i, room in enumerate(rooms)))
         await marker
         cpu_used = {role: _cpu(pids) - cpu_before[role] for role, pids in target.pids.items()}
+        _signal_servers(target, signal.SIGUSR2)
         client_cpu = time.process_time() - client_before
         # An overloaded generator finishes its schedule late: CPU is per second of the window
         # actually read, and the lag is reported (its sends bunch up; latencies then include it).
@@ -263,13 +274,25 @@ async def measure(target: Target, rooms_n: int, members_n: int, seconds: float) 
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
 
 
-async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: float) -> dict[str, Any]:
+def _signal_servers(target: Target, sig: signal.Signals) -> None:
+    if target.profiled:
+        for pid in target.pids.get("server", []):
+            os.kill(pid, sig)
+
+
+async def run_store(store_label: str, rooms_n: int, members_n: int, seconds: float,
+                    profile: Path | None = None) -> dict[str, Any]:
     server: ServerProcess | None = None
     log_path = Path(tempfile.gettempdir()) / f"lingkar-fanout-{store_label}-{os.getpid()}.log"
     try:
-        server = ServerProcess(store_label, log_path)
+        if profile is None:
+            server = ServerProcess(store_label, log_path)
+        else:  # an absolute path, removed beforehand (see main)
+            server = ServerProcess(store_label, log_path, module="loadtest.fanout",
+                                   env={PROFILE_ENV: str(profile)})
         await asyncio.to_thread(server.start)
-        target = Target(store_label, server.url, server.api_key, pids={"server": [server.pid]})
+        target = Target(store_label, server.url, server.api_key, pids={"server": [server.pid]},
+                        profiled=profile is not None)
         return await measure(target, rooms_n, members_n, seconds)
     finally:
         if server is not None:
@@ -287,7 +310,58 @@ def _fmt(r: dict[str, Any]) -> str:
             + f"(client {r['client_cpu_percent_of_one_core']} %)")
 
 
+PROFILE_ENV = "LINGKAR_FANOUT_PROFILE"
+
+
+def serve_profiled() -> int:
+    """`python -m loadtest.fanout serve`: `server.cli serve` in this process, with cProfile
+    switched on by SIGUSR1 and off by SIGUSR2, which writes the stats to $LINGKAR_FANOUT_PROFILE
+    (renamed into place once complete)."""
+    import cProfile
+    import runpy
+
+    out = Path(os.environ[PROFILE_ENV])
+    profiler = cProfile.Profile()
+
+    def on(signum: int, frame: Any) -> None:
+        profiler.enable()
+
+    def off(signum: int, frame: Any) -> None:
+        profiler.disable()
+        partial = out.with_suffix(".part")
+        profiler.dump_stats(partial)
+        partial.replace(out)
+
+    signal.signal(signal.SIGUSR1, on)
+    signal.signal(signal.SIGUSR2, off)
+    sys.argv = ["lingkar", "serve"]
+    try:
+        runpy.run_module("server.cli", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def print_profile(path: Path, result: dict[str, Any], top: int = 30) -> None:
+    """The profile's top entries by own time, in µs per delivery and per command."""
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    deliveries = max(1, result["overall"]["n"])
+    commands = max(1, deliveries // result["members"])
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)  # type: ignore[attr-defined]
+    total = sum(v[2] for _, v in rows)
+    print(f"profile {path}: {total:.2f} s own time in the window; {deliveries} deliveries, "
+          f"{commands} commands: {1e6 * total / deliveries:.1f} µs per delivery")
+    print(f"{'calls':>9} {'own µs/deliv':>12} {'cum µs/cmd':>11}  function")
+    for (file, line, name), (_, calls, own, cum, _) in rows[:top]:
+        where = f"{Path(file).name}:{line}({name})" if line else name
+        print(f"{calls:>9} {1e6 * own / deliveries:>12.2f} {1e6 * cum / commands:>11.1f}  {where}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
+        return serve_profiled()
     parser = argparse.ArgumentParser(prog="python -m loadtest.fanout", description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", choices=["memory", "redis", "both"], default="both")
     parser.add_argument("--rooms", type=int, default=200)
@@ -299,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --url: hellos to /ws?c={circle}, following a redirect (a proxy in front)")
     parser.add_argument("--pids", default="", help="with --url: the server processes' pids, comma-separated, for CPU")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
+    parser.add_argument("--profile", type=Path,
+                        help="run the server under cProfile over the window and write its stats here")
     args = parser.parse_args(argv)
     if args.members < 2 or args.rooms < 1 or not 0 < args.seconds <= 600:
         parser.error("need --members ≥ 2, --rooms ≥ 1, 0 < --seconds ≤ 600")
@@ -313,8 +389,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         stores = ["memory", "redis"] if args.store == "both" else [args.store]
         for store in stores:
-            result = run_loop(run_store(store, args.rooms, args.members, args.seconds))
+            profile = None
+            if args.profile is not None:
+                profile = args.profile if len(stores) == 1 else args.profile.with_suffix(f".{store}.prof")
+                profile = profile.resolve()
+                profile.unlink(missing_ok=True)
+            result = run_loop(run_store(store, args.rooms, args.members, args.seconds, profile))
             print(_fmt(result), flush=True)
+            if profile is not None:
+                for _ in range(100):  # written by the server once told (SIGUSR2)
+                    if profile.exists():
+                        break
+                    time.sleep(0.05)
+                print_profile(profile, result)
             results.append(result)
     report = json.dumps({"results": results}, indent=1)
     if args.out:

@@ -682,17 +682,20 @@ def apply(state: RoomState, command: c.Command, now: int) -> tuple[RoomState, li
     if handler is None:
         raise TypeError(f"not a room command: {command!r}")
     step = _Step(state.copy(), now)
-    heard_before = audible(state)
-    present_before = state.moderator_present
     handler(step, command)
     if not step.changed:
         return state, step.events  # nothing changed; ephemeral events only, if any
     new = step.state
     new.version = step.version
+    # Who is present and who may be heard follow from the members (in seat order), the floor
+    # and the mode alone: when none of them changed (a hand raised, say), neither did those.
+    if (new.floor is state.floor and new.mode is state.mode and new.members == state.members
+            and list(new.members) == list(state.members)):
+        return new, step.events
     present = new.moderator_present
-    if present != present_before:
+    if present != state.moderator_present:
         step.emit(Name.MODERATOR_PRESENT, {"present": present}, EVERYONE)
     heard = audible(new)
-    if heard != heard_before:
+    if heard != audible(state):
         step.emit(Name.AUDIBLE, {"members": heard}, SERVER)
     return new, step.events

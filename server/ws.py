@@ -92,38 +92,36 @@ class _StarletteTransport:
         """What uvicorn's ASGI ``send`` does for a ``websocket.send`` of bytes, minus the
         awaits: only when it would not have waited (the transport takes writes) and the
         connection is open; otherwise False and the frame goes through `send`."""
-        if self._protocol is None:
+        protocol = self._protocol
+        if protocol is None:
             return False
-        try:
-            return self._write_direct(frames)
+        try:  # one call per member on the fan-out path: kept in one function
+            if (
+                not protocol.writable.is_set()
+                or protocol.disconnected
+                or protocol.close_sent
+                or protocol.initial_response is not None
+                or not protocol.handshake_complete
+            ):
+                return False
+            transport = protocol.transport
+            conn = protocol.conn
+            if transport.is_closing() or conn.state is not _OPEN:
+                return False
+            if conn.extensions or conn.expect_continuation_frame:  # never negotiated here; kept right
+                for data in frames:
+                    conn.send_binary(data)
+                transport.write(b"".join(conn.data_to_send()))
+            elif len(frames) == 1:
+                data = frames[0]
+                transport.write(_last_framed[1] if data is _last_framed[0] else _framed(data))
+            else:
+                transport.write(b"".join([_framed(data) for data in frames]))
+            return True
         except Exception as exc:  # uvicorn changed under us: never drop the frame
             WritePath.broken(exc)
             self._protocol = None
             return False
-
-    def _write_direct(self, frames: tuple[bytes, ...]) -> bool:
-        protocol = self._protocol
-        if (
-            not protocol.writable.is_set()
-            or protocol.disconnected
-            or protocol.close_sent
-            or protocol.initial_response is not None
-            or not protocol.handshake_complete
-        ):
-            return False
-        transport = protocol.transport
-        conn = protocol.conn
-        if transport.is_closing() or conn.state is not _OPEN:
-            return False
-        if conn.extensions or conn.expect_continuation_frame:  # never negotiated here; kept right
-            for data in frames:
-                conn.send_binary(data)
-            transport.write(b"".join(conn.data_to_send()))
-        elif len(frames) == 1:
-            transport.write(_framed(frames[0]))
-        else:
-            transport.write(b"".join([_framed(data) for data in frames]))
-        return True
 
     async def receive(self) -> bytes | str | None:
         try:

@@ -136,8 +136,14 @@ class RoomManager:
         Busy, StoreUnavailable (the outcome of a save cut off mid-way is unknown; resume and
         the version tell). With `fence` (this process's lease token, DESIGN §8) the save is
         refused with StaleOwner once another process has taken the circle."""
-        async with self._locks(circle_id):
+        gate = self._locks.take(circle_id)  # free (the common case): held without awaiting
+        if gate is None:
+            async with self._locks(circle_id):
+                return await self._execute(circle_id, command, fence)
+        try:
             return await self._execute(circle_id, command, fence)
+        finally:
+            gate.give_back()
 
     async def _execute(self, circle_id: str, command: Command, fence: int | None = None
                        ) -> tuple[RoomState, list[Event]]:
@@ -160,8 +166,12 @@ class RoomManager:
                 await self._publish_ephemeral(circle_id, events)
                 self._know(circle_id, state)
                 return state, events
-            durable = [encode_event(e) for e in events if not e.ephemeral]
+            kept = [e for e in events if not e.ephemeral]
+            durable = [encode_event(e) for e in kept]
             self._saving[circle_id] = new.version  # its own wake-up needs no reload
+            known = self._known.get(circle_id)
+            if known is not None:  # its subscribers get these events, not their bytes decoded
+                known.hub.saving(new.version, durable, kept)
             try:
                 await self._store.save(circle_id, state.version, encode_state(new), durable,
                                        new.version, fence)

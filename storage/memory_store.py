@@ -143,8 +143,11 @@ class MemoryStore:
             log.popleft()
         due = log[0][2] + self._keep_ms if log else None
         if room.trim is not None:
-            if due == room.trim_due:
-                return  # armed for that already (a save behind the oldest entry)
+            if due is not None and room.trim_due <= due:
+                # Armed for that time or earlier (the oldest entry only ever gets younger):
+                # firing early trims what is due then and arms again, so a busy circle moves
+                # its timer once per `keep_events_ms`, not on every save.
+                return
             room.trim.cancel()
             room.trim = None
         if due is None:

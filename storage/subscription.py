@@ -39,6 +39,17 @@ class Closed:
 Item = Event | Resync | Closed
 
 
+def _same(saved: Sequence[bytes], carried: Sequence[bytes]) -> bool:
+    """The wake-up carries exactly the bytes that were saved (the very objects, on the
+    memory store)."""
+    if len(saved) != len(carried):
+        return False
+    for a, b in zip(saved, carried, strict=True):
+        if a is not b and a != b:
+            return False
+    return True
+
+
 def _unsubscribed() -> None:
     """What a hub calls to unsubscribe once it has."""
 
@@ -109,6 +120,9 @@ class CircleHub:
         self._on_empty = on_empty
         self._subs: list[Subscription] = []
         self._carried: dict[int, list[Event]] = {}  # version -> events, from wake-ups
+        # version -> (encoded, events): what this process is saving, so that its own wake-up
+        # hands subscribers these very events instead of decoding their bytes again
+        self._saving: dict[int, tuple[Sequence[bytes], list[Event]]] = {}
         self._latest = -1
         self._stale = False  # a wake-up without events: fetch instead of trusting `_carried`
         self._deleted = False
@@ -131,6 +145,19 @@ class CircleHub:
             self._subs.remove(sub)
             if not self._subs and not self._deleted and not self._closed:
                 self._on_empty(self)
+
+    def saving(self, version: int, encoded: Sequence[bytes], events: list[Event]) -> None:
+        """This process is saving `events` (encoded as `encoded`) at `version`: a wake-up for
+        that version carrying the same bytes hands subscribers these objects, not a decoding
+        of the bytes (the same events: the encoding is exact). Kept until that wake-up, or
+        until a few later saves have passed it (a save that lost the race has none)."""
+        if not self._subs:
+            return
+        saving = self._saving
+        if len(saving) >= 4:
+            for v in [v for v in saving if v < version]:
+                del saving[v]
+        saving[version] = (encoded, events)
 
     @property
     def followed(self) -> bool:
@@ -168,10 +195,14 @@ class CircleHub:
             if events is None:
                 self._stale = True
             elif self._subs:
-                try:
-                    self._carried[version] = [decode_event(e) for e in events]
-                except CorruptState:
-                    self._stale = True  # fetch instead
+                mine = self._saving.pop(version, None)
+                if mine is not None and _same(mine[0], events):
+                    self._carried[version] = mine[1]
+                else:
+                    try:
+                        self._carried[version] = [decode_event(e) for e in events]
+                    except CorruptState:
+                        self._stale = True  # fetch instead
         self._on_version(version)
         if not self._deliver_now(version):
             self._dirty.set()
@@ -191,10 +222,17 @@ class CircleHub:
         for s in subs:
             if s.last != before:
                 return False
-        if len(events) == 1:  # the common case: one event, handed to each in turn
+        if len(events) == 1:  # the common case: one event, handed to each listener in turn
             event = events[0]
             for s in subs:
-                s.push(event)
+                listener = s._listener
+                if listener is None or s._done:
+                    s.push(event)  # held until `listen`, or dropped once closed
+                else:
+                    try:
+                        listener(event)
+                    except Exception:
+                        log.exception("event listener failed")
                 s.last = version
         else:
             for s in subs:

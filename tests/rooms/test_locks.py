@@ -85,3 +85,44 @@ async def test_an_error_inside_releases_and_forgets() -> None:
     assert len(locks) == 0
     async with locks("c1"):  # and it can be taken again
         pass
+
+
+async def test_take_holds_a_free_key_at_once_and_answers_none_while_it_is_busy() -> None:
+    locks = KeyedLock()
+    gate = locks.take("c1")
+    assert gate is not None and gate.locked() and "c1" in locks
+    assert locks.take("c1") is None  # held: wait with `async with`
+    entered = asyncio.Event()
+
+    async def waiter() -> None:
+        async with locks("c1"):
+            entered.set()
+
+    w = asyncio.create_task(waiter())
+    queued = asyncio.Event()
+    asyncio.get_running_loop().call_soon(queued.set)
+    await queued.wait()
+    assert not entered.is_set()
+    gate.give_back()  # handed to the waiter, in order
+    await w
+    assert entered.is_set() and "c1" not in locks and len(locks) == 0
+
+
+async def test_a_waiter_cancelled_just_as_its_turn_came_hands_the_lock_on() -> None:
+    locks = KeyedLock()
+    gate = locks.take("c1")
+    assert gate is not None
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        async with locks("c1"):
+            order.append(name)
+
+    first, second = asyncio.create_task(waiter("first")), asyncio.create_task(waiter("second"))
+    queued = asyncio.Event()
+    asyncio.get_running_loop().call_soon(queued.set)
+    await queued.wait()
+    gate.give_back()  # the first's turn: set, but it has not run yet
+    first.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+    assert order == ["second"] and len(locks) == 0

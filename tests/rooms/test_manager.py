@@ -176,6 +176,22 @@ async def test_subscriber_gets_every_event_once_in_order(managers: Callable[...,
     assert sub.get_nowait() is None
 
 
+async def test_subscribers_here_get_the_saved_events_themselves(managers: Callable[..., RoomManager],
+                                                               circle_id: str) -> None:
+    """The process that saves hands its own subscribers the events it saved when its
+    wake-up carries their bytes, not a decoding of them (equal either way); another
+    process's subscribers decode them."""
+    a, b = managers(), managers()
+    await a.create(circle(circle_id), INVITES)
+    await a.execute(circle_id, join("m1"))
+    here, there = follow(a, circle_id, 1), follow(b, circle_id, 1)
+    await asyncio.gather(here.ready(), there.ready())
+    _, events = await a.execute(circle_id, c.RaiseHand("m1"))
+    got_here, got_there = await take(here, 1), await take(there, 1)
+    assert got_here == got_there == events
+    assert got_here[0] is events[0] and got_there[0] is not events[0]
+
+
 async def test_lagging_subscriber_gets_a_resync(managers: Callable[..., RoomManager],
                                                 circle_id: str) -> None:
     manager = managers(max_versions=3)

@@ -53,10 +53,10 @@ async def test_a_broken_direct_write_falls_back_loudly_and_loses_no_event(
         live: Live, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Should uvicorn's private attributes change under us, the direct path raises: the
     frame then goes through ASGI, once with an error in the log, and nothing is lost."""
-    def renamed(self: object, frames: tuple[bytes, ...]) -> bool:
-        raise AttributeError("'WebSocketsSansIOProtocol' object has no attribute 'writable'")
+    class Renamed:  # uvicorn's protocol, had its attributes been renamed
+        pass
 
-    monkeypatch.setattr(ws._StarletteTransport, "_write_direct", renamed)
+    monkeypatch.setattr(ws, "_uvicorn_protocol", lambda socket: Renamed())
     monkeypatch.setattr(ws.WritePath, "direct", True)
     circle, mod, a, b = await circle_of(live)
     await ack_of(a, "raise_hand")
