@@ -71,6 +71,9 @@ from aiortc.rtp import (
 )
 from pylibsrtp import _binding as _srtp_binding
 
+from . import mux as _mux
+from .sendmmsg import SLOT as _SLOT
+
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!BBHLL")
@@ -297,6 +300,8 @@ class RtpOut:
         self._pair: Any = None
         self._addr: tuple[str, int] = ("", 0)
         self._sendto: Any = None
+        self._batch: Any = None  # the shared socket's `sendmmsg.Batch` (`mux`), if any
+        self._name: Any = None  # the listener's address as the batch takes it
         self._session: Any = None
         self._srtp: Any = None
         self._cdata: Any = None
@@ -343,6 +348,7 @@ class RtpOut:
         self._nominated = {}
         self._pending = None
         self._pair = self._sendto = self._session = self._srtp = self._cdata = self._buffer = None
+        self._batch = self._name = None
 
     def _flush(self) -> None:
         pending = self._pending
@@ -379,6 +385,9 @@ class RtpOut:
         self._pair = pair
         self._addr = pair.remote_addr
         self._sendto = pair.protocol.transport.sendto
+        shared = getattr(pair.protocol, "mux", None)
+        self._batch = None if shared is None else shared.batch
+        self._name = None if self._batch is None else self._batch.name(self._addr)
         return True
 
     def send(self, pts: int, payload: bytes, level: int | None, marker: bool, now: float) -> bool:
@@ -401,21 +410,42 @@ class RtpOut:
         first, ext = self._ext.get(level) or self._extensions(level)
         timestamp = (self._origin + pts) & 0xFFFFFFFF
         seq = self._seq
-        buffer = self._buffer
         start = 12 + len(ext)
         end = start + len(payload)
         if end > self._room:
             return False  # larger than any Opus packet (the relay only takes ≤ 1500 bytes in)
-        _HEADER.pack_into(
-            buffer, 0, first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc
-        )
-        buffer[12:start] = ext
-        buffer[start:end] = payload
         length = self._length
         length[0] = end
-        if _srtp_protect(self._srtp, self._cdata, length):
-            return False
-        self._sendto(buffer[0 : length[0]], self._addr)
+        batch = self._batch
+        if batch is not None:
+            # Written and protected in place in the shared socket's batch; it leaves with the
+            # other listeners' copies in one sendmmsg (`mux.flush`).
+            index = batch.count
+            if index == batch.capacity:
+                batch.flush()
+                index = 0
+            if index == 0:
+                _mux.queued(batch)
+            base = index * _SLOT
+            buffer = batch.buffer
+            _HEADER.pack_into(
+                buffer, base, first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc
+            )
+            buffer[base + 12 : base + start] = ext
+            buffer[base + start : base + end] = payload
+            if _srtp_protect(self._srtp, batch.slots[index], length):
+                return False
+            batch.commit(index, length[0], self._name)
+        else:
+            buffer = self._buffer
+            _HEADER.pack_into(
+                buffer, 0, first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc
+            )
+            buffer[12:start] = ext
+            buffer[start:end] = payload
+            if _srtp_protect(self._srtp, self._cdata, length):
+                return False
+            self._sendto(buffer[0 : length[0]], self._addr)
         self._seq = (seq + 1) & 0xFFFF
         self.sent += 1
         self._octets += len(payload)

@@ -54,6 +54,8 @@ from aioice import ice, turn
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 from aiortc import RTCPeerConnection, rtcicetransport, rtcpeerconnection
 
+from .mux import UdpMux
+
 logger = logging.getLogger(__name__)
 
 AIOICE_VERSION = "0.13."
@@ -151,12 +153,19 @@ class Gathering:
     ``ports``: (low, high), both included, the range every socket is bound in (None: any).
     """
 
-    def __init__(self, *, address: str | None = None, ports: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        ports: tuple[int, int] | None = None,
+        udp_mux: UdpMux | None = None,
+    ) -> None:
         if ports is not None and not 1 <= ports[0] <= ports[1] <= 65535:
             raise ValueError(f"bad port range {ports}")
         self.address = address
         self.ports = ports
         self.bind_address = None if address is None else _bind_address(address)
+        self.udp_mux = udp_mux
         self._next = 0  # where the next search through the range starts (round robin)
 
     def install(self, pc: RTCPeerConnection) -> None:
@@ -186,6 +195,8 @@ class Gathering:
             raise PortsUnsupported("the relay's own ICE servers are STUN only with a media address or ports")
         if self.bind_address is not None:
             addresses = [self.bind_address]
+        if self.udp_mux is not None and list(connection._components) == [component]:
+            return await self._gather_shared(connection, component, addresses, self.udp_mux)
         loop = asyncio.get_running_loop()
         protocols: list[ice.StunProtocol] = []
         try:
@@ -210,6 +221,26 @@ class Gathering:
         except BaseException:
             await _close(protocols)
             raise
+        if connection._closing:  # closed while we bound: it will not close these
+            await _close(protocols)
+            return []
+        connection._protocols += protocols
+        candidates = [p.local_candidate for p in protocols]
+        if connection.stun_server is not None and self.address is None:
+            candidates += await _server_reflexive(protocols, connection.stun_server)
+        return candidates
+
+    async def _gather_shared(
+        self, connection: ice.Connection, component: int, addresses: list[str], udp_mux: UdpMux
+    ) -> list[Candidate]:
+        """The host candidates of `connection` on the relay's shared sockets (`mux`): one
+        socket per address for every connection, bound in the range the first time."""
+        protocols: list[ice.StunProtocol] = []
+        for address in addresses:
+            shared = await udp_mux.socket_for(address, self._socket)
+            if shared is None:
+                continue
+            protocols.append(shared.attach(connection, component, self.address or shared.sockname[0]))
         if connection._closing:  # closed while we bound: it will not close these
             await _close(protocols)
             return []

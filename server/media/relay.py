@@ -25,7 +25,7 @@ from aiortc import (
 )
 from aiortc.rtp import RtpPacket
 
-from . import fastpath, gcpace, metrics, ports, stunfast, tap
+from . import fastpath, gcpace, metrics, mux, ports, stunfast, tap
 from .candidates import AddressKind, filter_candidates, own_address_kinds
 from .circle import SILENT_LEVEL, Listener, MediaCircle, Slots
 from .slot import Slot
@@ -182,6 +182,7 @@ class MediaRelay:
         media_address: str | None = None,
         media_ports: tuple[int, int] | None = None,
         full_collection_interval: float | None = gcpace.INTERVAL,
+        udp_mux: bool = True,
     ) -> None:
         tap.check_supported()
         fastpath.check_supported()
@@ -192,10 +193,13 @@ class MediaRelay:
         self._max_slots = slots
         self._ice_servers = [RTCIceServer(**server) for server in ice_servers or []]
         self._gathering: ports.Gathering | None = None
-        if media_address is not None or media_ports is not None:
-            self._gathering = ports.Gathering(address=media_address, ports=media_ports)
-            if any(_is_turn(server) for server in self._ice_servers):
-                raise ValueError("the relay's own ICE servers must be STUN only with a media address or ports")
+        turn_of_its_own = any(_is_turn(server) for server in self._ice_servers)
+        if (media_address is not None or media_ports is not None) and turn_of_its_own:
+            raise ValueError("the relay's own ICE servers must be STUN only with a media address or ports")
+        # One shared socket per address for every member (`mux`): sends batched per packet.
+        self._udp_mux = mux.UdpMux() if udp_mux and not turn_of_its_own else None
+        if media_address is not None or media_ports is not None or self._udp_mux is not None:
+            self._gathering = ports.Gathering(address=media_address, ports=media_ports, udp_mux=self._udp_mux)
         if media_address is not None:
             self._ice_servers = []  # the announced address is the reflexive one: no STUN
         if address_kinds is None:
@@ -344,6 +348,7 @@ class MediaRelay:
                 metrics.PACKETS_DROPPED.inc()
                 return
             if sent:
+                mux.flush()  # every listener's copy, in one sendmmsg per shared socket
                 self.packets_forwarded += sent
                 metrics.PACKETS_FORWARDED.inc(sent)
             if circle.levels and circle_id not in self._level_timers:
@@ -462,6 +467,9 @@ class MediaRelay:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.full_collections.cancel()
+        if self._udp_mux is not None:
+            mux.flush()
+            await self._udp_mux.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -493,8 +501,13 @@ class MediaRelay:
     # -- bookkeeping -------------------------------------------------------------------
 
     def local_addresses(self) -> list[tuple[str, int]]:
-        """(address, port) of every UDP socket the relay's PeerConnections hold."""
+        """(address, port) of every UDP socket the relay's PeerConnections hold (a shared
+        socket once per PeerConnection on it)."""
         return [a for peer in list(self._peers.values()) for a in ports.local_addresses(peer.pc)]
+
+    def shared_sockets(self) -> list[mux.MuxSocket]:
+        """The shared sockets (`mux`) bound so far; empty without the mux."""
+        return [] if self._udp_mux is None else self._udp_mux.sockets()
 
     def stats(self) -> dict[str, int]:
         """Counts for tests and /metrics: nothing here names anyone."""

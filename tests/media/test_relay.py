@@ -233,6 +233,10 @@ async def test_close_member_closes_their_peer_and_leaves_nothing_behind(room: Ro
     if leftover:
         _, pending = await asyncio.wait(leftover, timeout=5)
         assert not pending, pending
+    # only the relay's shared sockets (one per address, bound by the first member) stay
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + len(room.relay.shared_sockets())
+    assert all(s.connections == 0 for s in room.relay.shared_sockets())
+    await room.relay.close()
     assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 

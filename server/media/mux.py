@@ -1,0 +1,340 @@
+"""One UDP socket per address for all of the relay's ICE connections (a "UDP mux").
+
+aioice binds a socket per connection; the relay then sends each forwarded packet with one
+system call per listener, and every idle listener is one more socket for the event loop to
+watch. Here every connection of the relay gathers on one shared socket per address (as
+LiveKit's and Pion's UDP mux, and Janus's single-port mode, do), so that
+
+- the copies of one incoming packet for all listeners leave in **one** ``sendmmsg``
+  (`sendmmsg.Batch`): `fastpath.RtpOut` writes and protects each copy in place in the
+  batch's arena, and the relay flushes it once the packet is forwarded (`flush`);
+- the event loop watches one socket per address, however many members there are.
+
+Demultiplexing (RFC 7983 first byte; RFC 8445 ICE):
+
+- A STUN Binding request names its connection in USERNAME (``local-ufrag:remote-ufrag``).
+  It goes to that connection (unknown ufrag: dropped, as by a port nobody listens on), and
+  once its MESSAGE-INTEGRITY checks with that connection's password, its source address
+  belongs to that connection: a forged request cannot take an address away.
+- A STUN response goes to the connection that sent the request (by transaction id, for
+  requests sent to addresses that belong to nobody yet: the first checks to a client's
+  candidates), else to the address's connection.
+- Everything else (DTLS, SRTP, SRTCP) goes to the connection its source address belongs to;
+  from an address that belongs to nobody it is dropped.
+
+Each connection gets a `MuxProtocol` (aioice's ``StunProtocol``, so aioice, `stunfast` and
+`fastpath` see what they always saw) whose transport is a view on the shared socket;
+closing it (``Connection.close``) gives back its addresses and transactions.
+
+Private names used (aioice 0.13; `ports.check_supported` covers the gathering path):
+``StunProtocol(receiver)``, its ``local_candidate``, ``connection_made``,
+``connection_lost``, ``datagram_received``; ``Connection.local_username``,
+``.local_password``, ``._components``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import hmac
+import logging
+import socket
+import struct
+from typing import Any
+
+from aioice import ice, stun, turn
+
+from . import sendmmsg
+
+logger = logging.getLogger(__name__)
+
+_COOKIE_BYTES = struct.pack("!I", stun.COOKIE)
+_ATTR = struct.Struct("!HH")
+_USERNAME = 0x0006
+_INTEGRITY = 0x0008
+_FINGERPRINT = 0x8028
+_BINDING_REQUEST = b"\x00\x01"
+MAX_TRANSACTIONS = 64  # per connection: requests to addresses that belong to nobody yet
+
+
+def request_username(data: bytes) -> tuple[bytes, int, bytes] | None:
+    """(USERNAME, offset of MESSAGE-INTEGRITY, its value) of a STUN message, if it is
+    well formed and has both; None otherwise. FINGERPRINT, if present, must match."""
+    size = len(data)
+    if size < 20 or data[4:8] != _COOKIE_BYTES or int.from_bytes(data[2:4], "big") + 20 != size:
+        return None
+    username = integrity = None
+    integrity_at = 0
+    pos = 20
+    while pos <= size - 4:
+        kind, length = _ATTR.unpack_from(data, pos)
+        end = pos + 4 + length
+        if end > size:
+            return None
+        if integrity is None:
+            if kind == _USERNAME:
+                username = data[pos + 4 : end]
+            elif kind == _INTEGRITY:
+                integrity_at, integrity = pos, data[pos + 4 : end]
+        elif kind == _FINGERPRINT:
+            check = data[:2] + (pos - 12).to_bytes(2, "big") + data[4:pos]
+            if length != 4 or binascii.crc32(check) ^ stun.FINGERPRINT_XOR != int.from_bytes(
+                data[pos + 4 : end], "big"
+            ):
+                return None
+        pos = end + (-length % 4)
+    if pos != size or username is None or integrity is None:
+        return None
+    return username, integrity_at, integrity
+
+
+def integrity_ok(data: bytes, integrity_at: int, integrity: bytes, key: bytes) -> bool:
+    """MESSAGE-INTEGRITY (RFC 5389 §15.4) of `data` at `integrity_at` checks with `key`."""
+    signed = data[:2] + (integrity_at + 4).to_bytes(2, "big") + data[4:integrity_at]
+    return hmac.compare_digest(integrity, hmac.digest(key, signed, "sha1"))
+
+
+class MuxProtocol(ice.StunProtocol):
+    """aioice's ``StunProtocol`` of one connection on a shared socket."""
+
+    def __init__(self, receiver: ice.Connection, mux: MuxSocket) -> None:
+        super().__init__(receiver)
+        self.mux = mux
+        self.addresses: set[tuple[str, int]] = set()  # remote addresses that belong to it
+        self.pending: list[bytes] = []  # ids of its requests to addresses of nobody yet
+
+
+class _View(asyncio.DatagramTransport):
+    """The transport a `MuxProtocol` sees: the shared socket, closed for it alone."""
+
+    def __init__(self, mux: MuxSocket, protocol: MuxProtocol) -> None:
+        super().__init__({"sockname": mux.sockname, "socket": mux.sock})
+        self._mux: MuxSocket | None = mux
+        self._protocol: MuxProtocol | None = protocol
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        mux, protocol = self._mux, self._protocol
+        if mux is not None and protocol is not None:
+            mux.send_from(protocol, data, addr)
+
+    def is_closing(self) -> bool:
+        return self._mux is None
+
+    def close(self) -> None:
+        mux, protocol = self._mux, self._protocol
+        if mux is None or protocol is None:
+            return
+        self._mux = self._protocol = None
+        mux.detach(protocol)
+        asyncio.get_running_loop().call_soon(protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class MuxSocket(asyncio.DatagramProtocol):
+    """One bound UDP socket shared by the relay's connections (see the module's docstring)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sockname: tuple[str, int] = sock.getsockname()[:2]
+        self._v6 = sock.family == socket.AF_INET6
+        self.transport: asyncio.DatagramTransport | None = None
+        self._by_address: dict[tuple[str, int], MuxProtocol] = {}
+        self._by_ufrag: dict[str, MuxProtocol] = {}
+        self._transactions: dict[bytes, MuxProtocol] = {}
+        self.batch = sendmmsg.Batch(sock) if sendmmsg.AVAILABLE else None
+        self.dropped = 0  # datagrams from addresses (or for ufrags) that belong to nobody
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- connections ----------------------------------------------------------------------
+
+    def attach(self, connection: ice.Connection, component: int, protocol_host: str) -> MuxProtocol:
+        """A protocol of `connection` on this socket, announcing `protocol_host`."""
+        from aioice.candidate import Candidate, candidate_foundation, candidate_priority
+
+        ufrag = connection.local_username
+        if ufrag in self._by_ufrag:
+            raise ValueError("a connection with this ICE ufrag is on this socket already")
+        protocol = MuxProtocol(connection, self)
+        protocol.connection_made(_View(self, protocol))
+        protocol.local_candidate = Candidate(
+            foundation=candidate_foundation("host", "udp", protocol_host),
+            component=component,
+            transport="udp",
+            priority=candidate_priority(component, "host"),
+            host=protocol_host,
+            port=self.sockname[1],
+            type="host",
+        )
+        self._by_ufrag[ufrag] = protocol
+        return protocol
+
+    def detach(self, protocol: MuxProtocol) -> None:
+        ufrag = protocol.receiver.local_username
+        if self._by_ufrag.get(ufrag) is protocol:
+            del self._by_ufrag[ufrag]
+        for address in protocol.addresses:
+            if self._by_address.get(address) is protocol:
+                del self._by_address[address]
+                if self.batch is not None:
+                    self.batch.forget(address)
+        protocol.addresses.clear()
+        for transaction_id in protocol.pending:
+            if self._transactions.get(transaction_id) is protocol:
+                del self._transactions[transaction_id]
+        protocol.pending.clear()
+
+    @property
+    def connections(self) -> int:
+        return len(self._by_ufrag)
+
+    def _claim(self, protocol: MuxProtocol, address: tuple[str, int]) -> None:
+        previous = self._by_address.get(address)
+        if previous is protocol:
+            return
+        if previous is not None:
+            previous.addresses.discard(address)
+        self._by_address[address] = protocol
+        protocol.addresses.add(address)
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send_from(self, protocol: MuxProtocol, data: bytes, address: tuple[str, int]) -> None:
+        if data[:2] == _BINDING_REQUEST and address not in protocol.addresses and len(data) >= 20:
+            transaction_id = bytes(data[8:20])
+            if transaction_id not in self._transactions:
+                pending = protocol.pending
+                if len(pending) >= MAX_TRANSACTIONS:
+                    old = pending.pop(0)
+                    if self._transactions.get(old) is protocol:
+                        del self._transactions[old]
+                pending.append(transaction_id)
+                self._transactions[transaction_id] = protocol
+        transport = self.transport
+        if transport is not None:
+            transport.sendto(data, address)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self._v6:
+            addr = (addr[0], addr[1])
+        protocol = self._by_address.get(addr)  # type: ignore[call-overload]
+        if data and data[0] > 3:  # DTLS, SRTP, SRTCP (RFC 7983)
+            if protocol is not None:
+                protocol.datagram_received(data, addr)
+            else:
+                self.dropped += 1
+            return
+        head = data[:2]
+        if head == _BINDING_REQUEST:
+            target = self._request_target(data, addr, protocol)
+            if target is None:
+                self.dropped += 1
+                return
+            protocol = target
+        elif head[:1] == b"\x01" and len(data) >= 20:  # a response or an error response
+            target = self._transactions.pop(data[8:20], None)
+            if target is not None:
+                if data[8:20] in target.pending:
+                    target.pending.remove(data[8:20])
+                protocol = target
+        if protocol is not None:
+            protocol.datagram_received(data, addr)
+        else:
+            self.dropped += 1
+
+    def _request_target(
+        self, data: bytes, addr: tuple[str, int], known: MuxProtocol | None
+    ) -> MuxProtocol | None:
+        parsed = request_username(data)
+        if parsed is None:
+            return known  # malformed: aioice answers it (or not) as it would on its own socket
+        username, integrity_at, integrity = parsed
+        ufrag = username.split(b":", 1)[0]
+        try:
+            target = self._by_ufrag.get(ufrag.decode("utf8"))
+        except UnicodeDecodeError:
+            return None
+        if target is None:
+            return None
+        if target is not known and integrity_ok(
+            data, integrity_at, integrity, target.receiver.local_password.encode("utf8")
+        ):
+            self._claim(target, addr)
+        return target
+
+    def error_received(self, exc: Exception) -> None:
+        logger.debug("media: the shared socket reported %s", type(exc).__name__)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+class UdpMux:
+    """The relay's shared sockets, one per bound address (made on first use)."""
+
+    def __init__(self) -> None:
+        self._sockets: dict[str, MuxSocket] = {}
+
+    async def socket_for(self, address: str, bind: Any) -> MuxSocket | None:
+        """The shared socket on `address`, bound by ``bind(address)`` (a bound
+        ``socket.socket``, or None if the address cannot be bound) the first time."""
+        mux = self._sockets.get(address)
+        if mux is not None and mux.transport is not None:
+            return mux
+        sock = bind(address)
+        if sock is None:
+            return None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(turn.UDP_SOCKET_BUFFER_SIZE, 1 << 21))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+        mux = self._sockets.get(address)  # another gathering may have bound it meanwhile
+        if mux is not None and mux.transport is not None:
+            sock.close()
+            return mux
+        mux = MuxSocket(sock)
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: mux, sock=sock)
+        self._sockets[address] = mux
+        return mux
+
+    def sockets(self) -> list[MuxSocket]:
+        return list(self._sockets.values())
+
+    async def close(self) -> None:
+        """Close every shared socket (their connections are closed already)."""
+        sockets = list(self._sockets.values())
+        self._sockets.clear()
+        for shared in sockets:
+            shared.close()
+        await asyncio.gather(*(shared.closed for shared in sockets))
+
+
+_dirty: list[sendmmsg.Batch] = []
+
+
+def flush() -> None:
+    """Send every batch written since the last flush (the relay calls this once a packet
+    is forwarded; `queued` also schedules it, for the writes outside the packet path)."""
+    while _dirty:
+        _dirty.pop().flush()
+
+
+def queued(batch: sendmmsg.Batch) -> None:
+    """`batch` got its first datagram since its last flush."""
+    if not _dirty:
+        asyncio.get_running_loop().call_soon(flush)
+    _dirty.append(batch)

@@ -1,0 +1,257 @@
+"""The relay's shared UDP socket (server/media/mux.py) and its batched sends (issue 15).
+
+Real aiortc peers on loopback, and real UDP sockets for the demultiplexing rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aioice import ice, stun
+from aiortc import sdp
+from aiortc.rtcrtpparameters import RTCRtpReceiveParameters
+from aiortc.rtp import HeaderExtensionsMap, RtpPacket
+from pylibsrtp import Policy, Session
+
+from server.media import mux, sendmmsg
+
+from .conftest import CIRCLE, Room
+from .peers import SILENCE, wait_until
+
+KEY = bytes(range(30))  # an SRTP master key and salt (AES-CM-128, HMAC-SHA1-80)
+ENOUGH = 25
+
+
+def _session(direction: int) -> Session:
+    return Session(Policy(key=KEY, ssrc_type=direction))
+
+
+@pytest.fixture
+async def rooms() -> AsyncIterator[list[Room]]:
+    made: list[Room] = []
+    yield made
+    for room in made:
+        await room.aclose()
+
+
+def _capture(connection: Any, into: list[bytes]) -> None:
+    """Keep every SRTP datagram (RTP, not RTCP) `connection` receives, as it arrived."""
+    original = connection.data_received
+
+    def data_received(data: bytes, component: int) -> None:
+        if len(data) > 1 and 127 < data[0] < 192 and not 191 < data[1] < 224:
+            into.append(bytes(data))
+        original(data, component)
+
+    connection.data_received = data_received
+
+
+@pytest.mark.parametrize("udp_mux", [True, False], ids=["shared", "per-member"])
+async def test_forwarded_packets_are_on_the_wire_byte_for_byte_what_aiortc_would_send(
+    rooms: list[Room], udp_mux: bool
+) -> None:
+    """Both send paths (one sendmmsg on the shared socket; one sendto per listener) put on
+    the wire exactly what aiortc's own chain makes of the same packet: its RTP
+    serialization (header, mid and audio-level extensions, payload), SRTP-protected.
+
+    The relay's session towards the listener and the listener's own are swapped for sessions
+    on a known key, so the test can protect the expected packets itself, in the same order."""
+    room = Room(udp_mux=udp_mux)
+    rooms.append(room)
+    await room.join("m1")
+    ear = await room.join("ear", listen_only=True)
+    room.relay.set_audible(CIRCLE, ["m1"])
+    await wait_until(lambda: ear.received_from("m1") >= 5)
+
+    peer = room.relay._peers[(CIRCLE, "ear")]
+    (out,) = [o for o in peer.outs if o.sent]
+    wire: list[bytes] = []
+    receiver = next(t.receiver for t in ear.pc.getTransceivers() if t.receiver.transport)
+    ear_dtls = receiver.transport
+    silence = ear.received_from(SILENCE)
+    room.relay.set_audible(CIRCLE, [])  # m1's sound ends with silence frames, on the old keys
+    await wait_until(lambda: ear.received_from(SILENCE) >= silence + 3)
+    out._dtls._tx_srtp = _session(Policy.SSRC_ANY_OUTBOUND)  # the relay rebinds to it at once
+    ear_dtls._rx_srtp = _session(Policy.SSRC_ANY_INBOUND)
+    _capture(ear_dtls.transport._connection, wire)
+    before = ear.received_from("m1")
+    room.relay.set_audible(CIRCLE, ["m1"])
+    await wait_until(lambda: ear.received_from("m1") >= before + ENOUGH)  # it still decodes
+    assert len(wire) >= ENOUGH
+
+    answer = peer.pc.localDescription.sdp
+    extensions = HeaderExtensionsMap()
+
+
+    media = next(m for m in sdp.SessionDescription.parse(answer).media if m.rtp.muxId == out._mid)
+    extensions.configure(RTCRtpReceiveParameters(headerExtensions=media.rtp.headerExtensions))
+    unprotect = _session(Policy.SSRC_ANY_INBOUND)
+    protect = _session(Policy.SSRC_ANY_OUTBOUND)
+    for datagram in wire:
+        packet = RtpPacket.parse(unprotect.unprotect(datagram), extensions)
+        assert packet.ssrc == out.ssrc and packet.payload_type == out.payload_type
+        assert packet.extensions.mid == out._mid
+        assert protect.protect(packet.serialize(extensions)) == datagram
+
+
+async def test_the_copies_of_one_packet_leave_in_one_system_call(
+    rooms: list[Room], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not sendmmsg.AVAILABLE:
+        pytest.skip("no sendmmsg in this libc")
+    calls: list[int] = []
+    flush = sendmmsg.Batch.flush
+
+    def counted(self: sendmmsg.Batch) -> int:
+        if self.count:
+            calls.append(self.count)
+        return flush(self)
+
+    monkeypatch.setattr(sendmmsg.Batch, "flush", counted)
+    room = Room()
+    rooms.append(room)
+    await room.join("m1")
+    ears = [await room.join(f"ear{i}", listen_only=True) for i in range(4)]
+    room.relay.set_audible(CIRCLE, ["m1"])
+    await wait_until(lambda: all(e.received_from("m1") >= ENOUGH for e in ears))
+    calls.clear()
+    forwarded = room.relay.stats()["packets_forwarded"]
+    await wait_until(lambda: room.relay.stats()["packets_forwarded"] >= forwarded + 4 * ENOUGH)
+    # every incoming packet's four copies went out together (one per address's socket)
+    sockets = len(room.relay.shared_sockets())
+    assert calls and all(c == 4 for c in calls if c != 1), calls
+    assert calls.count(4) >= ENOUGH // sockets
+
+
+# --- demultiplexing ----------------------------------------------------------------------
+
+
+class _Client:
+    """A UDP socket that speaks as a client would (or as a forger would)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.address = self.sock.getsockname()
+
+    def request(self, to: tuple[str, int], connection: ice.Connection, *, password: str | None = None) -> bytes:
+        message = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+        message.attributes["USERNAME"] = f"{connection.local_username}:client"
+        message.attributes["PRIORITY"] = 1
+        message.attributes["ICE-CONTROLLING"] = 1
+        message.add_message_integrity((password or connection.local_password).encode())
+        data = bytes(message)
+        self.sock.sendto(data, to)
+        return data
+
+
+@pytest.fixture
+async def shared() -> AsyncIterator[tuple[mux.UdpMux, mux.MuxSocket]]:
+    udp_mux = mux.UdpMux()
+
+    def bind(address: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((address, 0))
+        return sock
+
+    shared_socket = await udp_mux.socket_for("127.0.0.1", bind)
+    assert shared_socket is not None
+    yield udp_mux, shared_socket
+    await udp_mux.close()
+
+
+def _attach(shared_socket: mux.MuxSocket) -> tuple[ice.Connection, list[bytes]]:
+    connection = ice.Connection(ice_controlling=False)
+    got: list[bytes] = []
+    protocol = shared_socket.attach(connection, 1, "127.0.0.1")
+    protocol.receiver = type("Receiver", (), {})()  # records what the mux hands over
+    protocol.receiver.local_username = connection.local_username  # type: ignore[attr-defined]
+    protocol.receiver.local_password = connection.local_password  # type: ignore[attr-defined]
+    protocol.datagram_received = lambda data, addr: got.append(bytes(data))  # type: ignore[method-assign]
+    return connection, got
+
+
+async def _settle(shared_socket: mux.MuxSocket, expected: int) -> None:
+    """Wait until the shared socket has handled `expected` more datagrams."""
+    loop = asyncio.get_running_loop()
+    original = shared_socket.datagram_received
+    seen = [0]
+    done = loop.create_future()
+
+    def counting(data: bytes, addr: tuple[Any, ...]) -> None:
+        original(data, addr)
+        seen[0] += 1
+        if seen[0] >= expected and not done.done():
+            done.set_result(None)
+
+    shared_socket.datagram_received = counting  # type: ignore[method-assign]
+    try:
+        async with asyncio.timeout(5):
+            await done
+    finally:
+        shared_socket.datagram_received = original  # type: ignore[method-assign]
+
+
+async def test_a_client_address_belongs_to_a_connection_only_after_an_authenticated_check(
+    shared: tuple[mux.UdpMux, mux.MuxSocket],
+) -> None:
+    _, shared_socket = shared
+    victim, victim_got = _attach(shared_socket)
+    other, other_got = _attach(shared_socket)
+    client, forger = _Client(), _Client()
+    to = shared_socket.sockname
+    try:
+        # media from an address nobody checked from: dropped
+        waiting = _settle(shared_socket, 1)
+        client.sock.sendto(b"\x80" + os.urandom(40), to)
+        await waiting
+        assert victim_got == other_got == [] and shared_socket.dropped == 1
+
+        # a check with the right ufrag but a wrong password reaches aioice (which refuses
+        # it) but does not make the address the connection's
+        waiting = _settle(shared_socket, 2)
+        client.request(to, victim, password="wrong")
+        client.sock.sendto(b"\x80" + os.urandom(40), to)
+        await waiting
+        assert len(victim_got) == 1 and other_got == [] and shared_socket.dropped == 2
+
+        # an authenticated check does: then the client's media reaches its connection
+        waiting = _settle(shared_socket, 2)
+        client.request(to, victim)
+        client.sock.sendto(b"\x80media", to)
+        await waiting
+        assert victim_got[-1] == b"\x80media" and other_got == []
+
+        # a check for an unknown ufrag is dropped; a forger cannot take the address away
+        # (it can only send from its own, which then belongs to the connection it proved)
+        waiting = _settle(shared_socket, 3)
+        message = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+        message.attributes["USERNAME"] = "nobody:client"
+        message.add_message_integrity(b"x" * 22)
+        client.sock.sendto(bytes(message), to)
+        forger.request(to, other)
+        forger.sock.sendto(b"\x80forged", to)
+        await waiting
+        assert other_got[-1] == b"\x80forged"
+        waiting = _settle(shared_socket, 1)
+        client.sock.sendto(b"\x80again", to)
+        await waiting
+        assert victim_got[-1] == b"\x80again"
+
+        # a connection that closes gives its addresses back: its client is dropped again
+        (protocol,) = [p for p in [shared_socket._by_ufrag[victim.local_username]]]
+        protocol.transport.close()
+        waiting = _settle(shared_socket, 1)
+        dropped = shared_socket.dropped
+        client.sock.sendto(b"\x80late", to)
+        await waiting
+        assert victim_got[-1] == b"\x80again" and shared_socket.dropped == dropped + 1
+        assert shared_socket.connections == 1
+    finally:
+        client.sock.close()
+        forger.sock.close()
