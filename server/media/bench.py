@@ -185,41 +185,47 @@ GRACE = 1.0  # s after a window for its last packets to land (the Janus anchor's
 
 
 class _Clients:
-    """One speaker (a paced, marked Opus tone, `source`) and listeners. While `recording`,
-    `latencies` gets, for every marked packet a listener handles, handler time − the mark's
-    send time (s, end to end through the listeners' event loop); while `stamping`,
-    `arrivals` gets (listener, seq, kernel receive time) for `testkit.kstamp`."""
+    """One speaker (a paced, marked Opus tone, `source`) and listeners. While `stamping`,
+    `arrivals` gets (listener, kernel receive time, handler time, payload) for every packet a
+    listener handles; the marks are read afterwards (`latencies`), to keep the listeners'
+    receive path as cheap as the Janus anchor's. `lean`: the listeners' receivers keep no RTP
+    statistics (their receiver reports carry no report block), as the anchor's --no-decode."""
 
-    def __init__(self, source: str = "speaker") -> None:
+    def __init__(self, source: str = "speaker", *, lean: bool = False) -> None:
         self.source = source
+        self.lean = lean
         self.speaker = PacedTone(source)
         self.pcs: list[RTCPeerConnection] = []
-        self.latencies: list[float] = []
-        self.arrivals: list[tuple[int, int, float]] = []
+        self.arrivals: list[tuple[int, float | None, int, bytes]] = []
         self.received = 0
-        self.recording = False
         self.stamping = False
         self.progress = asyncio.Event()
         self.sent: dict[tuple[str, int], float] = {}  # the speaker's send times (kstamp)
 
     def tap(self, receiver: Any, listener: int) -> None:
-        source = self.source
+        arrivals, arrival, progress = self.arrivals, kstamp.arrival, self.progress
 
         def on_packet(packet: Any, arrival_time_ms: int) -> None:
             self.received += 1
-            self.progress.set()
-            if self.recording or self.stamping:
-                marked = unmark(packet.payload)
-                if marked is None or marked.source != source:
-                    return
-                if self.recording:
-                    self.latencies.append((time.monotonic_ns() - marked.sent_ns) / 1e9)
-                if self.stamping:
-                    arrived = kstamp.arrival(receiver)
-                    if arrived is not None:
-                        self.arrivals.append((listener, marked.seq, arrived))
+            if self.stamping:
+                arrivals.append((listener, arrival(receiver), time.monotonic_ns(), packet.payload))
+            elif not progress.is_set():
+                progress.set()
 
-        tap.install_tap(receiver, on_packet)
+        if not self.lean:
+            tap.install_tap(receiver, on_packet)
+            return
+        receive = receiver.receive
+
+        async def handle_rtp_packet(packet: Any, arrival_time_ms: int) -> None:
+            on_packet(packet, arrival_time_ms)
+
+        async def receive_only(parameters: Any) -> None:
+            await receive(parameters)
+            tap.stop_decoder(receiver)
+
+        receiver._handle_rtp_packet = handle_rtp_packet
+        receiver.receive = receive_only
 
     async def offer(self, *, speaker: bool, slots: int) -> RTCPeerConnection:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -236,18 +242,24 @@ class _Clients:
         """Record the speaker's send times from now on (its peer, the first, is connected)."""
         self.sent = kstamp.log_sends(self.pcs[0].getSenders()[0])
 
-    def kernel_latencies(self, t0: float, t1: float) -> list[float]:
-        """As the anchor: for packets sent in [t0, t1], each listener's first arrival (kernel
-        receive time) − send time, in ms."""
+    def latencies(self, t0: float, t1: float) -> tuple[list[float], list[float]]:
+        """As the anchor: for the packets sent in [t0, t1], each listener's first arrival −
+        send time in ms, from the kernel receive time (CLOCK_REALTIME, against the send time
+        at `_send_rtp`) and, end to end, from the handler (CLOCK_MONOTONIC, against the mark)."""
         sent = {seq: t for (src, seq), t in self.sent.items() if src == self.source and t0 <= t <= t1}
         seen: set[tuple[int, int]] = set()
-        out = []
-        for listener, seq, arrived in self.arrivals:
-            t = sent.get(seq)
-            if t is not None and (listener, seq) not in seen:
-                seen.add((listener, seq))
-                out.append((arrived - t) * 1e3)
-        return out
+        kernel, e2e = [], []
+        for listener, arrived, handled_ns, payload in self.arrivals:
+            marked = unmark(payload)
+            if marked is None or marked.source != self.source:
+                continue
+            t = sent.get(marked.seq)
+            if t is not None and (listener, marked.seq) not in seen:
+                seen.add((listener, marked.seq))
+                e2e.append((handled_ns - marked.sent_ns) / 1e6)
+                if arrived is not None:
+                    kernel.append((arrived - t) * 1e3)
+        return kernel, e2e
 
     async def close(self) -> None:
         await asyncio.gather(*(pc.close() for pc in self.pcs), return_exceptions=True)
@@ -266,10 +278,10 @@ async def _until(clients: _Clients, condition: Callable[[], bool], limit: float)
             await clients.progress.wait()
 
 
-async def _direct_pair() -> _Clients:
+async def _direct_pair(lean: bool) -> _Clients:
     """A speaker → one listener peer to peer, in this process: the path without the relay,
     measured at the same time as the relay's so that both see the same load."""
-    clients = _Clients("direct")
+    clients = _Clients("direct", lean=lean)
     try:
         speaker_pc = await clients.offer(speaker=True, slots=0)
         listener = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -304,9 +316,14 @@ async def _quiet_share(relay: _RelayProcess, clients: _Clients, listeners: int, 
 
 
 async def _one_size(
-    relay: _RelayProcess, listeners: int, seconds: float, idle_seconds: float, quiet_seconds: float
+    relay: _RelayProcess,
+    listeners: int,
+    seconds: float,
+    idle_seconds: float,
+    quiet_seconds: float,
+    lean: bool,
 ) -> dict[str, Any]:
-    clients = _Clients()
+    clients = _Clients(lean=lean)
     direct: _Clients | None = None
     try:
         started = time.perf_counter()
@@ -326,7 +343,7 @@ async def _one_size(
         await _until(clients, lambda: clients.received >= listeners * 20, 60 + listeners / 2)
         join_seconds = time.perf_counter() - started
         clients.log_sends()
-        direct = await _direct_pair()
+        direct = await _direct_pair(lean)
 
         # The same peers with nothing forwarded: the relay's fixed cost (ICE, RTCP, timers).
         await relay.call(op="audible", members=[])
@@ -341,25 +358,25 @@ async def _one_size(
         await asyncio.sleep(1.0)  # the gate open again: forwarding in full before the window
 
         # The window: the relay's CPU, and both paths' latency at the same time.
-        for c in (clients, direct):
-            c.stamping = c.recording = True
+        clients.stamping = direct.stamping = True
+        client_cpu = time.process_time()
         before = await relay.call(op="sample")
         t0 = time.time()
         await asyncio.sleep(seconds)
         t1 = time.time()
         after = await relay.call(op="sample")
-        clients.recording = direct.recording = False
+        client_cpu = time.process_time() - client_cpu
         await asyncio.sleep(GRACE)  # packets sent before t1 still land
         clients.stamping = direct.stamping = False
         forwarded = after["packets_forwarded"] - before["packets_forwarded"]
         cpu = after["cpu"] - before["cpu"]
         wall = seconds  # the sampling calls add a little; CPU share is approximate
-        relay_k = clients.kernel_latencies(t0, t1)
-        direct_k = direct.kernel_latencies(t0, t1)
+        relay_k, relay_e2e = clients.latencies(t0, t1)
+        direct_k, _ = direct.latencies(t0, t1)
         sent = sum(1 for (_, t) in clients.sent.items() if t0 <= t <= t1)
         await direct.close()
         direct = None
-        p50, p99 = _percentiles(clients.latencies)
+        p50, p99 = (kstamp.pct(relay_e2e, q) for q in (50, 99))
         in50, in99 = _percentiles(after["delays"])
         quiet = (
             await _quiet_share(relay, clients, listeners, quiet_seconds) if quiet_seconds else float("nan")
@@ -391,7 +408,8 @@ async def _one_size(
             "p99_ms": p99,
             "relay_p50_ms": in50,
             "relay_p99_ms": in99,
-            "received": len(clients.latencies),
+            "received": len(relay_e2e),
+            "client_share": client_cpu / wall,
             "join_s": join_seconds,
         }
     finally:
@@ -402,13 +420,14 @@ async def _one_size(
 
 
 async def measure(
-    size: int, seconds: float, idle_seconds: float, quiet_seconds: float, probe: bool
+    size: int, seconds: float, idle_seconds: float, quiet_seconds: float, probe: bool, lean: bool = False
 ) -> dict[str, Any]:
     """One size in a relay process of its own."""
     relay = _RelayProcess(probe)
     await relay.start()
     try:
-        return await _one_size(relay, size, seconds, idle_seconds, quiet_seconds)
+        row = await _one_size(relay, size, seconds, idle_seconds, quiet_seconds, lean)
+        return {**row, "lean_listeners": lean}
     finally:
         await relay.stop()
 
@@ -417,7 +436,8 @@ def print_row(row: dict[str, Any], probe: bool) -> None:
     print(
         f"{row['listeners']:>5} listeners: {row['forwarded']} packets forwarded in {row['window_s']:.0f} s, "
         f"{row['cpu_us_per_packet']:.1f} µs of CPU per packet (marginal {row['marginal_us_per_packet']:.1f}), "
-        f"{row['cpu_share']:.0%} of a core (sys {row['system_share']:.1%}); joined in {row['join_s']:.1f} s\n"
+        f"{row['cpu_share']:.0%} of a core (sys {row['system_share']:.1%}); joined in {row['join_s']:.1f} s; "
+        f"clients {row['client_share']:.0%} of a core\n"
         f"       idle (gated) {row['idle_share']:.1%} (sys {row['idle_system_share']:.1%}), "
         f"quiet (listeners alone) {row['quiet_share']:.2%}: "
         f"idle cost per 100 listeners {row['quiet_share_per_100']:.2%} of a core\n"
@@ -452,9 +472,10 @@ async def _main(
     quiet_seconds: float,
     probe: bool,
     out: str | None,
+    lean: bool,
 ) -> None:
     for size in sizes:
-        row = await measure(size, seconds, idle_seconds, quiet_seconds, probe)
+        row = await measure(size, seconds, idle_seconds, quiet_seconds, probe, lean)
         print_row(row, probe)
         if out:
             bench_janus.append_jsonl(out, {"bench": "lingkar", **row})
@@ -508,6 +529,12 @@ def main() -> None:
         action="store_true",
         help="also time each packet from the tap to its datagram being sent (costs the relay ~1 µs a packet)",
     )
+    parser.add_argument(
+        "--lean-listeners",
+        action="store_true",
+        help="the listeners keep no RTP statistics (a cheaper client, as the Janus anchor's --no-decode;"
+        " their receiver reports then carry no report block); always so with --janus",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -532,7 +559,8 @@ def main() -> None:
             probe = args.relay_delay
 
             async def one(size: int) -> dict[str, Any]:
-                return await measure(size, seconds, idle_seconds, quiet_seconds, probe)
+                # lean listeners, as the anchor's --no-decode ones: the same client on both sides
+                return await measure(size, seconds, idle_seconds, quiet_seconds, probe, True)
 
             async def both() -> None:
                 await bench_janus.side_by_side(
@@ -549,7 +577,17 @@ def main() -> None:
 
             asyncio.run(both())
         else:
-            asyncio.run(_main(sizes, seconds, idle_seconds, quiet_seconds, args.relay_delay, args.out))
+            asyncio.run(
+                _main(
+                    sizes,
+                    seconds,
+                    idle_seconds,
+                    quiet_seconds,
+                    args.relay_delay,
+                    args.out,
+                    args.lean_listeners,
+                )
+            )
 
 
 if __name__ == "__main__":
