@@ -73,6 +73,7 @@ from pylibsrtp import _binding as _srtp_binding
 
 from . import mux as _mux
 from .sendmmsg import SLOT as _SLOT
+from .ticker import Ticker
 
 logger = logging.getLogger(__name__)
 
@@ -226,36 +227,41 @@ class IdleTrack(MediaStreamTrack):
             self._ended.set_result(None)
 
 
-class RtcpClock:
-    """One timer for the sender reports of a peer's slots (see the module's docstring):
-    ticks every `interval` (randomised ×0.5–1.5) while any `RtpOut` is registered."""
+_reports = Ticker(lambda: RTCP_INTERVAL * 0.2)  # one timer for every peer's sender reports
 
-    __slots__ = ("interval", "_outs", "_handle")
+
+class RtcpClock:
+    """The sender reports of a peer's slots (see the module's docstring): due every
+    `interval` (randomised ×0.5–1.5) while any `RtpOut` is registered, on the relay's one
+    report `Ticker` (no timer of its own)."""
+
+    __slots__ = ("interval", "_outs", "__weakref__")
 
     def __init__(self, interval: float | None = None) -> None:
         self.interval = RTCP_INTERVAL if interval is None else interval
         self._outs: list[RtpOut] = []
-        self._handle: asyncio.TimerHandle | None = None
+
+    @property
+    def scheduled(self) -> bool:
+        return self._tick in _reports
 
     def add(self, out: RtpOut) -> None:
         if out not in self._outs:
             self._outs.append(out)
-        if self._handle is None:
+        if not self.scheduled:
             self._schedule()
 
     def remove(self, out: RtpOut) -> None:
         if out in self._outs:
             self._outs.remove(out)
-        if not self._outs and self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        if not self._outs:
+            _reports.cancel(self._tick)
 
     def _schedule(self) -> None:
         delay = self.interval * (0.5 + random.random())
-        self._handle = asyncio.get_running_loop().call_later(delay, self._tick)
+        _reports.at(asyncio.get_running_loop().time() + delay, self._tick)
 
     def _tick(self) -> None:
-        self._handle = None
         for out in list(self._outs):
             try:
                 out.report()
@@ -569,6 +575,9 @@ def ignore_rtcp(connection: Any) -> None:
 
     The replacement holds the connection weakly: installed on the connection, a strong
     reference would make a cycle that only a full collection frees."""
+    for protocol in getattr(connection, "_protocols", ()):
+        if isinstance(protocol, _mux.MuxProtocol):
+            protocol.drop_rtcp = True  # dropped as it arrives on the shared socket, even earlier
     queue = type(connection).data_received
     ref = weakref.ref(connection)
 

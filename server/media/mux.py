@@ -102,6 +102,7 @@ class MuxProtocol(ice.StunProtocol):
         self.mux = mux
         self.addresses: set[tuple[str, int]] = set()  # remote addresses that belong to it
         self.pending: list[bytes] = []  # ids of its requests to addresses of nobody yet
+        self.drop_rtcp = False  # a listen-only member's RTCP (`fastpath.ignore_rtcp`)
 
 
 class _View(asyncio.DatagramTransport):
@@ -229,6 +230,8 @@ class MuxSocket(asyncio.DatagramProtocol):
         protocol = self._by_address.get(addr)  # type: ignore[call-overload]
         if data and data[0] > 3:  # DTLS, SRTP, SRTCP (RFC 7983)
             if protocol is not None:
+                if protocol.drop_rtcp and 127 < data[0] < 192 and len(data) > 1 and 191 < data[1] < 224:
+                    return  # RTCP (RFC 5761 §4) of a listen-only member: nothing reads it
                 protocol.datagram_received(data, addr)
             else:
                 self.dropped += 1

@@ -172,6 +172,7 @@ class Batch:
         self.sent = 0  # datagrams the kernel took
         self.dropped = 0  # datagrams it refused (full buffer, unreachable address family…)
         self._names: dict[tuple[str, int], tuple[Any, int]] = {}
+        self._named: list[Any] = [None] * capacity  # the name each header points to now
 
     def name(self, addr: tuple[str, int]) -> tuple[Any, int]:
         """The socket address `addr` as ``sendmmsg`` takes it (kept until `forget`)."""
@@ -187,9 +188,11 @@ class Batch:
     def commit(self, index: int, length: int, name: tuple[Any, int]) -> None:
         """Datagram `index` (written at ``index*SLOT``) is `length` bytes for `name`."""
         self._iovs[index].iov_len = length
-        header = self._headers[index]
-        header.msg_name = name[0]
-        header.msg_namelen = name[1]
+        if self._named[index] is not name:  # a fan-out puts each listener at the same index
+            header = self._headers[index]
+            header.msg_name = name[0]
+            header.msg_namelen = name[1]
+            self._named[index] = name
         self.count = index + 1
 
     def add(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -76,7 +76,17 @@ class Slot:
             # Unwrap the 32-bit timestamp around the previous one (reordering allowed).
             in_ts = last_in + ((timestamp - last_in + _HALF) & _MASK) - _HALF
         self._last_in = in_ts
-        self._emit(in_ts + self._offset, payload, level, now)
+        if not self._live:
+            return
+        pts = in_ts + self._offset
+        marker = self._marker
+        if marker:
+            self._marker = False
+        self._out(pts, payload, level, marker, now)  # `_emit`, inlined: once per copy
+        last_out = self._last_out
+        if last_out is None or pts > last_out:
+            self._last_out = pts
+        self._last_out_time = now
 
     def _start_offset(self, timestamp: int) -> int:
         if self._last_out is None:

@@ -26,7 +26,7 @@ instance attribute: no other connection is touched) by one that
 `install_consent` replaces the connection's consent freshness (RFC 7675) *requests* too:
 aioice runs a task per connection that sleeps, builds a request (three serializations),
 runs a STUN transaction (a future and a retransmission timer) and parses the response.
-Here one timer per connection (``loop.call_later``, no task) sends the same request,
+Here one timer for all connections (`ticker.Ticker`, no task) sends the same request,
 byte for byte (built here), at the same randomised interval; the answer is recognised
 by its transaction id in the fast receive path and authenticated as aioice does
 (MESSAGE-INTEGRITY with the remote password, FINGERPRINT). A check not answered by the
@@ -59,6 +59,8 @@ from typing import Any
 
 from aioice import ice, stun
 from aioice.candidate import candidate_priority
+
+from .ticker import Ticker
 
 logger = logging.getLogger(__name__)
 
@@ -326,20 +328,24 @@ _waiting: dict[bytes, _Consent] = {}  # transaction id -> the consent clock that
 _expiring: set[asyncio.Future[None]] = set()  # connections closing: consent expired
 
 
-class _Consent:
-    """Consent freshness of one connection: one timer, no task (see the module's docstring)."""
+# One timer for every connection's consent checks, waking at most every fifth of the interval.
+_clock = Ticker(lambda: CONSENT_INTERVAL * 0.2)
 
-    __slots__ = ("_ref", "_sent", "_failures", "_handle")
+
+class _Consent:
+    """Consent freshness of one connection: no task, no timer of its own (see the
+    module's docstring); its checks are due on the relay's one consent `Ticker`."""
+
+    __slots__ = ("_ref", "_sent", "_failures")
 
     def __init__(self, connection: Any) -> None:
         self._ref = weakref.ref(connection)
         self._sent: list[bytes] = []  # transaction ids of the last tick's requests
         self._failures = 0
-        self._handle: asyncio.TimerHandle | None = None
 
     def schedule(self) -> None:
         delay = CONSENT_INTERVAL * (0.8 + 0.4 * random.random())
-        self._handle = asyncio.get_running_loop().call_later(delay, self._tick)
+        _clock.at(asyncio.get_running_loop().time() + delay, self._tick)
 
     def answered(self, transaction_id: bytes) -> None:
         if transaction_id in self._sent:

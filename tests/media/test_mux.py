@@ -227,6 +227,15 @@ async def test_a_client_address_belongs_to_a_connection_only_after_an_authentica
         await waiting
         assert victim_got[-1] == b"\x80media" and other_got == []
 
+        # a listen-only member's RTCP is dropped as it arrives; its RTP and DTLS are not
+        shared_socket._by_ufrag[victim.local_username].drop_rtcp = True
+        waiting = _settle(shared_socket, 3)
+        client.sock.sendto(bytes([0x81, 201]) + bytes(30), to)  # a receiver report
+        client.sock.sendto(b"\x80\x6frtp", to)
+        client.sock.sendto(bytes([22, 0xFE, 0xFD]) + bytes(20), to)
+        await waiting
+        assert victim_got[-2:] == [b"\x80\x6frtp", bytes([22, 0xFE, 0xFD]) + bytes(20)]
+
         # a check for an unknown ufrag is dropped; a forger cannot take the address away
         # (it can only send from its own, which then belongs to the connection it proved)
         waiting = _settle(shared_socket, 3)

@@ -24,7 +24,7 @@ async def test_one_clock_per_peer_reports_only_the_slots_that_carry_something(
     peer = room.relay._peers[(CIRCLE, "l1")]
     assert len(peer.outs) == 3
     (clock,) = {id(out._clock) for out in peer.outs}
-    assert peer.outs[0]._clock._handle is not None  # one timer for the three slots
+    assert peer.outs[0]._clock.scheduled  # one report job for the three slots
 
     reports: dict[int, list[RtcpSrPacket]] = {out.ssrc: [] for out in peer.outs}
     for transceiver in listener.pc.getTransceivers():
