@@ -28,8 +28,8 @@ closing it (``Connection.close``) gives back its addresses and transactions.
 
 Private names used (aioice 0.13; `ports.check_supported` covers the gathering path):
 ``StunProtocol(receiver)``, its ``local_candidate``, ``connection_made``,
-``connection_lost``, ``datagram_received``; ``Connection.local_username``,
-``.local_password``, ``._components``.
+``connection_lost``, ``datagram_received``; ``Connection.local_username`` (read-only: a
+taken one is replaced through ``._local_username``), ``.local_password``, ``._components``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import asyncio
 import binascii
 import hmac
 import logging
+import secrets
 import socket
 import struct
 from typing import Any
@@ -313,6 +314,14 @@ class UdpMux:
         await asyncio.get_running_loop().create_datagram_endpoint(lambda: mux, sock=sock)
         self._sockets[address] = mux
         return mux
+
+    def claim_ufrag(self, connection: ice.Connection) -> None:
+        """Make `connection`'s ICE ufrag unique among the connections on the shared sockets
+        (they are told apart by it). aioice draws 4 characters (62⁴): among a few hundred
+        members two may draw the same one, so a taken one is drawn again, longer. Called
+        while gathering, before the answer's ``a=ice-ufrag`` is written from it."""
+        while any(connection.local_username in shared._by_ufrag for shared in self._sockets.values()):
+            connection._local_username = secrets.token_urlsafe(6).replace("-", "a").replace("_", "b")
 
     def sockets(self) -> list[MuxSocket]:
         return list(self._sockets.values())

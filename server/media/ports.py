@@ -103,6 +103,14 @@ def check_supported() -> None:
             ("self._closing = True", "for protocol in self._protocols:", "await protocol.close()"),
         ),
         "aioice StunProtocol is made for its connection": (ice.StunProtocol.__init__, ("self.receiver = receiver",)),
+        "aioice Connection keeps its ufrag in _local_username (the shared socket may redraw it)": (
+            ice.Connection.__init__,
+            ("self._local_username = local_username",),
+        ),
+        "aioice StunProtocol closes through its transport and connection_lost": (
+            ice.StunProtocol.close,
+            ("self.transport.close()", "await self.__closed"),
+        ),
         "aioice server_reflexive_candidate asks from the protocol's socket": (
             ice.server_reflexive_candidate,
             ("await protocol.request(request, stun_server)", "protocol.local_candidate"),
@@ -236,14 +244,16 @@ class Gathering:
         """The host candidates of `connection` on the relay's shared sockets (`mux`): one
         socket per address for every connection, bound in the range the first time."""
         protocols: list[ice.StunProtocol] = []
+        sockets = []
         for address in addresses:
             shared = await udp_mux.socket_for(address, self._socket)
-            if shared is None:
-                continue
-            protocols.append(shared.attach(connection, component, self.address or shared.sockname[0]))
-        if connection._closing:  # closed while we bound: it will not close these
-            await _close(protocols)
+            if shared is not None:
+                sockets.append(shared)
+        if connection._closing:  # closed while we bound: nothing to attach
             return []
+        udp_mux.claim_ufrag(connection)  # nothing awaits from here on
+        for shared in sockets:
+            protocols.append(shared.attach(connection, component, self.address or shared.sockname[0]))
         connection._protocols += protocols
         candidates = [p.local_candidate for p in protocols]
         if connection.stun_server is not None and self.address is None:

@@ -264,3 +264,19 @@ async def test_a_client_address_belongs_to_a_connection_only_after_an_authentica
     finally:
         client.sock.close()
         forger.sock.close()
+
+
+async def test_two_connections_that_drew_the_same_ufrag_are_told_apart(
+    shared: tuple[mux.UdpMux, mux.MuxSocket],
+) -> None:
+    """aioice draws a 4-character ufrag: on a shared socket a second connection that drew a
+    taken one gets a fresh one before its answer is written, and each gets its own checks."""
+    udp_mux, shared_socket = shared
+    first = ice.Connection(ice_controlling=False, local_username="abcd")
+    second = ice.Connection(ice_controlling=False, local_username="abcd")
+    for connection in (first, second):
+        udp_mux.claim_ufrag(connection)
+        shared_socket.attach(connection, 1, "127.0.0.1")
+    assert first.local_username == "abcd" and second.local_username != "abcd"
+    assert len(second.local_username) >= 4 and second.local_username.isalnum()
+    assert shared_socket.connections == 2
