@@ -77,7 +77,6 @@ from .ticker import Ticker
 
 logger = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("!BBHLL")
 _NTP_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
 _RTP_COMPONENT = 1
 PENDING = 10  # packets kept for a listener whose connection is not up yet
@@ -298,7 +297,7 @@ class RtpOut:
         self._mid = media.rtp.muxId
         self._ext_map = HeaderExtensionsMap()
         self._ext_map.configure(RTCRtpSendParameters(headerExtensions=media.rtp.headerExtensions))
-        self._ext: dict[int | None, tuple[int, bytes]] = {}
+        self._ext: dict[int | None, tuple[int, bytes, struct.Struct]] = {}
         self._seq = random.getrandbits(15)  # lower half: no early wrap (as aiortc does)
         self._origin = random.getrandbits(32)
         self._dtls = sender.transport
@@ -365,16 +364,15 @@ class RtpOut:
             if not self.send(*packet):
                 break
 
-    def _extensions(self, level: int | None) -> tuple[int, bytes]:
-        """(first header byte, extension block) for `level`, as aiortc would write them."""
+    def _extensions(self, level: int | None) -> tuple[int, bytes, struct.Struct]:
+        """(first header byte, extension block, the header's layout with that block) for
+        `level`, as aiortc would write them."""
         values = HeaderExtensions(mid=self._mid)
         if level is not None:
             values.audio_level = (False, level)
         profile, value = self._ext_map.set(values)
-        if value:
-            entry = (0x90, struct.pack("!HH", profile, len(value) >> 2) + value)
-        else:
-            entry = (0x80, b"")
+        ext = struct.pack("!HH", profile, len(value) >> 2) + value if value else b""
+        entry = (0x90 if value else 0x80, ext, struct.Struct(f"!BBHLL{len(ext)}s"))
         self._ext[level] = entry
         return entry
 
@@ -413,7 +411,7 @@ class RtpOut:
             self._flush()  # what waited for the connection goes first
         if (pair is not self._pair or dtls._tx_srtp is not self._session) and not self._bind(dtls, pair):
             return False
-        first, ext = self._ext.get(level) or self._extensions(level)
+        first, ext, header = self._ext.get(level) or self._extensions(level)
         timestamp = (self._origin + pts) & 0xFFFFFFFF
         seq = self._seq
         start = 12 + len(ext)
@@ -434,28 +432,28 @@ class RtpOut:
                 _mux.queued(batch)
             base = index * _SLOT
             buffer = batch.buffer
-            _HEADER.pack_into(
-                buffer, base, first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc
+            header.pack_into(
+                buffer, base, first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc, ext
             )
-            buffer[base + 12 : base + start] = ext
             buffer[base + start : base + end] = payload
             if _srtp_protect(self._srtp, batch.slots[index], length):
                 return False
-            batch.commit(index, length[0], self._name)
+            size = length[0]
+            batch.commit(index, size, self._name)
         else:
             buffer = self._buffer
-            _HEADER.pack_into(
-                buffer, 0, first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc
+            header.pack_into(
+                buffer, 0, first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc, ext
             )
-            buffer[12:start] = ext
             buffer[start:end] = payload
             if _srtp_protect(self._srtp, self._cdata, length):
                 return False
-            self._sendto(buffer[0 : length[0]], self._addr)
+            size = length[0]
+            self._sendto(buffer[0:size], self._addr)
         self._seq = (seq + 1) & 0xFFFF
         self.sent += 1
         self._octets += len(payload)
-        self._bytes += length[0]
+        self._bytes += size
         self._last_now = now
         self._last_timestamp = timestamp
         return True
