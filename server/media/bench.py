@@ -531,9 +531,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--lean-listeners",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="the listeners keep no RTP statistics (a cheaper client, as the Janus anchor's --no-decode;"
-        " their receiver reports then carry no report block); always so with --janus",
+        " their receiver reports then carry no report block); default: on with --janus, off without",
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -554,13 +555,14 @@ def main() -> None:
         quiet_seconds = (
             args.quiet_seconds if args.quiet_seconds is not None else (seconds if args.janus else 0.0)
         )
+        # by default side by side the listeners are as lean as the anchor's --no-decode ones
+        lean = args.lean_listeners if args.lean_listeners is not None else bool(args.janus)
         kstamp.install()  # this (parent) process only: the listeners' kernel receive timestamps
         if args.janus:
             probe = args.relay_delay
 
             async def one(size: int) -> dict[str, Any]:
-                # lean listeners, as the anchor's --no-decode ones: the same client on both sides
-                return await measure(size, seconds, idle_seconds, quiet_seconds, probe, True)
+                return await measure(size, seconds, idle_seconds, quiet_seconds, probe, lean)
 
             async def both() -> None:
                 await bench_janus.side_by_side(

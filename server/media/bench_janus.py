@@ -117,6 +117,7 @@ async def run_janus(
 HEADER = (
     f"{'round':>5} {'L µs/pkt':>8} {'marg.':>6} {'idle':>6} {'idle/100':>8} {'L +p50':>7} {'L +p99':>7}"
     f" {'J µs/pkt':>8} {'J +p50':>7} {'J +p99':>7} {'L/J µs':>7} {'L/J p99':>7}"
+    f" {'L loss':>6} {'J loss':>6} {'L cli':>5} {'J cli':>5}"
 )
 
 
@@ -128,6 +129,8 @@ def _row(k: int, lk: dict[str, Any], jn: dict[str, Any]) -> str:
         f" {lk['quiet_share_per_100']:>8.2%} {lk['added_p50_ms']:>7.2f} {lk['added_p99_ms']:>7.2f}"
         f" {jn['us_cpu_per_fwd_pkt']:>8.1f} {jn['relay_added_ms_p50']:>7.2f} {jn['relay_added_ms_p99']:>7.2f}"
         f" {ratio:>7.2f} {p99:>7.2f}"
+        f" {lk['loss_pct']:>5.1f}% {jn['loss_mean_pct']:>5.1f}%"
+        f" {lk['client_share']:>5.0%} {jn['client_cpu_pct_of_core'] / 100:>5.0%}"
     )
 
 
@@ -195,6 +198,7 @@ async def side_by_side(
     print(
         "L: Lingkar, J: Janus tuned. µs/pkt: the relay process's user+sys ÷ forwarded packets; marg.: "
         "Lingkar's minus its idle (gated) CPU; idle/100: Lingkar's quiet share per 100 listeners; "
-        "+p50/+p99: relay-added latency (ms), kernel receive timestamps − a direct pair's."
+        "+p50/+p99: relay-added latency (ms), kernel receive timestamps − a direct pair's; loss: at the "
+        "listeners; cli: the listeners' process's CPU (near 100 %: the client, not the relay, is the limit)."
     )
     return pairs

@@ -23,6 +23,7 @@ FAKE_ANCHOR = textwrap.dedent(
     print(f"[N={args.n}] fake anchor", flush=True)
     print(json.dumps({"N": int(args.n), "window_s": float(args.window), "us_cpu_per_fwd_pkt": 40.0,
                       "janus_cpu_pct_of_core": 1.0, "loss_mean_pct": 0.0, "relay_added_ms_p50": 0.5,
+                      "client_cpu_pct_of_core": 20.0,
                       "lat_janus_sock_ms": [1.0, 2.0, 3.0], "lat_base_sock_ms": [0.5, 0.6, 0.7]}))
     """
 )
