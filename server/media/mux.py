@@ -289,6 +289,46 @@ class MuxSocket(asyncio.DatagramProtocol):
             self.transport = None
 
 
+# A classic BPF socket filter (SO_ATTACH_FILTER; run with the packet at its UDP header, so
+# the payload starts at offset 8) that drops, in the kernel, the RTCP compound packets that
+# begin with a receiver report: SRTCP leaves the first RTCP header in the clear (RFC 3711
+# §3.4), first byte 128-191 and packet type 201 (RFC 5761 §4 keeps RTP payload types off
+# 192-223). A member that sends no media (every listen-only member, a speaker without the
+# floor) sends only those, every second or few, about the slots it receives: the relay reads
+# none of it (`fastpath.ignore_rtcp`), and each one woke the event loop for nothing. Sender
+# reports (a speaker's, for lip-sync), RTP, DTLS and STUN all pass.
+_SO_ATTACH_FILTER = 26
+_RR_FILTER = (
+    (0x30, 0, 0, 8),  # ldb [8]: first byte of the payload
+    (0x35, 0, 4, 128),  # jge #128 ? next : accept
+    (0x35, 3, 0, 192),  # jge #192 ? accept : next
+    (0x30, 0, 0, 9),  # ldb [9]: RTCP packet type
+    (0x15, 0, 1, 201),  # jeq #201 ? drop : accept
+    (0x06, 0, 0, 0),  # drop
+    (0x06, 0, 0, 0xFFFFFFFF),  # accept, whole
+)
+
+
+def drop_receiver_reports(sock: socket.socket) -> bool:
+    """Attach the filter above to `sock`; False (and nothing changed) where it cannot be."""
+    import ctypes
+
+    class Instruction(ctypes.Structure):
+        _fields_ = (("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32))
+
+    class Program(ctypes.Structure):
+        _fields_ = (("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Instruction)))
+
+    instructions = (Instruction * len(_RR_FILTER))(*(Instruction(*i) for i in _RR_FILTER))
+    program = Program(len(_RR_FILTER), ctypes.cast(instructions, ctypes.POINTER(Instruction)))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(program))  # the kernel copies it
+    except OSError as exc:
+        logger.info("media: no socket filter for receiver reports (%s)", exc.strerror)
+        return False
+    return True
+
+
 class UdpMux:
     """The relay's shared sockets, one per bound address (made on first use)."""
 
@@ -306,6 +346,7 @@ class UdpMux:
             return None
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(turn.UDP_SOCKET_BUFFER_SIZE, 1 << 21))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+        drop_receiver_reports(sock)
         mux = self._sockets.get(address)  # another gathering may have bound it meanwhile
         if mux is not None and mux.transport is not None:
             sock.close()

@@ -230,7 +230,7 @@ async def test_a_client_address_belongs_to_a_connection_only_after_an_authentica
         # a listen-only member's RTCP is dropped as it arrives; its RTP and DTLS are not
         shared_socket._by_ufrag[victim.local_username].drop_rtcp = True
         waiting = _settle(shared_socket, 3)
-        client.sock.sendto(bytes([0x81, 201]) + bytes(30), to)  # a receiver report
+        client.sock.sendto(bytes([0x80, 200]) + bytes(30), to)  # RTCP (a sender report)
         client.sock.sendto(b"\x80\x6frtp", to)
         client.sock.sendto(bytes([22, 0xFE, 0xFD]) + bytes(20), to)
         await waiting
@@ -280,3 +280,30 @@ async def test_two_connections_that_drew_the_same_ufrag_are_told_apart(
     assert first.local_username == "abcd" and second.local_username != "abcd"
     assert len(second.local_username) >= 4 and second.local_username.isalnum()
     assert shared_socket.connections == 2
+
+
+async def test_receiver_reports_are_dropped_in_the_kernel_and_the_rest_arrives(
+    shared: tuple[mux.UdpMux, mux.MuxSocket],
+) -> None:
+    """RTCP compound packets that begin with a receiver report (members sending no media)
+    never reach the event loop; sender reports, RTP, DTLS and STUN do."""
+    _, shared_socket = shared
+    connection, got = _attach(shared_socket)
+    client = _Client()
+    to = shared_socket.sockname
+    receiver_report = bytes([0x81, 201, 0, 7]) + bytes(28)
+    sender_report = bytes([0x80, 200, 0, 6]) + bytes(24)
+    rtp = bytes([0x80, 0x6F]) + bytes(30)
+    dtls = bytes([22, 0xFE, 0xFD]) + bytes(20)
+    try:
+        waiting = _settle(shared_socket, 1)
+        client.request(to, connection)
+        await waiting
+        waiting = _settle(shared_socket, 3)
+        for data in (receiver_report, sender_report, receiver_report, rtp, receiver_report, dtls):
+            client.sock.sendto(data, to)
+        await waiting
+        assert got[1:] == [sender_report, rtp, dtls]
+        assert shared_socket.dropped == 0  # dropped before Python saw them
+    finally:
+        client.sock.close()
