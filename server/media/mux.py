@@ -334,27 +334,39 @@ class UdpMux:
 
     def __init__(self) -> None:
         self._sockets: dict[str, MuxSocket] = {}
+        self._binding: dict[str, asyncio.Future[None]] = {}  # addresses being bound now
 
     async def socket_for(self, address: str, bind: Any) -> MuxSocket | None:
         """The shared socket on `address`, bound by ``bind(address)`` (a bound
-        ``socket.socket``, or None if the address cannot be bound) the first time."""
-        mux = self._sockets.get(address)
-        if mux is not None and mux.transport is not None:
-            return mux
-        sock = bind(address)
-        if sock is None:
-            return None
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(turn.UDP_SOCKET_BUFFER_SIZE, 1 << 21))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
-        drop_receiver_reports(sock)
-        mux = self._sockets.get(address)  # another gathering may have bound it meanwhile
-        if mux is not None and mux.transport is not None:
-            sock.close()
-            return mux
-        mux = MuxSocket(sock)
-        await asyncio.get_running_loop().create_datagram_endpoint(lambda: mux, sock=sock)
-        self._sockets[address] = mux
-        return mux
+        ``socket.socket``, or None if the address cannot be bound) the first time. Offers
+        answered at once wait for the one binding it, and get the same socket."""
+        while True:
+            shared = self._sockets.get(address)
+            if shared is not None and shared.transport is not None:
+                return shared
+            binding = self._binding.get(address)
+            if binding is None:
+                break
+            await asyncio.shield(binding)
+        binding = self._binding[address] = asyncio.get_running_loop().create_future()
+        try:
+            sock = bind(address)
+            if sock is None:
+                return None
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(turn.UDP_SOCKET_BUFFER_SIZE, 1 << 21))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+                drop_receiver_reports(sock)
+                shared = MuxSocket(sock)
+                await asyncio.get_running_loop().create_datagram_endpoint(lambda: shared, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+            self._sockets[address] = shared
+            return shared
+        finally:
+            del self._binding[address]
+            binding.set_result(None)
 
     def claim_ufrag(self, connection: ice.Connection) -> None:
         """Make `connection`'s ICE ufrag unique among the connections on the shared sockets

@@ -307,3 +307,15 @@ async def test_receiver_reports_are_dropped_in_the_kernel_and_the_rest_arrives(
         assert shared_socket.dropped == 0  # dropped before Python saw them
     finally:
         client.sock.close()
+
+
+async def test_offers_answered_at_once_share_one_socket_per_address(rooms: list[Room]) -> None:
+    """The first offers arrive together (a circle starting): they all wait for the one
+    socket per address being bound, none binds its own."""
+    room = Room()
+    rooms.append(room)
+    await asyncio.gather(*(room.join(f"m{i}", listen_only=i > 0) for i in range(8)))
+    addresses = ice.get_host_addresses(use_ipv4=True, use_ipv6=True)
+    assert len(room.relay.shared_sockets()) == len(addresses)
+    assert len(set(room.relay.local_addresses())) == len(addresses)
+    assert sum(s.connections for s in room.relay.shared_sockets()) == 8 * len(addresses)
