@@ -280,6 +280,15 @@ class RtpOut:
     aiortc's own path) and go out as soon as DTLS is connected.
     """
 
+    # Slots, not a dict: one compact object per listener's slot, touched once per copy of
+    # every packet (with hundreds of listeners the fan-out runs on a cold cache).
+    __slots__ = (
+        "ssrc", "payload_type", "sent", "_sender", "_mid", "_ext_map", "_ext", "_seq", "_origin",
+        "_dtls", "_nominated", "_pair", "_addr", "_sendto", "_batch", "_name", "_session", "_srtp",
+        "_cdata", "_buffer", "_room", "_length", "_octets", "_bytes", "_synced", "_last_now",
+        "_last_timestamp", "_pending", "_clock", "_reported", "__weakref__",
+    )
+
     def __init__(
         self,
         sender: RTCRtpSender,
