@@ -54,12 +54,17 @@ class TokenBucket:
     def take(self, now: float) -> bool:
         """Refill for the time since the last call, then spend one token if there is one."""
         elapsed = now - self.updated_at
+        tokens = self.tokens
         if elapsed > 0:  # a clock that goes backwards refills nothing
-            self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+            tokens += elapsed * self.rate
+            if tokens > self.capacity:
+                tokens = self.capacity
             self.updated_at = now
-        if self.tokens >= 1 - _EPSILON:
-            self.tokens = max(0.0, self.tokens - 1)
+        if tokens >= 1 - _EPSILON:
+            tokens -= 1
+            self.tokens = tokens if tokens > 0.0 else 0.0
             return True
+        self.tokens = tokens
         return False
 
 

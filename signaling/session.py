@@ -145,6 +145,12 @@ class Unobserved:
 
 
 _ENCODED: dict[int, tuple[Event, bytes]] = {}
+_LAST: list[object] = [None, b""]  # the event encoded last and its frame: the next member's
+
+
+def _forget_encoded() -> None:
+    _ENCODED.clear()
+    _LAST[0], _LAST[1] = None, b""
 
 
 def _encoded_event(event: Event) -> bytes:
@@ -153,17 +159,22 @@ def _encoded_event(event: Event) -> bytes:
     for that step only (keeping the event keeps its id unique meanwhile). Kept longer, it
     held the last few hundred events, pseudonyms of departed members included, for as long
     as the server stayed quiet (issue 17)."""
+    last = _LAST
+    if event is last[0]:  # the common case: the member before got this very event
+        return last[1]  # type: ignore[return-value]
     hit = _ENCODED.get(id(event))
     if hit is not None and hit[0] is event:  # never an ephemeral one: those are not kept
+        last[0], last[1] = event, hit[1]
         return hit[1]
     if event.ephemeral:  # a private note's text is not kept, not even in this cache
         return encode_event(event)
     if not _ENCODED:
-        asyncio.get_running_loop().call_soon(_ENCODED.clear)
+        asyncio.get_running_loop().call_soon(_forget_encoded)
     elif len(_ENCODED) > 256:
         _ENCODED.clear()  # a clear is already due
     data = encode_event(event)
     _ENCODED[id(event)] = (event, data)
+    last[0], last[1] = event, data
     return data
 
 

@@ -49,8 +49,8 @@ def encode_state(s: RoomState) -> bytes:
     f = s.floor
     return _pack([
         FORMAT, s.version, _circle(s.circle), s.mode, s.locked,
-        [_member(m) for m in s.members.values()],
-        [_member(m) for m in s.lobby.values()],
+        list(map(_member, s.members.values())),
+        list(map(_member, s.lobby.values())),
         [f.holder, f.since, f.deadline, f.warned, f.over] if f else None,
         s.queue,
         [[i.id, i.role, i.personal, i.label] for i in s.invites.values()],
