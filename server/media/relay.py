@@ -312,7 +312,7 @@ class MediaRelay:
             codec = first_codec.get(shape.mic_mid or "")
             if codec is None or codec.mimeType.lower() != OPUS:
                 raise OfferError(OfferProblem.UNSUPPORTED)
-            tap.install_tap(mic.receiver, self._sink(peer, codec.payloadType))
+            tap.install_tap(mic.receiver, self._sink(peer, codec.payloadType), at_once=True)
             peer.tapped = mic.receiver
         if mic is None and senders:  # listening only: its RTCP is about our slots only
             fastpath.ignore_rtcp(next(iter(senders.values())).transport.transport._connection)

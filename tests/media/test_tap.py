@@ -78,3 +78,41 @@ async def test_packet_through_a_real_peer_hits_the_tap_and_is_never_decoded() ->
     finally:
         await sender.close()
         await receiver_pc.close()
+
+
+async def test_the_relay_takes_a_speakers_rtp_in_the_datagrams_callback_not_through_aiortcs_queue() -> None:
+    """`install_tap(..., at_once=True)`: the speaker's RTP reaches the relay's sink without
+    aiortc's queue and task; DTLS and RTCP still take aiortc's path; closing takes it away."""
+    from .conftest import CIRCLE, Room
+
+    room = Room()
+    try:
+        speaker = await room.join("m1")
+        ear = await room.join("ear", listen_only=True)
+        relay_peer = room.relay._peers[(CIRCLE, "m1")]
+        connection = relay_peer.tapped.transport.transport._connection  # type: ignore[union-attr]
+        assert vars(connection)["data_received"].__name__ == "at_once"
+        queued: list[bytes] = []
+        put = connection._queue.put_nowait
+
+        def keep(item: object) -> None:
+            if isinstance(item, tuple):
+                queued.append(item[0])
+            put(item)
+
+        connection._queue.put_nowait = keep
+        room.relay.set_audible(CIRCLE, ["m1"])
+        await wait_until(lambda: ear.received_from("m1") >= 5)
+        queued.clear()  # what arrived before the relay's DTLS was up waited in the queue, rightly
+        await wait_until(lambda: ear.received_from("m1") >= 55 and any(191 < d[1] < 224 for d in queued))
+        # RTCP (the speaker's sender reports) and DTLS went through the queue, never RTP
+        assert not [d for d in queued if 127 < d[0] < 192 and not 191 < d[1] < 224]
+        # the receiver's statistics still count every packet (what its reports to the speaker say)
+        stats = await relay_peer.tapped.getStats()  # type: ignore[union-attr]
+        (inbound,) = [s for s in stats.values() if s.type == "inbound-rtp"]
+        assert inbound.packetsReceived >= 50
+        assert speaker.pc.connectionState == "connected"
+        await room.relay.close_member(CIRCLE, "m1")
+        assert "data_received" not in vars(connection)
+    finally:
+        await room.aclose()
