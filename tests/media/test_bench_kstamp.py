@@ -46,6 +46,7 @@ def test_bench_kernel_latency_and_side_by_side(tmp_path: Path) -> None:
     lingkar, janus = rows
     assert lingkar["listeners"] == 3 and lingkar["forwarded"] > 0
     assert lingkar["lean_listeners"] is True  # side by side: the anchor's client, no RTP statistics
+    assert lingkar["udp_rcvbuf_drops"] >= 0 and 0 <= lingkar["client_share"]
     # every listener's packets got a kernel timestamp and a send time, as did the direct pair's
     assert lingkar["kernel_samples"] > 0 and lingkar["direct_samples"] > 0
     assert all(math.isfinite(v) for v in (*lingkar["path_ms"], *lingkar["direct_ms"]))
