@@ -157,6 +157,7 @@ class MuxSocket(asyncio.DatagramProtocol):
         self._transactions: dict[bytes, MuxProtocol] = {}
         self.batch = sendmmsg.Batch(sock, CHUNK) if sendmmsg.AVAILABLE else None
         self.dropped = 0  # datagrams from addresses (or for ufrags) that belong to nobody
+        self.refused = 0  # valid checks from an address another open connection holds
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- connections ----------------------------------------------------------------------
@@ -206,6 +207,13 @@ class MuxSocket(asyncio.DatagramProtocol):
         if previous is protocol:
             return
         if previous is not None:
+            if not previous.receiver._closing:
+                # Taken by a connection still open: keep it there. A member's own valid check
+                # sent from another member's address (a forged source) must not take that
+                # member's media; a client whose new connection reuses its old port waits for
+                # the old one to close (its offer closes it, or its consent runs out).
+                self.refused += 1
+                return
             previous.addresses.discard(address)
         self._by_address[address] = protocol
         protocol.addresses.add(address)

@@ -172,6 +172,7 @@ def _attach(shared_socket: mux.MuxSocket) -> tuple[ice.Connection, list[bytes]]:
     protocol.receiver = type("Receiver", (), {})()  # records what the mux hands over
     protocol.receiver.local_username = connection.local_username  # type: ignore[attr-defined]
     protocol.receiver.local_password = connection.local_password  # type: ignore[attr-defined]
+    protocol.receiver._closing = False  # type: ignore[attr-defined]
     protocol.datagram_received = lambda data, addr: got.append(bytes(data))  # type: ignore[method-assign]
     return connection, got
 
@@ -251,6 +252,13 @@ async def test_a_client_address_belongs_to_a_connection_only_after_an_authentica
         client.sock.sendto(b"\x80again", to)
         await waiting
         assert victim_got[-1] == b"\x80again"
+        # ... not even with its own valid check sent from the victim's address (a forged source)
+        waiting = _settle(shared_socket, 2)
+        client.request(to, other)
+        client.sock.sendto(b"\x80still", to)
+        await waiting
+        assert victim_got[-1] == b"\x80still" and other_got[-1] != b"\x80still"
+        assert shared_socket.refused == 1
 
         # a connection that closes gives its addresses back: its client is dropped again
         (protocol,) = [p for p in [shared_socket._by_ufrag[victim.local_username]]]
@@ -259,7 +267,7 @@ async def test_a_client_address_belongs_to_a_connection_only_after_an_authentica
         dropped = shared_socket.dropped
         client.sock.sendto(b"\x80late", to)
         await waiting
-        assert victim_got[-1] == b"\x80again" and shared_socket.dropped == dropped + 1
+        assert victim_got[-1] == b"\x80still" and shared_socket.dropped == dropped + 1
         assert shared_socket.connections == 1
     finally:
         client.sock.close()
