@@ -144,38 +144,20 @@ class Unobserved:
     def command_took(self, seconds: float) -> None: ...
 
 
-_ENCODED: dict[int, tuple[Event, bytes]] = {}
-_LAST: list[object] = [None, b""]  # the event encoded last and its frame: the next member's
+def _encoder(subscribed: list[Subscription | None]) -> Callable[[Event], bytes]:
+    """The machine's `encode`: an event's frame, encoded once for all the members here that
+    one delivery hands it to (the subscription forgets it when that delivery ends: kept
+    longer, frames held the pseudonyms of departed members while the server stayed quiet,
+    issue 17). A private note is encoded for its one reader only. It holds the subscription
+    (`subscribed[0]`, once there is one), never the session: no reference cycle."""
 
+    def encode(event: Event) -> bytes:
+        sub = subscribed[0]
+        if sub is None or event.ephemeral:
+            return encode_event(event)
+        return sub.once(event, encode_event)
 
-def _forget_encoded() -> None:
-    _ENCODED.clear()
-    _LAST[0], _LAST[1] = None, b""
-
-
-def _encoded_event(event: Event) -> bytes:
-    """An event's frame bytes, encoded once for all the members it reaches: the hub hands
-    the same object to every subscriber in one step of the event loop, so the cache lives
-    for that step only (keeping the event keeps its id unique meanwhile). Kept longer, it
-    held the last few hundred events, pseudonyms of departed members included, for as long
-    as the server stayed quiet (issue 17)."""
-    last = _LAST
-    if event is last[0]:  # the common case: the member before got this very event
-        return last[1]  # type: ignore[return-value]
-    hit = _ENCODED.get(id(event))
-    if hit is not None and hit[0] is event:  # never an ephemeral one: those are not kept
-        last[0], last[1] = event, hit[1]
-        return hit[1]
-    if event.ephemeral:  # a private note's text is not kept, not even in this cache
-        return encode_event(event)
-    if not _ENCODED:
-        asyncio.get_running_loop().call_soon(_forget_encoded)
-    elif len(_ENCODED) > 256:
-        _ENCODED.clear()  # a clear is already due
-    data = encode_event(event)
-    _ENCODED[id(event)] = (event, data)
-    last[0], last[1] = event, data
-    return data
+    return encode
 
 
 def _now_ms() -> int:
@@ -195,8 +177,9 @@ class Session:
         self.home = home or Anywhere()
         self.limits = limits
         self.now_ms = now_ms
+        self._subscribed: list[Subscription | None] = [None]  # what the machine encodes with
         self.conn = Connection(secret=secret, limits=limits, address=address, ice=ice,
-                               encode=_encoded_event)
+                               encode=_encoder(self._subscribed))
         self.here: Here | None = None  # the circle's runtime, once joined
         self._out: asyncio.Queue[bytes | tuple[int, str]] = asyncio.Queue(limits.send_queue)
         self._sub: Subscription | None = None
@@ -324,6 +307,7 @@ class Session:
             return
         self.conn.joined(request, state, self.now_ms(), time.monotonic())
         self._sub = self.manager.subscribe(self.circle_id, state.version)
+        self._subscribed[0] = self._sub
         self.here = self.circles.enter(self)
         writer = self._writer_task = asyncio.create_task(self._writer())
         self.flush()
@@ -362,6 +346,7 @@ class Session:
     async def _cleanup(self) -> None:
         if self._sub is not None:
             self._sub.close()
+            self._subscribed[0] = None
         if self.here is not None:
             try:
                 await self.here.leave(self)
@@ -377,6 +362,7 @@ class Session:
                 log.exception("disconnect failed")
 
     # --- events out ---------------------------------------------------------------------
+
 
     def _on_item(self, item: Item) -> None:
         """Called by the subscription for every item, synchronously: no task per member on

@@ -74,6 +74,19 @@ class Subscription:
             listener(item)
         self._listener = listener
 
+    def once(self, event: Event, make: Callable[[Event], bytes]) -> bytes:
+        """`make(event)`, made once for all of this process's subscribers of the circle that
+        `event` is handed to in one delivery (a frame encoded once, not once per member), and
+        forgotten when that delivery ends: nothing of it outlives the step."""
+        hub = self._hub
+        made = hub._made
+        if made is not None and made[0] is event:
+            return made[1]
+        data = make(event)
+        if hub._delivering:
+            hub._made = (event, data)
+        return data
+
     async def ready(self) -> None:
         """Wait until the circle's store subscription is live: ephemeral events published
         from then on reach this subscriber (durable ones are never missed anyway)."""
@@ -123,6 +136,8 @@ class CircleHub:
         # version -> (encoded, events): what this process is saving, so that its own wake-up
         # hands subscribers these very events instead of decoding their bytes again
         self._saving: dict[int, tuple[Sequence[bytes], list[Event]]] = {}
+        self._delivering = False  # handing events to subscribers now (see `Subscription.once`)
+        self._made: tuple[Event, bytes] | None = None  # what `once` made for this delivery
         self._latest = -1
         self._stale = False  # a wake-up without events: fetch instead of trusting `_carried`
         self._deleted = False
@@ -203,6 +218,9 @@ class CircleHub:
                         self._carried[version] = [decode_event(e) for e in events]
                     except CorruptState:
                         self._stale = True  # fetch instead
+        if self._saving:  # a save that was refused, or a wake-up without its events
+            for v in [v for v in self._saving if v <= version]:
+                del self._saving[v]
         self._on_version(version)
         if not self._deliver_now(version):
             self._dirty.set()
@@ -222,23 +240,27 @@ class CircleHub:
         for s in subs:
             if s.last != before:
                 return False
-        if len(events) == 1:  # the common case: one event, handed to each listener in turn
-            event = events[0]
-            for s in subs:
-                listener = s._listener
-                if listener is None or s._done:
-                    s.push(event)  # held until `listen`, or dropped once closed
-                else:
-                    try:
-                        listener(event)
-                    except Exception:
-                        log.exception("event listener failed")
-                s.last = version
-        else:
-            for s in subs:
-                for e in events:
-                    s.push(e)
-                s.last = version
+        self._delivering = True
+        try:
+            if len(events) == 1:  # the common case: one event, handed to each listener in turn
+                event = events[0]
+                for s in subs:
+                    listener = s._listener
+                    if listener is None or s._done:
+                        s.push(event)  # held until `listen`, or dropped once closed
+                    else:
+                        try:
+                            listener(event)
+                        except Exception:
+                            log.exception("event listener failed")
+                    s.last = version
+            else:
+                for s in subs:
+                    for e in events:
+                        s.push(e)
+                    s.last = version
+        finally:
+            self._delivering, self._made = False, None
         del self._carried[version]
         return True
 
@@ -307,11 +329,15 @@ class CircleHub:
                     return
                 events = [decode_event(b) for b in blobs]
             top = max([last, known, *(e.version for e in events)])
-            for s in group:
-                for e in events:
-                    if e.version > s.last:
-                        s.push(e)
-                s.last = max(s.last, top)
+            self._delivering = True
+            try:
+                for s in group:
+                    for e in events:
+                        if e.version > s.last:
+                            s.push(e)
+                    s.last = max(s.last, top)
+            finally:
+                self._delivering, self._made = False, None
         floor = min((s.last for s in self._subs), default=self._latest)
         for v in [v for v in self._carried if v <= floor]:
             del self._carried[v]
