@@ -36,8 +36,6 @@ taken one is replaced through ``._local_username``), ``.local_password``, ``._co
 from __future__ import annotations
 
 import asyncio
-import binascii
-import hmac
 import logging
 import secrets
 import socket
@@ -45,8 +43,10 @@ import struct
 from typing import Any
 
 from aioice import ice, stun, turn
+from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 
 from . import sendmmsg
+from .stunfast import integrity_ok, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -65,41 +65,17 @@ CHUNK = 32
 MAX_TRANSACTIONS = 64  # per connection: requests to addresses that belong to nobody yet
 
 
-def request_username(data: bytes) -> tuple[bytes, int, bytes] | None:
-    """(USERNAME, offset of MESSAGE-INTEGRITY, its value) of a STUN message, if it is
-    well formed and has both; None otherwise. FINGERPRINT, if present, must match."""
-    size = len(data)
-    if size < 20 or data[4:8] != _COOKIE_BYTES or int.from_bytes(data[2:4], "big") + 20 != size:
-        return None
-    username = integrity = None
-    integrity_at = 0
-    pos = 20
-    while pos <= size - 4:
-        kind, length = _ATTR.unpack_from(data, pos)
-        end = pos + 4 + length
-        if end > size:
-            return None
-        if integrity is None:
-            if kind == _USERNAME:
-                username = data[pos + 4 : end]
-            elif kind == _INTEGRITY:
-                integrity_at, integrity = pos, data[pos + 4 : end]
-        elif kind == _FINGERPRINT:
-            check = data[:2] + (pos - 12).to_bytes(2, "big") + data[4:pos]
-            if length != 4 or binascii.crc32(check) ^ stun.FINGERPRINT_XOR != int.from_bytes(
-                data[pos + 4 : end], "big"
-            ):
-                return None
-        pos = end + (-length % 4)
-    if pos != size or username is None or integrity is None:
-        return None
-    return username, integrity_at, integrity
-
-
-def integrity_ok(data: bytes, integrity_at: int, integrity: bytes, key: bytes) -> bool:
-    """MESSAGE-INTEGRITY (RFC 5389 §15.4) of `data` at `integrity_at` checks with `key`."""
-    signed = data[:2] + (integrity_at + 4).to_bytes(2, "big") + data[4:integrity_at]
-    return hmac.compare_digest(integrity, hmac.digest(key, signed, "sha1"))
+def host_candidate(component: int, host: str, port: int) -> Candidate:
+    """The host candidate aioice announces for a socket (``get_component_candidates``)."""
+    return Candidate(
+        foundation=candidate_foundation("host", "udp", host),
+        component=component,
+        transport="udp",
+        priority=candidate_priority(component, "host"),
+        host=host,
+        port=port,
+        type="host",
+    )
 
 
 class MuxProtocol(ice.StunProtocol):
@@ -164,22 +140,12 @@ class MuxSocket(asyncio.DatagramProtocol):
 
     def attach(self, connection: ice.Connection, component: int, protocol_host: str) -> MuxProtocol:
         """A protocol of `connection` on this socket, announcing `protocol_host`."""
-        from aioice.candidate import Candidate, candidate_foundation, candidate_priority
-
         ufrag = connection.local_username
         if ufrag in self._by_ufrag:
             raise ValueError("a connection with this ICE ufrag is on this socket already")
         protocol = MuxProtocol(connection, self)
         protocol.connection_made(_View(self, protocol))
-        protocol.local_candidate = Candidate(
-            foundation=candidate_foundation("host", "udp", protocol_host),
-            component=component,
-            transport="udp",
-            priority=candidate_priority(component, "host"),
-            host=protocol_host,
-            port=self.sockname[1],
-            type="host",
-        )
+        protocol.local_candidate = host_candidate(component, protocol_host, self.sockname[1])
         self._by_ufrag[ufrag] = protocol
         return protocol
 
@@ -273,10 +239,10 @@ class MuxSocket(asyncio.DatagramProtocol):
     def _request_target(
         self, data: bytes, addr: tuple[str, int], known: MuxProtocol | None
     ) -> MuxProtocol | None:
-        parsed = request_username(data)
+        parsed = parse_request(data)
         if parsed is None:
             return known  # malformed: aioice answers it (or not) as it would on its own socket
-        username, integrity_at, integrity = parsed
+        username, integrity_at, integrity, _ = parsed
         ufrag = username.split(b":", 1)[0]
         try:
             target = self._by_ufrag.get(ufrag.decode("utf8"))

@@ -51,10 +51,10 @@ from typing import Any
 
 import aioice
 from aioice import ice, turn
-from aioice.candidate import Candidate, candidate_foundation, candidate_priority
+from aioice.candidate import Candidate
 from aiortc import RTCPeerConnection, rtcicetransport, rtcpeerconnection
 
-from .mux import UdpMux
+from .mux import UdpMux, host_candidate
 
 logger = logging.getLogger(__name__)
 
@@ -215,16 +215,7 @@ class Gathering:
                 _, protocol = await loop.create_datagram_endpoint(lambda: ice.StunProtocol(connection), sock=sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, turn.UDP_SOCKET_BUFFER_SIZE)
                 host, port = sock.getsockname()[:2]
-                host = self.address or host
-                protocol.local_candidate = Candidate(
-                    foundation=candidate_foundation("host", "udp", host),
-                    component=component,
-                    transport="udp",
-                    priority=candidate_priority(component, "host"),
-                    host=host,
-                    port=port,
-                    type="host",
-                )
+                protocol.local_candidate = host_candidate(component, self.address or host, port)
                 protocols.append(protocol)
         except BaseException:
             await _close(protocols)

@@ -193,42 +193,59 @@ def binding_response(transaction_id: bytes, addr: tuple[str, int], key: bytes) -
     return _sign(_HEAD.pack(_BINDING_RESPONSE, 0, _COOKIE, transaction_id), mapped, key)
 
 
+def parse_request(data: bytes) -> tuple[bytes, int, bytes, list[int]] | None:
+    """(USERNAME, offset of MESSAGE-INTEGRITY, its value, the attribute types before it) of
+    a well-formed STUN message that has both (FINGERPRINT, if any, last and right); None
+    otherwise. Used here for consent checks and by `mux` to tell connections apart."""
+    size = len(data)
+    if size < 20 or data[4:8] != _COOKIE_BYTES or int.from_bytes(data[2:4], "big") + 20 != size:
+        return None
+    username = integrity = None
+    integrity_at = 0
+    kinds: list[int] = []
+    pos = 20
+    while pos <= size - 4:
+        kind, length = _ATTR.unpack_from(data, pos)
+        end = pos + 4 + length
+        if end > size:
+            return None
+        if integrity is None:
+            kinds.append(kind)
+            if kind == _USERNAME:
+                username = data[pos + 4 : end]
+            elif kind == _INTEGRITY:
+                integrity_at, integrity = pos, data[pos + 4 : end]
+        elif kind == _FINGERPRINT:
+            if length != 4 or end != size:
+                return None
+            check = data[:2] + (pos - 12).to_bytes(2, "big") + data[4:pos]
+            if binascii.crc32(check) ^ _FINGERPRINT_XOR != int.from_bytes(data[pos + 4 : end], "big"):
+                return None
+        pos = end + (-length % 4)
+    if pos != size or username is None or integrity is None:
+        return None
+    return username, integrity_at, integrity, kinds
+
+
+def integrity_ok(data: bytes, integrity_at: int, integrity: bytes, key: bytes) -> bool:
+    """MESSAGE-INTEGRITY (RFC 5389 §15.4) of `data` at `integrity_at` checks with `key`."""
+    signed = data[:2] + (integrity_at + 4).to_bytes(2, "big") + data[4:integrity_at]
+    return hmac.compare_digest(integrity, hmac.digest(key, signed, "sha1"))
+
+
 def _answer_consent(protocol: Any, data: bytes, addr: tuple[str, int]) -> bool:
     """Answer `data` if it is a plain consent check (see the module's docstring); False
     to leave it to aioice."""
     connection = protocol.receiver
     if connection._closing or not connection._early_checks_done:
         return False
-    size = len(data)
-    if size < 20 or data[4:8] != _COOKIE_BYTES or int.from_bytes(data[2:4], "big") + 20 != size:
+    parsed = parse_request(data)
+    if parsed is None:
         return False
-    username = integrity = integrity_at = None
+    username, integrity_at, integrity, kinds = parsed
     controlling = connection.ice_controlling
-    pos = 20
-    while pos <= size - 4:
-        kind, length = _ATTR.unpack_from(data, pos)
-        end = pos + 4 + length
-        if end > size:
-            return False
-        if integrity_at is None:
-            if kind == _USERNAME:
-                username = data[pos + 4 : end]
-            elif kind == _INTEGRITY:
-                integrity_at = pos
-                integrity = data[pos + 4 : end]
-            elif kind == _USE_CANDIDATE and not controlling:
-                return False  # a nomination: aioice acts on it
-            elif kind == (_CONTROLLING if controlling else _CONTROLLED):
-                return False  # a role conflict: aioice repairs it
-        elif kind == _FINGERPRINT:
-            if length != 4 or end != size:
-                return False
-            check = data[:2] + (pos - 12).to_bytes(2, "big") + data[4:pos]
-            if binascii.crc32(check) ^ _FINGERPRINT_XOR != int.from_bytes(data[pos + 4 : end], "big"):
-                return False
-        pos = end + (-length % 4)
-    if pos != size or username is None or integrity_at is None:
-        return False
+    if (not controlling and _USE_CANDIDATE in kinds) or (_CONTROLLING if controlling else _CONTROLLED) in kinds:
+        return False  # a nomination (aioice acts on it) or a role conflict (aioice repairs it)
     try:
         valid = connection._valid_username(username.decode("utf8"))
     except UnicodeDecodeError:
@@ -236,8 +253,7 @@ def _answer_consent(protocol: Any, data: bytes, addr: tuple[str, int]) -> bool:
     if not valid:
         return False
     key = connection.local_password.encode("utf8")
-    signed = data[:2] + (integrity_at + 4).to_bytes(2, "big") + data[4:integrity_at]
-    if not hmac.compare_digest(integrity, hmac.digest(key, signed, "sha1")):
+    if not integrity_ok(data, integrity_at, integrity, key):
         return False
     host, port = addr[0], addr[1]
     for candidate in connection._remote_candidates:
@@ -429,9 +445,7 @@ def _consent_answer(data: bytes) -> bool:
         pos = end + (-length % 4)
     if integrity_at is None or pos != size:
         return False
-    key = connection.remote_password.encode("utf8")
-    signed = data[:2] + (integrity_at + 4).to_bytes(2, "big") + data[4:integrity_at]
-    if not hmac.compare_digest(integrity, hmac.digest(key, signed, "sha1")):
+    if not integrity_ok(data, integrity_at, integrity, connection.remote_password.encode("utf8")):
         return True  # not authenticated: dropped, as aioice's transaction drops it
     del _waiting[data[8:20]]
     consent.answered(data[8:20])

@@ -69,3 +69,12 @@ async def room() -> AsyncIterator[Room]:
     room = Room()
     yield room
     await room.aclose()
+
+
+@pytest.fixture
+async def rooms() -> AsyncIterator[list[Room]]:
+    """Rooms a test makes (several relays: several processes on one host), closed after it."""
+    made: list[Room] = []
+    yield made
+    for room in made:
+        await room.aclose()

@@ -31,14 +31,6 @@ def _session(direction: int) -> Session:
     return Session(Policy(key=KEY, ssrc_type=direction))
 
 
-@pytest.fixture
-async def rooms() -> AsyncIterator[list[Room]]:
-    made: list[Room] = []
-    yield made
-    for room in made:
-        await room.aclose()
-
-
 def _capture(connection: Any, into: list[bytes]) -> None:
     """Keep every SRTP datagram (RTP, not RTCP) `connection` receives, as it arrived."""
     original = connection.data_received

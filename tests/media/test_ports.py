@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import AsyncIterator
 
 import aioice
 import pytest
@@ -38,14 +37,6 @@ def port_range() -> tuple[int, int]:
 @pytest.fixture
 def two_ports() -> tuple[int, int]:
     return free_port_range(2)
-
-
-@pytest.fixture
-async def rooms() -> AsyncIterator[list[Room]]:
-    made: list[Room] = []
-    yield made
-    for room in made:
-        await room.aclose()
 
 
 def candidates(answer_sdp: str) -> list[tuple[str, int]]:
