@@ -53,6 +53,7 @@ import struct
 import time
 import weakref
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
 import pylibsrtp
@@ -530,12 +531,21 @@ class RtpOut:
         dtls._RTCDtlsTransport__tx_bytes += len(data)
         dtls._RTCDtlsTransport__tx_packets += 1
 
-    async def _run_rtcp(self) -> None:
-        """The slot sender's RTCP task: reports come from the peer's `RtcpClock`; this
-        only waits for ``stop()`` and then says BYE (see the module's docstring)."""
-        sender = self._sender
-        clock = self._clock
+    def _run_rtcp(self) -> Coroutine[Any, Any, None]:
+        """The slot sender's RTCP task (``RTCRtpSender.send`` runs ``self._run_rtcp()``).
+
+        The sender is bound when the coroutine is made, not when the task first runs: a
+        member closed in between (`close` lets go of the sender) would otherwise leave a
+        task that never sets ``__rtcp_started``, and ``RTCRtpSender.stop()`` waits for it
+        forever (seen once in CI: a peer connection's close that never returned)."""
+        return self._rtcp_task(self._sender, self._clock)
+
+    async def _rtcp_task(self, sender: Any, clock: RtcpClock | None) -> None:
+        """Reports come from the peer's `RtcpClock`; this only waits for ``stop()`` and
+        then says BYE (see the module's docstring)."""
         sender._RTCRtpSender__rtcp_started.set()
+        if self._sender is None:
+            clock = None  # closed before the task ran: nothing to report, nothing to hold
         try:
             if clock is not None:
                 clock.add(self)

@@ -52,3 +52,26 @@ async def test_one_clock_per_peer_reports_only_the_slots_that_carry_something(
     # closing the peer takes the outs off the clock: nothing holds them
     await room.relay.close_member(CIRCLE, "l1")
     assert all(out._clock is None for out in peer.outs)
+
+
+async def test_a_slot_closed_before_its_rtcp_task_ran_still_lets_the_sender_stop(room: Room) -> None:
+    """``RTCRtpSender.send`` makes the RTCP coroutine; if the relay closes the slot before
+    the task's first step, the task must still say it started and exited, or the sender's
+    ``stop()`` (and the peer connection's close) waits forever."""
+    import asyncio
+
+    await room.join("mod")
+    await room.join("l1", listen_only=True)
+    out = room.relay._peers[(CIRCLE, "l1")].outs[0]
+    sender = out._sender
+    started, exited = asyncio.Event(), asyncio.Event()
+    sender._RTCRtpSender__rtcp_started = started
+    sender._RTCRtpSender__rtcp_exited = exited
+    coroutine = sender._run_rtcp()  # what send() does ...
+    out.close()  # ... and the member goes before the task runs
+    task = asyncio.ensure_future(coroutine)
+    async with asyncio.timeout(5):
+        await started.wait()
+    task.cancel()
+    async with asyncio.timeout(5):
+        await exited.wait()
