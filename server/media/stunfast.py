@@ -197,6 +197,14 @@ def parse_request(data: bytes) -> tuple[bytes, int, bytes, list[int]] | None:
     """(USERNAME, offset of MESSAGE-INTEGRITY, its value, the attribute types before it) of
     a well-formed STUN message that has both (FINGERPRINT, if any, last and right); None
     otherwise. Used here for consent checks and by `mux` to tell connections apart."""
+    parsed = _parse(data)
+    if parsed is None or parsed[0] is None:
+        return None
+    return parsed[0], parsed[1], parsed[2], parsed[3]
+
+
+def _parse(data: bytes) -> tuple[bytes | None, int, bytes, list[int]] | None:
+    """`parse_request`'s walk over the attributes; USERNAME may be missing (a response)."""
     size = len(data)
     if size < 20 or data[4:8] != _COOKIE_BYTES or int.from_bytes(data[2:4], "big") + 20 != size:
         return None
@@ -222,7 +230,7 @@ def parse_request(data: bytes) -> tuple[bytes, int, bytes, list[int]] | None:
             if binascii.crc32(check) ^ _FINGERPRINT_XOR != int.from_bytes(data[pos + 4 : end], "big"):
                 return None
         pos = end + (-length % 4)
-    if pos != size or username is None or integrity is None:
+    if pos != size or integrity is None:
         return None
     return username, integrity_at, integrity, kinds
 
@@ -424,27 +432,10 @@ def _consent_answer(data: bytes) -> bool:
     connection = consent._ref()
     if connection is None:
         return False
-    size = len(data)
-    if size < 20 or data[4:8] != _COOKIE_BYTES or int.from_bytes(data[2:4], "big") + 20 != size:
+    parsed = _parse(data)
+    if parsed is None:
         return False
-    integrity_at = integrity = None
-    pos = 20
-    while pos <= size - 4:
-        kind, length = _ATTR.unpack_from(data, pos)
-        end = pos + 4 + length
-        if end > size:
-            return False
-        if integrity_at is None and kind == _INTEGRITY:
-            integrity_at, integrity = pos, data[pos + 4 : end]
-        elif kind == _FINGERPRINT:
-            check = data[:2] + (pos - 12).to_bytes(2, "big") + data[4:pos]
-            if length != 4 or binascii.crc32(check) ^ _FINGERPRINT_XOR != int.from_bytes(
-                data[pos + 4 : end], "big"
-            ):
-                return False
-        pos = end + (-length % 4)
-    if integrity_at is None or pos != size:
-        return False
+    _, integrity_at, integrity, _ = parsed
     if not integrity_ok(data, integrity_at, integrity, connection.remote_password.encode("utf8")):
         return True  # not authenticated: dropped, as aioice's transaction drops it
     del _waiting[data[8:20]]
