@@ -207,6 +207,9 @@ class Batch:
         """Send what is queued; returns how many datagrams the kernel took. A datagram it
         refuses is dropped (and counted), as a full socket buffer drops UDP anyway."""
         count, self.count = self.count, 0
+        if self._sock.fileno() != self._fd:  # closed since (its number may be another socket's now)
+            self.dropped += count
+            return self.sent
         start = 0
         while start < count:
             sent = self._sendmmsg(self._fd, self._msgs + start, count - start, 0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
+
 from server.media import sendmmsg
 
 
@@ -40,3 +42,24 @@ def test_a_batch_delivers_the_datagrams_sendto_delivers() -> None:
         sender.close()
         for r in receivers:
             r.close()
+
+
+def test_a_batch_of_a_closed_socket_sends_nothing_on_a_socket_that_took_its_number() -> None:
+    if not sendmmsg.AVAILABLE:
+        pytest.skip("no sendmmsg in this libc")
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(0.2)
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    batch = sendmmsg.Batch(closed, 4)
+    batch.add(b"stale", receiver.getsockname())
+    closed.close()
+    reused = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # most likely the same number
+    try:
+        batch.flush()
+        assert batch.dropped == 1 and batch.sent == 0
+        reused.sendto(b"witness", receiver.getsockname())
+        assert receiver.recv(100) == b"witness"  # the stale datagram never went out before it
+    finally:
+        reused.close()
+        receiver.close()
