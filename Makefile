@@ -85,6 +85,7 @@ system:
 	command -v turnserver >/dev/null || missing="$$missing coturn"; \
 	command -v caddy >/dev/null || missing="$$missing caddy"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v cc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \

@@ -6,6 +6,7 @@ silently reset a circle because its blob could not be read.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import msgpack
@@ -45,12 +46,57 @@ def _unmember(v: list[Any]) -> Member:
                   resume_hash=v[10], knock_tag=v[11] if len(v) > 11 else "")
 
 
-def encode_state(s: RoomState) -> bytes:
+def _same(a: tuple[Member, ...], b: tuple[Member, ...]) -> bool:
+    """The very same members, in the same order."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+class Packed:
+    """What `encode_state` packed of one circle's states, written again as it is while it
+    stays the same: the circle's settings (the very object) and the lists of members and of
+    the lobby (the same members in the same order: a state's copies share the frozen members,
+    and a change replaces one). Holds the latest lists only. One per circle, kept by whoever
+    saves its states (`storage.manager`) for as long as it keeps the circle."""
+
+    __slots__ = ("circle", "members", "lobby")
+
+    def __init__(self) -> None:
+        self.circle: tuple[CircleSettings, msgspec.Raw] | None = None
+        self.members: tuple[tuple[Member, ...], msgspec.Raw] | None = None
+        self.lobby: tuple[tuple[Member, ...], msgspec.Raw] | None = None
+
+    def pack(self, s: RoomState) -> tuple[msgspec.Raw, msgspec.Raw, msgspec.Raw]:
+        """The circle, the members and the lobby, packed (anew where they changed)."""
+        hit = self.circle
+        if hit is None or hit[0] is not s.circle:
+            hit = self.circle = (s.circle, msgspec.Raw(_pack(_circle(s.circle))))
+        circle = hit[1]
+        key = tuple(s.members.values())
+        group = self.members
+        if group is None or not _same(group[0], key):
+            group = self.members = (key, msgspec.Raw(_pack(list(map(_member, key)))))
+        members = group[1]
+        key = tuple(s.lobby.values())
+        group = self.lobby
+        if group is None or not _same(group[0], key):
+            group = self.lobby = (key, msgspec.Raw(_pack(list(map(_member, key)))))
+        return circle, members, group[1]
+
+
+def encode_state(s: RoomState, packed: Packed | None = None) -> bytes:
+    """The state's bytes; with `packed` (the circle's), its unchanged parts are not packed
+    again (the same bytes either way: a packed part is written as it is)."""
     f = s.floor
+    if packed is None:
+        circle: Any = _circle(s.circle)
+        members: Any = list(map(_member, s.members.values()))
+        lobby: Any = list(map(_member, s.lobby.values()))
+    else:
+        circle, members, lobby = packed.pack(s)
     return _pack([
-        FORMAT, s.version, _circle(s.circle), s.mode, s.locked,
-        list(map(_member, s.members.values())),
-        list(map(_member, s.lobby.values())),
+        FORMAT, s.version, circle, s.mode, s.locked,
+        members,
+        lobby,
         [f.holder, f.since, f.deadline, f.warned, f.over] if f else None,
         s.queue,
         [[i.id, i.role, i.personal, i.label] for i in s.invites.values()],

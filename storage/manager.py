@@ -17,7 +17,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rooms import rules
@@ -26,7 +26,7 @@ from rooms.errors import RoomError
 from rooms.events import Event
 from rooms.model import CircleSettings, Invite, RoomState
 from storage.clock import Clock, RealClock, TimerHandle
-from storage.codec import CorruptState, decode_state, encode_event, encode_state
+from storage.codec import CorruptState, Packed, decode_state, encode_event, encode_state
 from storage.locks import KeyedLock
 from storage.store import NoSuchCircle, Store, StoreError, StoreUnavailable, VersionConflict
 from storage.subscription import CircleHub, Subscription
@@ -49,6 +49,7 @@ class _Known:
     hub: CircleHub
     timer: TimerHandle | None = None
     timer_at: int | None = None
+    packed: Packed = field(default_factory=Packed)  # what its saves need not pack again
 
 
 class RoomManager:
@@ -173,8 +174,8 @@ class RoomManager:
             if known is not None:  # its subscribers get these events, not their bytes decoded
                 known.hub.saving(new.version, durable, kept)
             try:
-                await self._store.save(circle_id, state.version, encode_state(new), durable,
-                                       new.version, fence)
+                blob = encode_state(new, known.packed if known is not None else None)
+                await self._store.save(circle_id, state.version, blob, durable, new.version, fence)
             except VersionConflict:
                 self._saving.pop(circle_id, None)
                 if attempt:  # spread the writers that keep colliding

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .slot import Slot
+from .slot import Route, Slot
 
 Slots = list[str | None]
 
@@ -47,7 +47,7 @@ class MediaCircle:
     speakers: set[str] = field(default_factory=set)
     listeners: dict[str, Listener] = field(default_factory=dict)
     # source member -> the slots currently carrying it
-    routes: dict[str, list[Slot]] = field(default_factory=dict)
+    routes: dict[str, Route] = field(default_factory=dict)
     # loudest level seen per member since the last report, and who was last reported
     levels: dict[str, int] = field(default_factory=dict)
     reported: dict[str, int] = field(default_factory=dict)
@@ -60,18 +60,18 @@ class MediaCircle:
         """Recompute every listener's slots; return the views that changed."""
         heard = [m for m in self.audible if m in self.speakers]
         changed: dict[str, Slots] = {}
-        routes: dict[str, list[Slot]] = {}
+        carrying: dict[str, list[Slot]] = {}
         for member_id, listener in self.listeners.items():
             wanted = [m for m in heard if m != member_id][: len(listener.slots)]
             view = place(listener.view, wanted)
             for slot, source in zip(listener.slots, view, strict=True):
                 slot.set_source(source)
                 if source is not None:
-                    routes.setdefault(source, []).append(slot)
+                    carrying.setdefault(source, []).append(slot)
             if view != listener.view:
                 listener.view = view
                 changed[member_id] = list(view)
-        self.routes = routes
+        self.routes = {source: Route(slots) for source, slots in carrying.items()}
         return changed
 
     def forward(self, source: str, timestamp: int, payload: bytes, level: int | None) -> int:
@@ -81,13 +81,11 @@ class MediaCircle:
             return -1
         if level is not None:
             self.levels[source] = min(level, self.levels.get(source, SILENT_LEVEL))
-        slots = self.routes.get(source)
-        if not slots:
+        route = self.routes.get(source)
+        if not route:
             return 0
-        now = time.time()
-        for slot in slots:
-            slot.push(timestamp, payload, level, now)
-        return len(slots)
+        route.push(timestamp, payload, level, time.time())
+        return len(route)
 
     def take_levels(self) -> dict[str, int] | None:
         """The loudest level per member since the last call (silence for members who sent

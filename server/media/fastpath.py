@@ -73,6 +73,7 @@ from aiortc.rtp import (
 from pylibsrtp import _binding as _srtp_binding
 
 from . import mux as _mux
+from . import native as _native
 from .sendmmsg import SLOT as _SLOT
 from .ticker import Ticker
 
@@ -95,6 +96,45 @@ _CLOSED = _Closed()
 _ffi = _srtp_binding.ffi
 _srtp_protect = _srtp_binding.lib.srtp_protect
 _SRTP_TRAILER = pylibsrtp.SRTP_MAX_TRAILER_LEN  # room libsrtp may add to a packet
+
+
+class _Nominated(dict):  # type: ignore[type-arg]
+    """A connection's ``_nominated`` that tells its slots when a pair is nominated (again):
+    they sent from a bound copy of the old one (`RtpOut.unbind`)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.watchers: weakref.WeakSet[RtpOut] = weakref.WeakSet()
+
+    def _changed(self) -> None:
+        for out in list(self.watchers):
+            out.unbind()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def clear(self) -> None:  # aioice's close()
+        super().clear()
+        self._changed()
+
+    def pop(self, *args: Any) -> Any:
+        value = super().pop(*args)
+        self._changed()
+        return value
+
+
+def _watch_nominated(connection: Any, out: RtpOut) -> dict[int, Any]:
+    nominated = connection._nominated
+    if not isinstance(nominated, _Nominated):
+        nominated = connection._nominated = _Nominated(nominated)
+    nominated.watchers.add(out)
+    return nominated
+
 
 _DTLS_ATTRS = ("_state", "_tx_srtp", "_RTCDtlsTransport__tx_bytes", "_RTCDtlsTransport__tx_packets")
 _SENDER_ATTRS = (
@@ -149,6 +189,10 @@ def check_supported() -> None:
                 "func(self._srtp[0], self._cdata, len_p)",
                 "return self._buffer[0 : len_p[0]]",
             ),
+        ),
+        "aioice Connection nominates a pair by setting _nominated[component]": (
+            ice.Connection.check_complete,
+            ("self._nominated[pair.component] = pair",),
         ),
         "aioice Connection.data_received queues every datagram that is not STUN": (
             ice.Connection.data_received,
@@ -284,10 +328,32 @@ class RtpOut:
     # Slots, not a dict: one compact object per listener's slot, touched once per copy of
     # every packet (with hundreds of listeners the fan-out runs on a cold cache).
     __slots__ = (
-        "ssrc", "payload_type", "sent", "_sender", "_mid", "_ext_map", "_ext", "_seq", "_origin",
-        "_dtls", "_nominated", "_pair", "_addr", "_sendto", "_batch", "_name", "_session", "_srtp",
-        "_cdata", "_buffer", "_room", "_length", "_octets", "_bytes", "_synced", "_last_now",
-        "_last_timestamp", "_pending", "_clock", "_reported", "__weakref__",
+        "ssrc",
+        "payload_type",
+        "c",
+        "_sender",
+        "_mid",
+        "_ext_map",
+        "_ext",
+        "_origin",
+        "_dtls",
+        "_nominated",
+        "_pair",
+        "_addr",
+        "_sendto",
+        "_batch",
+        "_name",
+        "_session",
+        "_srtp",
+        "_cdata",
+        "_buffer",
+        "_room",
+        "_length",
+        "_synced",
+        "_pending",
+        "_clock",
+        "_reported",
+        "__weakref__",
     )
 
     def __init__(
@@ -308,10 +374,18 @@ class RtpOut:
         self._ext_map = HeaderExtensionsMap()
         self._ext_map.configure(RTCRtpSendParameters(headerExtensions=media.rtp.headerExtensions))
         self._ext: dict[int | None, tuple[int, bytes, struct.Struct]] = {}
-        self._seq = random.getrandbits(15)  # lower half: no early wrap (as aiortc does)
         self._origin = random.getrandbits(32)
+        # What changes per copy (sequence numbers, counters) and what the compiled fan-out
+        # needs to send a copy (`native`): the header templates here, the SRTP context, the
+        # batch and the address once bound (`_bind`, which sets ``ready``).
+        c = self.c = _native.ffi.new("struct lk_out *")
+        c.ssrc = self.ssrc
+        c.payload_type = payload_type
+        c.origin = self._origin
+        c.seq = random.getrandbits(15)  # lower half: no early wrap (as aiortc does)
+        self._templates()
         self._dtls = sender.transport
-        self._nominated: dict[int, Any] = sender.transport.transport._connection._nominated
+        self._nominated: dict[int, Any] = _watch_nominated(sender.transport.transport._connection, self)
         self._pair: Any = None
         self._addr: tuple[str, int] = ("", 0)
         self._sendto: Any = None
@@ -323,14 +397,9 @@ class RtpOut:
         self._buffer: Any = None
         self._room = 0
         self._length = _ffi.new("int *")
-        self.sent = 0
-        self._octets = 0  # payload bytes sent (sender reports' octet count)
-        self._bytes = 0  # datagram bytes sent (the DTLS transport's statistics)
         self._synced = (0, 0, 0)  # (sent, octets, bytes) already copied into aiortc's counters
-        self._last_now = 0.0
-        self._last_timestamp = 0
         self._pending: deque[tuple[int, bytes, int | None, bool, float]] | None = deque(maxlen=PENDING)
-        sender.transport.on("statechange", self._flush)
+        sender.transport.on("statechange", self._state_changed)
         # RTCRtpSender.send() starts self._run_rtcp(): this instance's replaces the class's
         self._clock: RtcpClock | None = clock if clock is not None else RtcpClock(rtcp_interval)
         self._reported = (0, 0)  # packet counts at the previous two reports' ticks
@@ -356,14 +425,51 @@ class RtpOut:
             if installed.get(name) == method:
                 del installed[name]
         dtls = self._dtls
-        if self._flush in dtls.listeners("statechange"):
-            dtls.remove_listener("statechange", self._flush)
+        if self._state_changed in dtls.listeners("statechange"):
+            dtls.remove_listener("statechange", self._state_changed)
         self._sender = None
         self._dtls = _CLOSED
         self._nominated = {}
         self._pending = None
         self._pair = self._sendto = self._session = self._srtp = self._cdata = self._buffer = None
         self._batch = self._name = None
+        self.c.ready = 0
+        self.c.srtp = self.c.batch = self.c.name = _native.ffi.NULL
+
+    @property
+    def sent(self) -> int:
+        """RTP packets sent."""
+        return int(self.c.sent)
+
+    def _state_changed(self) -> None:
+        self.c.ready = 0  # the next copy goes through `send`, which binds again
+        self._flush()
+
+    def unbind(self) -> None:
+        """The nominated pair changed: bind again at the next copy."""
+        self.c.ready = 0
+
+    def _templates(self) -> None:
+        """The header templates the compiled fan-out writes (first byte and extension
+        block without a level, and with one, the level's byte located by writing two)."""
+        c = self.c
+        first, ext, _ = self._extensions(None)
+        with_level = [self._extensions(level) for level in (0, 0x55)]
+        diff = [i for i, (a, b) in enumerate(zip(with_level[0][1], with_level[1][1], strict=False)) if a != b]
+        usable = (
+            len(ext) <= 64
+            and len(with_level[0][1]) == len(with_level[1][1]) <= 64
+            and len(diff) == 1
+            and with_level[1][1][diff[0]] == 0x55
+        )
+        if not usable:  # an extension layout this does not know: the Python path sends
+            c.ext_len[0] = c.ext_len[1] = 255
+            return
+        c.first[0], c.ext_len[0] = first, len(ext)
+        c.first[1], c.ext_len[1] = with_level[0][0], len(with_level[0][1])
+        _native.ffi.memmove(c.ext[0], ext, len(ext))
+        _native.ffi.memmove(c.ext[1], with_level[0][1], len(with_level[0][1]))
+        c.level_at = diff[0]
 
     def _flush(self) -> None:
         pending = self._pending
@@ -402,6 +508,15 @@ class RtpOut:
         shared = getattr(pair.protocol, "mux", None)
         self._batch = None if shared is None else shared.batch
         self._name = None if self._batch is None else self._batch.name(self._addr)
+        c = self.c
+        c.ready = 0
+        if self._batch is not None and c.ext_len[0] != 255:
+            c.srtp = _native.foreign(self._srtp, _ffi)
+            c.room = self._room
+            c.batch = self._batch.c
+            c.name = self._name[0]
+            c.namelen = self._name[1]
+            c.ready = _native.LIB is not None  # sent by the compiled code from now on
         return True
 
     def send(self, pts: int, payload: bytes, level: int | None, marker: bool, now: float) -> bool:
@@ -421,9 +536,19 @@ class RtpOut:
             self._flush()  # what waited for the connection goes first
         if (pair is not self._pair or dtls._tx_srtp is not self._session) and not self._bind(dtls, pair):
             return False
+        c = self.c
+        if c.ready:
+            batch = self._batch
+            if not _native.LIB.lk_send(
+                c, pts, payload, len(payload), -1 if level is None else level, marker, now, _native.PROTECT
+            ):
+                return False
+            if batch.c.count == 1:
+                _mux.queued(batch)
+            return True
         first, ext, header = self._ext.get(level) or self._extensions(level)
         timestamp = (self._origin + pts) & 0xFFFFFFFF
-        seq = self._seq
+        seq = c.seq
         start = 12 + len(ext)
         end = start + len(payload)
         if end > self._room:
@@ -443,7 +568,14 @@ class RtpOut:
             base = index * _SLOT
             buffer = batch.buffer
             header.pack_into(
-                buffer, base, first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc, ext
+                buffer,
+                base,
+                first,
+                self.payload_type | (0x80 if marker else 0),
+                seq,
+                timestamp,
+                self.ssrc,
+                ext,
             )
             buffer[base + start : base + end] = payload
             if _srtp_protect(self._srtp, batch.slots[index], length):
@@ -460,12 +592,12 @@ class RtpOut:
                 return False
             size = length[0]
             self._sendto(buffer[0:size], self._addr)
-        self._seq = (seq + 1) & 0xFFFF
-        self.sent += 1
-        self._octets += len(payload)
-        self._bytes += size
-        self._last_now = now
-        self._last_timestamp = timestamp
+        c.seq = (seq + 1) & 0xFFFF
+        c.sent += 1
+        c.octets += len(payload)
+        c.bytes += size
+        c.last_now = now
+        c.last_timestamp = timestamp
         return True
 
     def sync_counters(self) -> None:
@@ -475,15 +607,17 @@ class RtpOut:
         sender, dtls = self._sender, self._dtls
         if sender is None:
             return
-        packets = self.sent - self._synced[0]
+        c = self.c
+        sent, octets, sent_bytes = int(c.sent), int(c.octets), int(c.bytes)
+        packets = sent - self._synced[0]
         if packets:
             sender._RTCRtpSender__packet_count += packets
-            sender._RTCRtpSender__octet_count += self._octets - self._synced[1]
+            sender._RTCRtpSender__octet_count += octets - self._synced[1]
             dtls._RTCDtlsTransport__tx_packets += packets
-            dtls._RTCDtlsTransport__tx_bytes += self._bytes - self._synced[2]
-            sender._RTCRtpSender__ntp_timestamp = int((self._last_now + _NTP_OFFSET) * 4294967296.0)
-            sender._RTCRtpSender__rtp_timestamp = self._last_timestamp
-            self._synced = (self.sent, self._octets, self._bytes)
+            dtls._RTCDtlsTransport__tx_bytes += sent_bytes - self._synced[2]
+            sender._RTCRtpSender__ntp_timestamp = int((c.last_now + _NTP_OFFSET) * 4294967296.0)
+            sender._RTCRtpSender__rtp_timestamp = int(c.last_timestamp)
+            self._synced = (sent, octets, sent_bytes)
 
     async def _get_stats(self) -> Any:
         """The slot sender's ``getStats()``, counting what this fast path sent."""

@@ -261,10 +261,14 @@ class MuxSocket(asyncio.DatagramProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.batch is not None:
+            self.batch.close()
         if not self.closed.done():
             self.closed.set_result(None)
 
     def close(self) -> None:
+        if self.batch is not None:
+            self.batch.close()  # nothing more leaves through it, from Python or the compiled fan-out
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -295,7 +299,12 @@ def drop_receiver_reports(sock: socket.socket) -> bool:
     import ctypes
 
     class Instruction(ctypes.Structure):
-        _fields_ = (("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32))
+        _fields_ = (
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        )
 
     class Program(ctypes.Structure):
         _fields_ = (("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Instruction)))
@@ -335,7 +344,9 @@ class UdpMux:
             if sock is None:
                 return None
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(turn.UDP_SOCKET_BUFFER_SIZE, 1 << 21))
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_RCVBUF, max(turn.UDP_SOCKET_BUFFER_SIZE, 1 << 21)
+                )
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
                 drop_receiver_reports(sock)
                 shared = MuxSocket(sock)

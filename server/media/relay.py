@@ -322,7 +322,7 @@ class MediaRelay:
             if mid in senders:
                 out = fastpath.RtpOut(senders[mid], media[mid], first_codec[mid].payloadType, clock=clock)
                 peer.outs.append(out)
-                slots.append(Slot(out.send, out.close))
+                slots.append(Slot(out.send, out.close, out.c))
         return slots
 
     # -- the packet path ---------------------------------------------------------------

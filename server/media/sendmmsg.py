@@ -38,24 +38,13 @@ import struct
 import time
 from typing import Any
 
-_CDEF = """
-typedef unsigned int socklen_t;
-struct iovec { void *iov_base; size_t iov_len; };
-struct msghdr {
-    void *msg_name; socklen_t msg_namelen; struct iovec *msg_iov; size_t msg_iovlen;
-    void *msg_control; size_t msg_controllen; int msg_flags;
-};
-struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
-int sendmmsg(int sockfd, struct mmsghdr *msgvec, unsigned int vlen, int flags);
-"""
+from . import native as _native
 
 
 def _load() -> tuple[Any, Any] | None:
     try:
-        from cffi import FFI  # pylibsrtp's dependency: always there with aiortc
+        from .native import ffi  # one cffi module for the arena, its headers and the structs
 
-        ffi = FFI()
-        ffi.cdef(_CDEF)
         libc = ffi.dlopen(None)  # ABI mode: libc's own sendmmsg, no build step
         libc.sendmmsg  # noqa: B018 (raises AttributeError where libc has none)
     except (ImportError, OSError, AttributeError):
@@ -168,11 +157,43 @@ class Batch:
             self._iovs[i].iov_base = self.slots[i]
             self._headers[i].msg_iov = self._iov + i
             self._headers[i].msg_iovlen = 1
-        self.count = 0
-        self.sent = 0  # datagrams the kernel took
-        self.dropped = 0  # datagrams it refused (full buffer, unreachable address family…)
+        # The queue's state, where `native`'s compiled fan-out writes too.
+        self.c = ffi.new("struct lk_batch *")
+        self.c.fd = self._fd
+        self.c.capacity = capacity
+        self.c.slot = SLOT
+        self.c.arena = self.arena
+        self.c.msgs = self._msgs
         self._names: dict[tuple[str, int], tuple[Any, int]] = {}
-        self._named: list[Any] = [None] * capacity  # the name each header points to now
+
+    @property
+    def count(self) -> int:
+        return int(self.c.count)
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self.c.count = value
+
+    @property
+    def sent(self) -> int:
+        """Datagrams the kernel took."""
+        return int(self.c.sent)
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams it refused (full buffer, unreachable address family…) or that were
+        queued for a socket that closed since."""
+        return int(self.c.dropped)
+
+    @property
+    def calls(self) -> int:
+        """``sendmmsg`` system calls made."""
+        return int(self.c.calls)
+
+    def close(self) -> None:
+        """Its socket is closing: what is queued, and will be, is dropped (its file number
+        may soon be another socket's)."""
+        self.c.fd = -1
 
     def name(self, addr: tuple[str, int]) -> tuple[Any, int]:
         """The socket address `addr` as ``sendmmsg`` takes it (kept until `forget`)."""
@@ -188,12 +209,11 @@ class Batch:
     def commit(self, index: int, length: int, name: tuple[Any, int]) -> None:
         """Datagram `index` (written at ``index*SLOT``) is `length` bytes for `name`."""
         self._iovs[index].iov_len = length
-        if self._named[index] is not name:  # a fan-out puts each listener at the same index
-            header = self._headers[index]
+        header = self._headers[index]
+        if header.msg_name != name[0]:  # a fan-out puts each listener at the same index
             header.msg_name = name[0]
             header.msg_namelen = name[1]
-            self._named[index] = name
-        self.count = index + 1
+        self.c.count = index + 1
 
     def add(self, data: bytes, addr: tuple[str, int]) -> None:
         """Queue a copy of `data` (tests, and writes that are not made in place)."""
@@ -206,25 +226,32 @@ class Batch:
     def flush(self) -> int:
         """Send what is queued; returns how many datagrams the kernel took. A datagram it
         refuses is dropped (and counted), as a full socket buffer drops UDP anyway."""
-        count, self.count = self.count, 0
+        c = self.c
         if self._sock.fileno() != self._fd:  # closed since (its number may be another socket's now)
-            self.dropped += count
+            c.fd = -1
+        if _native.LIB is not None:
+            _native.LIB.lk_flush(c)  # the same, compiled (it is also called from the fan-out)
+            return self.sent
+        count, c.count = c.count, 0
+        if c.fd < 0:
+            c.dropped += count
             return self.sent
         start = 0
         while start < count:
             sent = self._sendmmsg(self._fd, self._msgs + start, count - start, 0)
+            c.calls += 1
             if sent < 0:
                 error = self._ffi.errno
                 if error == errno.EINTR:
                     continue
                 if error in (errno.EAGAIN, errno.ENOBUFS):
-                    self.dropped += count - start
+                    c.dropped += count - start
                     break
-                self.dropped += 1  # this one cannot go (its address): the others still do
+                c.dropped += 1  # this one cannot go (its address): the others still do
                 start += 1
                 continue
             start += sent
-            self.sent += sent
+            c.sent += sent
         return self.sent
 
 

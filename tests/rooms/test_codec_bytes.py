@@ -9,7 +9,7 @@ import msgpack
 from rooms import commands as c
 from rooms.events import Event
 from rooms.model import FloorMode, Member, Role, RoomState
-from storage.codec import FORMAT, decode_event, decode_state, encode_event, encode_state
+from storage.codec import FORMAT, Packed, decode_event, decode_state, encode_event, encode_state
 from tests.rules.room import Room
 
 
@@ -89,3 +89,27 @@ def test_states_and_events_encode_to_the_same_bytes_as_with_value() -> None:
             d = decode_event(encode_event(e))
             assert d == e
             assert type(d.name) is type(e.name) and type(d.audience.kind) is type(e.audience.kind)
+
+
+def test_a_circles_packed_parts_give_the_same_bytes_as_packing_anew() -> None:
+    packed = Packed()
+    room = Room.new(lobby=True)
+    host = room.join("Host", Role.MODERATOR)
+    states = [room.state]
+    a = room.join("Ani")  # in the lobby
+    states.append(room.state)
+    room.do(c.Admit(host, a))
+    states.append(room.state)
+    b = room.admit(host, "Budi")
+    room.do(c.RaiseHand(a))  # the members unchanged: their packed list is written again
+    states.append(room.state)
+    room.do(c.RaiseHand(b))
+    room.do(c.GiveFloor(host, a))
+    room.do(c.Mute(host, b))  # one member replaced
+    states.append(room.state)
+    room.do(c.Disconnect(b, room.state.members[b].session))
+    room.advance(60)  # gone after the grace period
+    states.append(room.state)
+    states.append(decode_state(encode_state(room.state)))  # equal members, other objects
+    for state in states + states[::-1]:
+        assert encode_state(state, packed) == encode_state(state) == _old_state(state)
