@@ -23,7 +23,7 @@ from typing import Any
 
 from rooms import commands as c
 from rooms.errors import RoomError
-from rooms.events import Name
+from rooms.events import Event, Name
 from rooms.rules import audible
 from server import metrics
 from server.media.relay import LevelsCallback, MediaRelay, SlotsCallback
@@ -35,6 +35,9 @@ from storage.store import StoreError
 from storage.subscription import Closed, Item, Resync, Subscription
 
 log = logging.getLogger("lingkar.circles")
+
+# The events that move media; every other event leaves it as it is.
+_MEDIA_EVENTS = frozenset({Name.AUDIBLE, Name.LEFT, Name.REMOVED, Name.DECLINED, Name.ENDED})
 
 MakeRelay = Callable[[SlotsCallback, LevelsCallback], MediaRelay]
 
@@ -74,6 +77,8 @@ class CircleRuntime:
         self._sub.listen(self._on_item)
 
     def _on_item(self, item: Item) -> None:
+        if type(item) is Event and item.name not in _MEDIA_EVENTS:
+            return  # the common case (a hand raised, a mute): nothing for the media
         circle_id = self.circle_id
         if isinstance(item, Closed):
             self._spawn(self.relay.close_circle(circle_id))
