@@ -187,7 +187,8 @@ class RoomManager:
                 self._cache.pop(circle_id, None)  # the outcome is unknown: reload next time
                 raise
             self._cache[circle_id] = new
-            await self._publish_ephemeral(circle_id, events)
+            if len(kept) != len(events):
+                await self._publish_ephemeral(circle_id, events)
             if new.ended:
                 await self._delete_ended(circle_id)
             else:
