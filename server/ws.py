@@ -7,7 +7,7 @@ import struct
 from collections import Counter
 from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from websockets.protocol import State as WsState
 
 from server import metrics
@@ -20,6 +20,8 @@ from storage.manager import RoomManager
 
 log = logging.getLogger("lingkar.ws")
 _OPEN = WsState.OPEN
+_CONNECTED = WebSocketState.CONNECTED
+_DISCONNECTED = WebSocketState.DISCONNECTED
 _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
 
@@ -87,6 +89,7 @@ class _StarletteTransport:
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
         self._protocol = _uvicorn_protocol(ws) if WritePath.direct else None
+        self._asgi_receive = ws._receive  # the server's ASGI `receive`, as Starlette calls it
 
     def write_now(self, *frames: bytes) -> bool:
         """What uvicorn's ASGI ``send`` does for a ``websocket.send`` of bytes, minus the
@@ -124,10 +127,22 @@ class _StarletteTransport:
             return False
 
     async def receive(self) -> bytes | str | None:
-        try:
-            message = await self.ws.receive()
-        except (WebSocketDisconnect, RuntimeError):
-            return None
+        ws = self.ws
+        if ws.client_state is not _CONNECTED:
+            try:
+                message = await ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return None
+        else:  # what Starlette's `receive` does once connected, minus a coroutine per frame
+            try:
+                message = await self._asgi_receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return None
+            kind = message["type"]
+            if kind != "websocket.receive":
+                if kind == "websocket.disconnect":
+                    ws.client_state = _DISCONNECTED
+                return None  # Starlette raises RuntimeError for any other type
         if message["type"] == "websocket.disconnect":
             return None
         data = message.get("bytes")
