@@ -442,12 +442,14 @@ class RtpOut:
         return int(self.c.sent)
 
     def _state_changed(self) -> None:
-        self.c.ready = 0  # the next copy goes through `send`, which binds again
+        self.unbind()
         self._flush()
 
     def unbind(self) -> None:
-        """The nominated pair changed: bind again at the next copy."""
+        """What `send` bound may have changed (a pair nominated, the DTLS state): the next
+        copy goes through `send`, which binds again."""
         self.c.ready = 0
+        self._pair = None
 
     def _templates(self) -> None:
         """The header templates the compiled fan-out writes (first byte and extension

@@ -326,3 +326,34 @@ async def test_offers_answered_at_once_share_one_socket_per_address(rooms: list[
     assert len(room.relay.shared_sockets()) == len(addresses)
     assert len(set(room.relay.local_addresses())) == len(addresses)
     assert sum(s.connections for s in room.relay.shared_sockets()) == 8 * len(addresses)
+
+
+async def test_the_compiled_fan_out_binds_again_when_a_pair_is_nominated_or_the_transport_changes(
+    rooms: list[Room],
+) -> None:
+    """The compiled loop sends from a copy of the binding (SRTP context, socket, address)
+    and checks nothing per copy: whatever could change it makes the slot bind again
+    through Python first (a nominated pair, ICE closing, the DTLS state)."""
+    if native.LIB is None:
+        pytest.skip("the fan-out library is not built here")
+    room = Room()
+    rooms.append(room)
+    await room.join("m1")
+    ear = await room.join("ear", listen_only=True)
+    room.relay.set_audible(CIRCLE, ["m1"])
+    await wait_until(lambda: ear.received_from("m1") >= ENOUGH)
+    peer = room.relay._peers[(CIRCLE, "ear")]
+    (out,) = [o for o in peer.outs if o.sent]
+    assert out.c.ready
+    nominated = out._nominated
+    nominated[1] = nominated[1]  # nominated (again): aioice sets the entry
+    assert not out.c.ready
+    heard = ear.received_from("m1")
+    await wait_until(
+        lambda: out.c.ready and ear.received_from("m1") >= heard + ENOUGH
+    )  # bound again, still heard
+    out._dtls.emit("statechange")
+    assert not out.c.ready
+    await wait_until(lambda: bool(out.c.ready))
+    await ear.close()  # its DTLS close_notify closes the relay's transport
+    await wait_until(lambda: not out.c.ready)
