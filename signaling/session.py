@@ -153,9 +153,9 @@ def _encoder(subscribed: list[Subscription | None]) -> Callable[[Event], bytes]:
 
     def encode(event: Event) -> bytes:
         sub = subscribed[0]
-        if sub is None or event.ephemeral:
+        if sub is None:
             return encode_event(event)
-        return sub.once(event, encode_event)
+        return sub.once(event, encode_event)  # a private note: made for this reader only
 
     return encode
 

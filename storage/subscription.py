@@ -77,13 +77,14 @@ class Subscription:
     def once(self, event: Event, make: Callable[[Event], bytes]) -> bytes:
         """`make(event)`, made once for all of this process's subscribers of the circle that
         `event` is handed to in one delivery (a frame encoded once, not once per member), and
-        forgotten when that delivery ends: nothing of it outlives the step."""
+        forgotten when that delivery ends: nothing of it outlives the step. An ephemeral
+        event (a private note) is made for each caller, never kept."""
         hub = self._hub
         made = hub._made
         if made is not None and made[0] is event:
             return made[1]
         data = make(event)
-        if hub._delivering:
+        if hub._delivering and not event.ephemeral:
             hub._made = (event, data)
         return data
 
