@@ -10,6 +10,14 @@ transport's SRTP session (in the session's own buffer, calling libsrtp directly)
 the datagram to the nominated ICE pair's transport — exactly what aiortc's chain ends up
 doing, minus the awaits and the copies.
 
+Once bound to a connected transport on a shared socket, a slot's copies are written by the
+compiled fan-out (`native`, ``fanout.c``'s ``lk_send``) from the ``lk_out`` struct `RtpOut.c`
+(its SRTP context, batch, address, header templates, sequence numbers and counters): the
+same steps, byte for byte (``tests/media/test_mux.py``). It checks nothing per copy, so
+whatever could change the binding clears ``c.ready`` first (`RtpOut.unbind`: the DTLS
+state, a pair nominated or the ICE connection closed) and the next copy goes through
+`RtpOut.send`, which binds again. Without the library `send` writes the copy itself.
+
 aiortc keeps everything else: negotiation, ICE (consent checks included), DTLS, and RTCP —
 the slot's ``RTCRtpSender`` still runs its RTCP loop (sender reports carry the counters
 this module keeps up to date) but its RTP loop waits forever on an `IdleTrack`.

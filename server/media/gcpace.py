@@ -81,9 +81,7 @@ class FullCollections:
         self.last_pause = pause
         self.max_pause = max(self.max_pause, pause)
         metrics.FULL_COLLECTIONS.observe(pause)
-        logger.debug(
-            "media: full collection after closed connections: %d objects, %.1f ms", found, pause * 1e3
-        )
+        logger.debug("media: full collection after closed connections: %d objects, %.1f ms", found, pause * 1e3)
 
     def cancel(self) -> None:
         if self._timer is not None:

@@ -102,10 +102,7 @@ def check_supported() -> None:
             ice.Connection.close,
             ("self._closing = True", "for protocol in self._protocols:", "await protocol.close()"),
         ),
-        "aioice StunProtocol is made for its connection": (
-            ice.StunProtocol.__init__,
-            ("self.receiver = receiver",),
-        ),
+        "aioice StunProtocol is made for its connection": (ice.StunProtocol.__init__, ("self.receiver = receiver",)),
         "aioice Connection keeps its ufrag in _local_username (the shared socket may redraw it)": (
             ice.Connection.__init__,
             ("self._local_username = local_username",),
@@ -200,9 +197,7 @@ class Gathering:
 
         connection.get_component_candidates = get_component_candidates  # type: ignore[method-assign]
 
-    async def _gather(
-        self, connection: ice.Connection, component: int, addresses: list[str]
-    ) -> list[Candidate]:
+    async def _gather(self, connection: ice.Connection, component: int, addresses: list[str]) -> list[Candidate]:
         """aioice's ``get_component_candidates``, with our ports and announced address."""
         if connection.turn_server is not None:
             raise PortsUnsupported("the relay's own ICE servers are STUN only with a media address or ports")
@@ -217,9 +212,7 @@ class Gathering:
                 sock = self._socket(address)
                 if sock is None:
                     continue
-                _, protocol = await loop.create_datagram_endpoint(
-                    lambda: ice.StunProtocol(connection), sock=sock
-                )
+                _, protocol = await loop.create_datagram_endpoint(lambda: ice.StunProtocol(connection), sock=sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, turn.UDP_SOCKET_BUFFER_SIZE)
                 host, port = sock.getsockname()[:2]
                 protocol.local_candidate = host_candidate(component, self.address or host, port)
@@ -301,9 +294,7 @@ async def _close(protocols: list[ice.StunProtocol]) -> None:
         await protocol.close()
 
 
-async def _server_reflexive(
-    protocols: list[ice.StunProtocol], stun_server: tuple[str, int]
-) -> list[Candidate]:
+async def _server_reflexive(protocols: list[ice.StunProtocol], stun_server: tuple[str, int]) -> list[Candidate]:
     """Server-reflexive candidates of the IPv4 sockets, as aioice asks for them."""
     tasks = [
         asyncio.create_task(ice.server_reflexive_candidate(p, stun_server))

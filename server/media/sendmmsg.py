@@ -1,31 +1,23 @@
-"""Batched UDP sends (``sendmmsg(2)``) through cffi in ABI mode — and why the relay does
-not use them yet.
+"""Batched UDP sends (``sendmmsg(2)``) through cffi in ABI mode.
 
     python -m server.media.sendmmsg [--listeners 100,300] [--rounds 300]
 
-``sendmmsg`` sends many datagrams in one system call, but all through *one socket*. The
-relay's listeners do not share one: aioice binds a socket per member (and per address),
-its port is the one the member's ICE candidate announces, and the browser only accepts
-media from that 5-tuple (ICE, RFC 8445; consent, RFC 7675). So the copies of one incoming
-packet leave through as many sockets as there are listeners, and no system call on Linux
-sends on several sockets at once (io_uring could queue them, at the cost of a ring per
-process and code that neither cffi nor the standard library gives). Batching across
-listeners needs the listeners on one socket: one UDP port for the relay, demultiplexed by
-the remote address and the ICE username (as LiveKit's and Pion's "UDP mux" do), which
-replaces aioice's per-connection sockets — not done here.
+`Batch` is what the relay uses: the copies of one incoming packet for the listeners on one
+shared socket (`mux`) are written and SRTP-protected in place in a fixed arena and leave in
+one ``sendmmsg`` (32 at a time, `mux.CHUNK`). Its queue is an ``lk_batch`` struct
+(`native`), so the compiled fan-out (``fanout.c``) writes into it and flushes it with the
+same rules as `Batch.flush`. `SendBatch` queues ready-made datagrams (tests and the
+measurement below).
 
-This module measures what that would buy on this machine, and is the building block if
-it is done: `SendBatch` queues datagrams (address, bytes) for one socket and sends them
-with one ``sendmmsg``; ``tests/media/test_sendmmsg.py`` proves the datagrams arrive byte
-for byte as ``sendto`` sends them. Measured (2 CPUs, loopback, 120-byte datagrams, CPU
-time of the sending process, the receiver's softirq work included): ``sendto`` on one
-socket per listener 3.5-3.8 µs per datagram, ``sendto`` on one shared socket 3.4-3.9 µs,
-``sendmmsg`` on the shared socket with the message headers built once in advance
-2.5-2.6 µs (about 1 µs saved per copy), but 3.7-4.0 µs through `SendBatch`, which fills
-the headers in Python per datagram: the saving is eaten unless the headers (addresses,
-buffers) stay in place from packet to packet — the listeners' SRTP buffers and addresses
-are stable, so a relay on one socket could keep them so. Either way it is ≈ 1 µs of the
-17-22 µs of marginal CPU per forwarded copy in ``python -m server.media.bench``.
+``sendmmsg`` sends many datagrams in one system call, but through *one socket*; the
+relay's listeners share one per address since the UDP mux (before it, aioice bound a socket
+per member and nothing could be batched). Measured here (2 CPUs, loopback, 120-byte
+datagrams, CPU time of the sending process, the receiver's softirq work included):
+``sendto`` on one socket per listener 3.5-3.8 µs per datagram, ``sendto`` on one shared
+socket 3.4-3.9 µs, ``sendmmsg`` with the message headers built once in advance 2.5-2.6 µs,
+but 3.7-4.0 µs through `SendBatch`, which fills the headers in Python per datagram: the
+saving only holds where the headers (addresses, buffers) stay in place from packet to
+packet, as `Batch` keeps them.
 """
 
 from __future__ import annotations

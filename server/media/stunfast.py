@@ -252,9 +252,7 @@ def _answer_consent(protocol: Any, data: bytes, addr: tuple[str, int]) -> bool:
         return False
     username, integrity_at, integrity, kinds = parsed
     controlling = connection.ice_controlling
-    if (not controlling and _USE_CANDIDATE in kinds) or (
-        _CONTROLLING if controlling else _CONTROLLED
-    ) in kinds:
+    if (not controlling and _USE_CANDIDATE in kinds) or (_CONTROLLING if controlling else _CONTROLLED) in kinds:
         return False  # a nomination (aioice acts on it) or a role conflict (aioice repairs it)
     try:
         valid = connection._valid_username(username.decode("utf8"))

@@ -81,9 +81,7 @@ def check_supported() -> None:
     for name in (_STOP_DECODER, "receive"):
         if not callable(getattr(RTCRtpReceiver, name, None)):
             raise TapUnsupported(f"RTCRtpReceiver.{name} is gone")
-    receive = inspect.getsource(RTCDtlsTransport._recv_next) + inspect.getsource(
-        RTCDtlsTransport._handle_rtp_data
-    )
+    receive = inspect.getsource(RTCDtlsTransport._recv_next) + inspect.getsource(RTCDtlsTransport._handle_rtp_data)
     for needle in _AT_ONCE:
         if needle not in receive:
             raise TapUnsupported(f"RTCDtlsTransport's receive path: {needle!r} not found")
@@ -152,9 +150,7 @@ def install_tap(receiver: RTCRtpReceiver, sink: PacketSink, *, at_once: bool = F
         _receive_at_once(receiver.transport.transport._connection, receiver.transport, receiver, sink)
 
 
-def _receive_at_once(
-    connection: Any, dtls: RTCDtlsTransport, receiver: RTCRtpReceiver, sink: PacketSink
-) -> None:
+def _receive_at_once(connection: Any, dtls: RTCDtlsTransport, receiver: RTCRtpReceiver, sink: PacketSink) -> None:
     """Hand the RTP packets of `receiver` to `sink` as the datagram arrives.
 
     aiortc queues every datagram of a connection (``aioice.Connection.data_received``) for
@@ -176,12 +172,7 @@ def _receive_at_once(
         if len(data) > 11 and 127 < data[0] < 192 and not 191 < data[1] < 224:
             dtls = dtls_ref()
             receiver = receiver_ref()
-            if (
-                dtls is not None
-                and receiver is not None
-                and dtls._rx_srtp is not None
-                and dtls._state is _CONNECTED
-            ):
+            if dtls is not None and receiver is not None and dtls._rx_srtp is not None and dtls._state is _CONNECTED:
                 dtls._RTCDtlsTransport__rx_bytes += len(data)  # type: ignore[attr-defined]
                 dtls._RTCDtlsTransport__rx_packets += 1  # type: ignore[attr-defined]
                 try:
@@ -194,9 +185,7 @@ def _receive_at_once(
                     if count_only(receiver, packet):
                         return
                 if routed is not None:
-                    asyncio.ensure_future(
-                        routed._handle_rtp_packet(packet, arrival_time_ms=clock.current_ms())
-                    )
+                    asyncio.ensure_future(routed._handle_rtp_packet(packet, arrival_time_ms=clock.current_ms()))
                 return
         connection = connection_ref()
         if connection is not None:
@@ -211,9 +200,7 @@ def remove_tap(receiver: RTCRtpReceiver) -> None:
     installed = vars(receiver)
     installed.pop("_handle_rtp_packet", None)
     installed.pop("receive", None)
-    connection = getattr(
-        getattr(getattr(receiver, "transport", None), "transport", None), "_connection", None
-    )
+    connection = getattr(getattr(getattr(receiver, "transport", None), "transport", None), "_connection", None)
     if connection is not None and getattr(vars(connection).get("data_received"), "__name__", "") == "at_once":
         del vars(connection)["data_received"]
 

@@ -20,22 +20,14 @@ from .peers import ClientPeer, wait_until
 
 def browser_like(offer_sdp: str, fmtp: str) -> str:
     """The offer as Chrome writes Opus: a=fmtp right after a=rtpmap."""
-    return re.sub(
-        r"(a=rtpmap:(\d+) opus/48000/2\r\n)",
-        lambda m: f"{m.group(1)}a=fmtp:{m.group(2)} {fmtp}\r\n",
-        offer_sdp,
-    )
+    return re.sub(r"(a=rtpmap:(\d+) opus/48000/2\r\n)", lambda m: f"{m.group(1)}a=fmtp:{m.group(2)} {fmtp}\r\n",
+                  offer_sdp)
 
 
 def opus_fmtp(answer_sdp: str) -> list[dict[str, str]]:
     """The Opus fmtp parameters of each m-line, as text."""
     return [
-        {
-            k: str(v)
-            for c in m.rtp.codecs
-            if c.mimeType.lower() == "audio/opus"
-            for k, v in c.parameters.items()
-        }
+        {k: str(v) for c in m.rtp.codecs if c.mimeType.lower() == "audio/opus" for k, v in c.parameters.items()}
         for m in sdp.SessionDescription.parse(answer_sdp).media
     ]
 

@@ -127,37 +127,34 @@ def test_a_lan_server_keeps_private_candidates_and_still_refuses_odd_ports() -> 
     assert refusal("1 1 udp 2130706431 127.0.0.1 50000 typ host", LAN) == "loopback"
 
 
-OFFER = (
-    "\r\n".join(
-        [
-            "v=0",
-            "o=- 1 1 IN IP4 0.0.0.0",
-            "s=-",
-            "t=0 0",
-            "a=group:BUNDLE 0 1",
-            "m=audio 9 UDP/TLS/RTP/SAVPF 96",
-            "c=IN IP4 0.0.0.0",
-            "a=mid:0",
-            "a=sendrecv",
-            "a=rtpmap:96 opus/48000/2",
-            "a=candidate:1 1 udp 2130706431 10.0.0.5 50000 typ host",
-            "a=candidate:2 1 udp 1694498815 8.8.8.8 50001 typ srflx raddr 10.0.0.5 rport 50000",
-            "a=end-of-candidates",
-            "a=ice-ufrag:abcd",
-            "a=ice-pwd:abcdefghijklmnopqrstuvwx",
-            "m=audio 9 UDP/TLS/RTP/SAVPF 96",
-            "c=IN IP4 0.0.0.0",
-            "a=mid:1",
-            "a=recvonly",
-            "a=rtpmap:96 opus/48000/2",
-            "a=candidate:1 1 udp 2130706431 10.0.0.5 50000 typ host",
-            "a=end-of-candidates",
-            "a=ice-ufrag:abcd",
-            "a=ice-pwd:abcdefghijklmnopqrstuvwx",
-        ]
-    )
-    + "\r\n"
-)
+OFFER = "\r\n".join(
+    [
+        "v=0",
+        "o=- 1 1 IN IP4 0.0.0.0",
+        "s=-",
+        "t=0 0",
+        "a=group:BUNDLE 0 1",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 96",
+        "c=IN IP4 0.0.0.0",
+        "a=mid:0",
+        "a=sendrecv",
+        "a=rtpmap:96 opus/48000/2",
+        "a=candidate:1 1 udp 2130706431 10.0.0.5 50000 typ host",
+        "a=candidate:2 1 udp 1694498815 8.8.8.8 50001 typ srflx raddr 10.0.0.5 rport 50000",
+        "a=end-of-candidates",
+        "a=ice-ufrag:abcd",
+        "a=ice-pwd:abcdefghijklmnopqrstuvwx",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 96",
+        "c=IN IP4 0.0.0.0",
+        "a=mid:1",
+        "a=recvonly",
+        "a=rtpmap:96 opus/48000/2",
+        "a=candidate:1 1 udp 2130706431 10.0.0.5 50000 typ host",
+        "a=end-of-candidates",
+        "a=ice-ufrag:abcd",
+        "a=ice-pwd:abcdefghijklmnopqrstuvwx",
+    ]
+) + "\r\n"
 
 
 def parsed_candidates(offer: str) -> list[list[str]]:
@@ -193,9 +190,7 @@ def test_filtering_an_offer_the_relay_serves_whole_changes_nothing() -> None:
 def test_a_candidate_hidden_behind_a_line_break_aiortc_splits_on_is_still_refused(separator: str) -> None:
     rtpmap = "a=rtpmap:96 opus/48000/2\r\n"
     hidden = OFFER.replace(
-        rtpmap,
-        rtpmap[:-2] + separator + "a=candidate:9 1 udp 2130706431 169.254.169.254 50000 typ host\r\n",
-        1,
+        rtpmap, rtpmap[:-2] + separator + "a=candidate:9 1 udp 2130706431 169.254.169.254 50000 typ host\r\n", 1
     )
     assert parsed_candidates(hidden)[0] == ["169.254.169.254", "10.0.0.5", "8.8.8.8"]  # aiortc reads it
 

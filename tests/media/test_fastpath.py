@@ -70,7 +70,9 @@ async def test_packets_sent_through_the_fast_path_reach_a_real_peer_and_decode()
         out.check()
 
         for seq in range(1, len(tone)):
-            assert out.send(seq * 960, mark(tone[seq], "relay", seq), 20 + seq % 3, False, time.time())
+            assert out.send(
+                seq * 960, mark(tone[seq], "relay", seq), 20 + seq % 3, False, time.time()
+            )
         assert out.send(len(tone) * 960, OPUS_SILENCE, 127, False, time.time())
         await wait_until(lambda: len(received) >= len(tone) + 1)
 

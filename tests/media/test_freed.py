@@ -51,9 +51,7 @@ def _ours(room: Room, name: str) -> list[weakref.ref[Any]]:
 
 
 @pytest.mark.parametrize("listen_only", [False, True], ids=["speaker", "listen-only"])
-async def test_a_closed_member_leaves_nothing_of_ours_in_a_cycle(
-    no_collector: None, listen_only: bool
-) -> None:
+async def test_a_closed_member_leaves_nothing_of_ours_in_a_cycle(no_collector: None, listen_only: bool) -> None:
     room = Room(full_collection_interval=None)
     try:
         await room.join("mod")
@@ -134,9 +132,7 @@ def test_gathering_does_not_hold_the_connection(no_collector: None) -> None:
     assert ref() is None
 
 
-async def test_full_collections_run_once_after_closes_and_never_without(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_full_collections_run_once_after_closes_and_never_without(monkeypatch: pytest.MonkeyPatch) -> None:
     collected = asyncio.Event()
     calls: list[int] = []
 

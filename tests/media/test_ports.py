@@ -121,10 +121,8 @@ async def test_every_socket_of_the_relay_lies_in_the_range(
     # the nominated pairs run over those sockets
     for peer in room.relay._peers.values():
         nominated = peer.pc.getTransceivers()[0].receiver.transport.transport._connection._nominated
-        assert in_range(
-            [pair.protocol.transport.get_extra_info("sockname")[:2] for pair in nominated.values()],
-            port_range,
-        )
+        assert in_range([pair.protocol.transport.get_extra_info("sockname")[:2] for pair in nominated.values()],
+                        port_range)
 
 
 async def test_a_used_up_range_refuses_the_next_offer_and_the_others_keep_their_audio(
@@ -132,11 +130,7 @@ async def test_a_used_up_range_refuses_the_next_offer_and_the_others_keep_their_
 ) -> None:
     """Each relay (each `lingkar serve` on the host) holds one port of the range per
     address; a range with no port left for one more refuses its offers clearly."""
-    first, second, third = (
-        Room(media_ports=two_ports),
-        Room(media_ports=two_ports),
-        Room(media_ports=two_ports),
-    )
+    first, second, third = Room(media_ports=two_ports), Room(media_ports=two_ports), Room(media_ports=two_ports)
     rooms.extend((first, second, third))
     await first.join("m1")
     await first.join("m2")
@@ -217,9 +211,7 @@ async def test_a_connection_closed_while_it_gathers_keeps_no_socket(port_range: 
 # --- LINGKAR_MEDIA_ADDRESS ---------------------------------------------------------------
 
 
-async def test_the_answer_announces_only_the_media_address(
-    rooms: list[Room], port_range: tuple[int, int]
-) -> None:
+async def test_the_answer_announces_only_the_media_address(rooms: list[Room], port_range: tuple[int, int]) -> None:
     room = Room(media_address=ANNOUNCED, media_ports=port_range)
     rooms.append(room)
     peer = ClientPeer("m1")
@@ -271,7 +263,5 @@ async def test_a_media_address_this_host_has_is_listened_on_and_announced(rooms:
 
 def test_a_relay_with_a_media_address_or_ports_refuses_turn_servers_of_its_own() -> None:
     with pytest.raises(ValueError, match="STUN only"):
-        Room(
-            media_ports=(40000, 40999),
-            ice_servers=[{"urls": "turn:turn.example.org", "username": "u", "credential": "c"}],
-        )
+        Room(media_ports=(40000, 40999), ice_servers=[{"urls": "turn:turn.example.org", "username": "u",
+                                                      "credential": "c"}])

@@ -70,9 +70,8 @@ class Member:
 
     async def view_becomes(self, slots: Slots) -> None:
         """Wait until the latest `media {slots}` frame says `slots`."""
-        await self.client.wait(
-            lambda fr: fr.get("type") == "media" and self.view() == slots and fr is self.media_frames()[-1]
-        )
+        await self.client.wait(lambda fr: fr.get("type") == "media" and self.view() == slots
+                               and fr is self.media_frames()[-1])
 
     async def ack(self, type_: str, **fields: Any) -> dict[str, Any]:
         answer = await self.client.command(type_, **fields)
@@ -115,18 +114,17 @@ class Room:
     def link(self, role: str) -> str:
         return str(self.circle["links"][role])
 
-    async def enter(
-        self, role: str, name: str, *, listen_only: bool = False, mic: bool | None = None
-    ) -> Member:
+    async def enter(self, role: str, name: str, *, listen_only: bool = False,
+                    mic: bool | None = None) -> Member:
         """Join over the WebSocket, offer, apply the answer, get the first `media` frame."""
         client = await join(self.live, self.link(role), name, listen_only=listen_only)
         self._clients.append(client)
         return await self.negotiate(client, name, listen_only=listen_only, mic=mic)
 
-    async def negotiate(
-        self, client: Client, name: str, *, listen_only: bool = False, mic: bool | None = None
-    ) -> Member:
-        peer = ClientPeer(name, mic=not listen_only if mic is None else mic, hz=TONES.get(name, 770.0))
+    async def negotiate(self, client: Client, name: str, *, listen_only: bool = False,
+                        mic: bool | None = None) -> Member:
+        peer = ClientPeer(name, mic=not listen_only if mic is None else mic,
+                          hz=TONES.get(name, 770.0))
         self._peers.append(peer)
         offer = await peer.offer()
         start = len(client.frames)
@@ -189,12 +187,8 @@ async def test_floor_holder_and_moderator_are_heard_and_nobody_else(room: Room) 
     await m1.view_becomes([mod.id, None, None])
     await mod.view_becomes([m1.id, None, None])
 
-    await wait_until(
-        lambda: (
-            all(m.heard(m1) >= ENOUGH for m in (mod, m2, m3))
-            and all(m.heard(mod) >= ENOUGH for m in (m1, m2, m3))
-        )
-    )
+    await wait_until(lambda: all(m.heard(m1) >= ENOUGH for m in (mod, m2, m3))
+                     and all(m.heard(mod) >= ENOUGH for m in (m1, m2, m3)))
     assert [m.heard(m2) for m in everyone] == [0, 0, 0, 0]  # the gated member
     assert [m.heard(m3) for m in everyone] == [0, 0, 0, 0]  # muted
     assert m1.heard(m1) == mod.heard(mod) == 0  # nobody hears themself
@@ -207,7 +201,8 @@ async def test_floor_holder_and_moderator_are_heard_and_nobody_else(room: Room) 
     await m1.view_becomes([mod.id, m3.id, None])
     await mod.view_becomes([m3.id, None, None])
     base = m2.heard(mod)
-    await wait_until(lambda: m2.heard(m3) >= ENOUGH and m1.heard(m3) >= ENOUGH and mod.heard(m3) >= ENOUGH)
+    await wait_until(lambda: m2.heard(m3) >= ENOUGH and m1.heard(m3) >= ENOUGH
+                     and mod.heard(m3) >= ENOUGH)
     assert m2.peer.slot_of(m3.name) == [1]
     # m1 lost the floor but is still unmuted: not forwarded any more (once what was queued
     # before the switch has arrived: a second of the moderator's audio is ample)
@@ -282,13 +277,8 @@ async def test_listen_only_members_have_no_upstream_even_when_forcing_a_mic(room
     await sneaky.peer.force_mic()
     assert sneaky.peer.track is not None
     sent = sneaky.peer.track.sent
-    await wait_until(
-        lambda: (
-            sneaky.peer.track is not None
-            and sneaky.peer.track.sent >= sent + 2 * ENOUGH
-            and all(m.heard(m1) >= 2 * ENOUGH for m in (mod, quiet, sneaky))
-        )
-    )
+    await wait_until(lambda: sneaky.peer.track is not None and sneaky.peer.track.sent >= sent + 2 * ENOUGH
+                     and all(m.heard(m1) >= 2 * ENOUGH for m in (mod, quiet, sneaky)))
     assert [m.heard(sneaky) for m in (mod, m1, quiet)] == [0, 0, 0]
     assert [m.heard(quiet) for m in (mod, m1, sneaky)] == [0, 0, 0]
     assert room.stats()["speakers"] == 2
@@ -320,15 +310,13 @@ async def test_lobby_members_cannot_negotiate_media_and_get_no_media_frames(room
     start = len(seated.client.frames)
     await mod.ack("mute_self")
     await seated.view_becomes([None, None, None])
-    await seated.client.wait(
-        lambda fr: fr.get("type") == "levels" and fr["levels"][mod.id] == 127, start=start
-    )
+    await seated.client.wait(lambda fr: fr.get("type") == "levels" and fr["levels"][mod.id] == 127,
+                             start=start)
     start = len(seated.client.frames)
     await mod.ack("unmute_self")
     await seated.view_becomes([mod.id, None, None])
-    await seated.client.wait(
-        lambda fr: fr.get("type") == "levels" and fr["levels"][mod.id] == 30, start=start
-    )
+    await seated.client.wait(lambda fr: fr.get("type") == "levels" and fr["levels"][mod.id] == 30,
+                             start=start)
     base = seated.heard(mod)
     await wait_until(lambda: seated.heard(mod) >= base + ENOUGH)
     assert [fr["type"] for fr in other.frames] == ["lobby"]
@@ -382,9 +370,9 @@ async def test_leave_removal_and_end_close_the_peer_connections(room: Room) -> N
     await wait_until(lambda: all(m.peer.pc.connectionState == "closed" for m in (mod, m3)))
     await settled(room, lambda st: st["peers"] == 0 and st["circles"] == 0)
     stats = room.stats()
-    assert {
-        k: stats[k] for k in ("peers", "circles", "speakers", "listeners", "routes", "level_timers", "tasks")
-    } == dict.fromkeys(("peers", "circles", "speakers", "listeners", "routes", "level_timers", "tasks"), 0)
+    assert {k: stats[k] for k in ("peers", "circles", "speakers", "listeners", "routes",
+                                  "level_timers", "tasks")} == dict.fromkeys(
+        ("peers", "circles", "speakers", "listeners", "routes", "level_timers", "tasks"), 0)
 
 
 async def test_last_member_leaving_leaves_nothing_in_the_relay(room: Room) -> None:
@@ -408,15 +396,8 @@ async def test_a_resumed_connection_keeps_its_media_when_the_replaced_one_closes
     # the client resumes on a new socket (a phone between networks) while the old one is open
     fresh = await Client.connect(room.live)
     room._clients.append(fresh)
-    await fresh.send(
-        {
-            "type": "hello",
-            "token": token_of(room.link("member")),
-            "name": "Melati",
-            "listen_only": False,
-            "resume": old.client.resume,
-        }
-    )
+    await fresh.send({"type": "hello", "token": token_of(room.link("member")), "name": "Melati",
+                      "listen_only": False, "resume": old.client.resume})
     welcome = await fresh.wait(lambda fr: fr.get("type") == "welcome")
     fresh.member_id = welcome["member_id"]
     assert fresh.member_id == old.id
