@@ -45,7 +45,7 @@ from loadtest.procs import ServerProcess
 from testkit.http import call
 from testkit.loop import quiet_gc
 from testkit.loop import run as run_loop
-from testkit.procs import cpu_seconds
+from testkit.procs import CLK_TCK, cpu_seconds
 from testkit.stats import percentile
 
 PERIOD = 0.2  # one command per circle every 200 ms
@@ -170,6 +170,35 @@ def _cpu(pids: list[int]) -> float:
     return total
 
 
+def _user_system(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of `pids` (utime, stime from /proc/<pid>/stat)."""
+    user = system = 0.0
+    for pid in pids:
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        user += int(fields[11]) / CLK_TCK
+        system += int(fields[12]) / CLK_TCK
+    return user, system
+
+
+def _sleeps(pid: int | None = None) -> int:
+    """How often a process's main thread (this thread when None) has gone to sleep
+    (voluntary context switches). A generator that sleeps is woken by the server's writes, in
+    the server's own system time (loopback delivers in the writer's context), and the other
+    way round."""
+    try:
+        text = Path(f"/proc/{pid}/status" if pid else "/proc/thread-self/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
 async def measure(target: Target, rooms_n: int, members_n: int, seconds: float) -> dict[str, Any]:
     """The measuring loop against a running deployment: create the circles, join everyone,
     drive one command per circle every PERIOD, and time every delivery."""
@@ -217,10 +246,14 @@ async def measure(target: Target, rooms_n: int, members_n: int, seconds: float) 
         measure_from = t0 + WARMUP
         stop_at = measure_from + seconds
         cpu_before: dict[str, float] = {}
+        split_before: list[float] = []
 
         async def cpu_mark() -> None:
             await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
             cpu_before.update({role: _cpu(pids) for role, pids in target.pids.items()})
+            split_before.extend(_user_system(target.pids.get("server", [])))
+            split_before.append(_sleeps())
+            split_before.append(sum(_sleeps(pid) for pid in target.pids.get("server", [])))
             cpu_before["at"] = time.perf_counter()
             _signal_servers(target, signal.SIGUSR1)
 
@@ -230,6 +263,9 @@ async def measure(target: Target, rooms_n: int, members_n: int, seconds: float) 
                                for i, room in enumerate(rooms)))
         await marker
         cpu_used = {role: _cpu(pids) - cpu_before[role] for role, pids in target.pids.items()}
+        user, system = _user_system(target.pids.get("server", []))
+        sleeps = _sleeps() - int(split_before[2])
+        server_sleeps = sum(_sleeps(pid) for pid in target.pids.get("server", [])) - int(split_before[3])
         _signal_servers(target, signal.SIGUSR2)
         client_cpu = time.process_time() - client_before
         # An overloaded generator finishes its schedule late: CPU is per second of the window
@@ -261,6 +297,10 @@ async def measure(target: Target, rooms_n: int, members_n: int, seconds: float) 
             "command_errors": sum(room.errors for room in rooms),
             "redirects_at_join": redirects,
             "server_cpu_seconds": round(server_cpu, 3),
+            "server_user_seconds": round(user - split_before[0], 3),
+            "server_system_seconds": round(system - split_before[1], 3),
+            "generator_sleeps": sleeps,
+            "server_sleeps": server_sleeps,
             "server_cpu_percent_of_one_core": round(100 * server_cpu / cpu_window, 1),
             "cpu_percent_of_one_core": {role: round(100 * used / cpu_window, 1) for role, used in cpu_used.items()},
             "client_cpu_percent_of_one_core": round(100 * client_cpu / max(ended - client_from, 1e-9), 1),
