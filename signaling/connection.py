@@ -183,6 +183,11 @@ class Connection:
         if self.phase is not Phase.CLOSED:
             self._out.append(data)
 
+    def encode_with(self, encode: Callable[[Event], bytes]) -> None:
+        """Encode events with `encode` from now on (the adapter's, while it is subscribed:
+        a frame made once for all the members one delivery reaches)."""
+        self._encode = encode
+
     def close(self, code: int, reason: str = "") -> None:
         """Close after what is queued. While a command of this connection is in flight the
         close waits for its answer: the moderator who ends the circle, or a member who leaves,

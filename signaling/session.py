@@ -144,22 +144,6 @@ class Unobserved:
     def command_took(self, seconds: float) -> None: ...
 
 
-def _encoder(subscribed: list[Subscription | None]) -> Callable[[Event], bytes]:
-    """The machine's `encode`: an event's frame, encoded once for all the members here that
-    one delivery hands it to (the subscription forgets it when that delivery ends: kept
-    longer, frames held the pseudonyms of departed members while the server stayed quiet,
-    issue 17). A private note is encoded for its one reader only. It holds the subscription
-    (`subscribed[0]`, once there is one), never the session: no reference cycle."""
-
-    def encode(event: Event) -> bytes:
-        sub = subscribed[0]
-        if sub is None:
-            return encode_event(event)
-        return sub.once(event, encode_event)  # a private note: made for this reader only
-
-    return encode
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -177,9 +161,8 @@ class Session:
         self.home = home or Anywhere()
         self.limits = limits
         self.now_ms = now_ms
-        self._subscribed: list[Subscription | None] = [None]  # what the machine encodes with
-        self.conn = Connection(secret=secret, limits=limits, address=address, ice=ice,
-                               encode=_encoder(self._subscribed))
+        self.conn = Connection(secret=secret, limits=limits, address=address, ice=ice)
+        self._frame_out = self.observer.frame_out  # once per member on the fan-out path
         self.here: Here | None = None  # the circle's runtime, once joined
         self._out: asyncio.Queue[bytes | tuple[int, str]] = asyncio.Queue(limits.send_queue)
         self._sub: Subscription | None = None
@@ -310,7 +293,11 @@ class Session:
             return
         self.conn.joined(request, state, self.now_ms(), time.monotonic())
         self._sub = self.manager.subscribe(self.circle_id, state.version)
-        self._subscribed[0] = self._sub
+        # An event's frame encoded once for all the members here that one delivery hands it
+        # to; the subscription forgets it when that delivery ends (kept longer, frames held
+        # the pseudonyms of departed members while the server stayed quiet, issue 17). A
+        # private note is encoded for its one reader only.
+        self.conn.encode_with(self._sub.encoder(encode_event))
         self.here = self.circles.enter(self)
         writer = self._writer_task = asyncio.create_task(self._writer())
         self.flush()
@@ -349,7 +336,7 @@ class Session:
     async def _cleanup(self) -> None:
         if self._sub is not None:
             self._sub.close()
-            self._subscribed[0] = None
+            self.conn.encode_with(encode_event)  # lets go of the circle's hub
         if self.here is not None:
             try:
                 await self.here.leave(self)
@@ -375,7 +362,7 @@ class Session:
             data = conn.deliverable(item)
             if data is not None:  # the common case: one frame, nothing ahead of it
                 if not self._behind and self.transport.write_now(data):
-                    self.observer.frame_out()
+                    self._frame_out()
                     return
                 conn.send_encoded(data)  # the general way, as `item` would have queued it
                 self.flush()
