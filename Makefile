@@ -69,6 +69,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c 'from server.media.native import main; main()'
 	touch $(STAMP)
 
 # Debian packages: redis-server for the Redis tests, chromium for the browser tests; for the

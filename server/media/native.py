@@ -9,8 +9,9 @@ call per incoming packet; where the library is missing (no C compiler) ``LIB`` i
 the Python code drives the very same structs, one copy at a time.
 
 The library is built once per source text with the system's C compiler (``cc``; no Python
-headers: cffi loads it in ABI mode) into ``$LINGKAR_NATIVE_DIR`` (default
-``~/.cache/lingkar``), atomically, so processes that start together do not race.
+headers: cffi loads it in ABI mode), by ``make setup`` (``python -m server.media.native``)
+into the virtualenv, or else at the first start into ``~/.cache/lingkar`` (or
+``$LINGKAR_NATIVE_DIR``), atomically, so processes that start together do not race.
 ``LINGKAR_NATIVE=0`` leaves it out (the Python path; tests run both).
 """
 
@@ -56,42 +57,51 @@ ffi = FFI()
 ffi.cdef(_SOCKET_CDEF + _declarations(_TEXT))
 
 
-def _cache_dir() -> Path:
+def _places() -> list[Path]:
+    """Where the library may be: ``$LINGKAR_NATIVE_DIR`` if set; else the virtualenv (built
+    there by ``make setup``, so a service whose home and /opt are read-only finds it) and
+    then the user's cache."""
     configured = os.environ.get("LINGKAR_NATIVE_DIR")
     if configured:
-        return Path(configured)
+        return [Path(configured)]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lingkar"
+    return [Path(sys.prefix) / "lib" / "lingkar-native", Path(base) / "lingkar"]
 
 
-def build() -> Path | None:
+def build(places: list[Path] | None = None) -> Path | None:
     """The compiled library's path (built now if needed), or None where it cannot be."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     digest = hashlib.sha256((_TEXT + " ".join(_CFLAGS) + sys.platform).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"fanout-{digest}.so"
-    if target.exists():
-        return target
+    name = f"fanout-{digest}.so"
+    places = _places() if places is None else places
+    for place in places:
+        if (place / name).exists():
+            return place / name
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning("media: no C compiler; the relay's fan-out runs in Python (slower)")
         return None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            subprocess.run(
-                [compiler, *_CFLAGS, "-o", str(built), str(SOURCE)],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-            os.replace(built, target)  # atomic: a process that starts meanwhile sees all or nothing
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        logger.warning(
-            "media: the fan-out library did not build (%s %s); it runs in Python", exc, detail[-400:]
-        )
-        return None
-    return target
+    failure: Exception | None = None
+    for place in places:
+        target = place / name
+        try:
+            place.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=place) as scratch:
+                built = Path(scratch) / name
+                subprocess.run(
+                    [compiler, *_CFLAGS, "-o", str(built), str(SOURCE)],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
+                os.replace(built, target)  # atomic: a process that starts meanwhile sees all or nothing
+            return target
+        except subprocess.CalledProcessError as exc:
+            failure = RuntimeError(exc.stderr.decode(errors="replace")[-400:])
+            break  # the compiler refused it: no other place will do better
+        except (OSError, subprocess.SubprocessError) as exc:
+            failure = exc  # not writable here: the next place
+    logger.warning("media: the fan-out library did not build (%s); it runs in Python (slower)", failure)
+    return None
 
 
 def _load() -> Any:
@@ -115,3 +125,9 @@ def foreign(pointer: Any, other_ffi: Any) -> Any:
 LIB: Any = _load()
 # libsrtp's srtp_protect, as pylibsrtp's binding (where libsrtp is linked in) exports it
 PROTECT = ffi.cast("lk_protect_fn", foreign(_srtp.ffi.addressof(_srtp.lib, "srtp_protect"), _srtp.ffi))
+
+
+def main() -> None:
+    """``make setup``: build the library into the virtualenv (the first place)."""
+    path = LIB and build(_places()[:1])
+    print(f"media fan-out: {path}" if path else "media fan-out: not built; the relay runs it in Python")
