@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.media.ticker import Ticker
+from server.media.ticker import SLICE, Ticker
 
 
 async def test_jobs_due_together_run_on_one_wakeup_and_a_failing_one_stops_no_other() -> None:
@@ -67,3 +67,27 @@ async def test_cancelled_jobs_do_not_run_and_an_empty_ticker_keeps_no_timer() ->
     ticker.at(loop.time(), lambda: witness.set_result(None))
     await witness
     assert ran == []
+
+
+async def test_jobs_due_together_run_a_slice_per_turn_of_the_loop_so_datagrams_are_read_between() -> None:
+    """Twenty jobs due at once do not hold the loop for all twenty: a callback scheduled
+    meanwhile (as a datagram's would be) runs after the first slice."""
+    loop = asyncio.get_running_loop()
+    ticker = Ticker(lambda: 0.001)
+    order: list[str] = []
+    done = loop.create_future()
+
+    def job(i: int) -> None:
+        order.append(f"job{i}")
+        if i == 0:
+            loop.call_soon(order.append, "datagram")
+        if len(order) == 21:
+            done.set_result(None)
+
+    start = loop.time()
+    for i in range(20):
+        ticker.at(start, lambda i=i: job(i))
+    await done
+    assert order.index("datagram") == SLICE  # right after the first slice
+    assert sorted(o for o in order if o != "datagram") == sorted(f"job{i}" for i in range(20))
+    assert ticker.wakeups == 1 and len(ticker) == 0
