@@ -52,6 +52,7 @@ ENV_NAMES: Final = {
     "turn_secret": "LINGKAR_TURN_SECRET",
     "turn_ttl": "LINGKAR_TURN_TTL",
     "media_gc_interval": "LINGKAR_MEDIA_GC_INTERVAL",
+    "media_native": "LINGKAR_MEDIA_NATIVE",
     "media_address": "LINGKAR_MEDIA_ADDRESS",
     "media_ports": "LINGKAR_MEDIA_PORTS",
 }
@@ -135,6 +136,10 @@ class Settings:
     media_gc_interval: float | None = 10.0
     """Seconds between the relay's full collections after connections close at least
     (server.media.gcpace); None (``off``): never."""
+    media_native: bool = True
+    """The relay's compiled fan-out (server.media.native), ``on`` where it builds, or ``off``:
+    its Python path. Read by server.media.native when it is imported; checked here so that
+    a wrong value stops the start."""
     media_address: str | None = None
     """The one address the media relay announces (the public one of a host behind 1:1 NAT);
     None: the addresses of this host's interfaces."""
@@ -184,6 +189,7 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, object] | None
         trusted_proxies=_trusted_proxies(values.get("trusted_proxies")),
         **_turn(values),
         media_gc_interval=_gc_interval(values.get("media_gc_interval", "10")),
+        media_native=_on_off(values.get("media_native", "on"), "LINGKAR_MEDIA_NATIVE"),
         media_address=_media_address(values.get("media_address")),
         media_ports=_media_ports(values.get("media_ports")),
     )
@@ -329,6 +335,12 @@ def _media_ports(raw: str | None) -> tuple[int, int] | None:
         raise ConfigError(f"LINGKAR_MEDIA_PORTS must be a UDP port range low-high within {MIN_MEDIA_PORT}-65535 "
                           f"(e.g. 40000-40999), got {_shown(raw)}")
     return low, high
+
+
+def _on_off(raw: str, variable: str) -> bool:
+    if raw.strip() not in ("on", "off"):
+        raise ConfigError(f"{variable} must be 'on' or 'off', got {_shown(raw)}")
+    return raw.strip() == "on"
 
 
 def _gc_interval(raw: str) -> float | None:

@@ -11,8 +11,8 @@ the Python code drives the very same structs, one copy at a time.
 The library is built once per source text with the system's C compiler (``cc``; no Python
 headers: cffi loads it in ABI mode), by ``make setup`` (``python -m server.media.native``)
 into the virtualenv, or else at the first start into ``~/.cache/lingkar`` (or
-``$LINGKAR_NATIVE_DIR``), atomically, so processes that start together do not race.
-``LINGKAR_NATIVE=0`` leaves it out (the Python path; tests run both).
+``$LINGKAR_MEDIA_NATIVE_DIR``), atomically, so processes that start together do not race.
+``LINGKAR_MEDIA_NATIVE=off`` leaves it out (the Python path; tests run both).
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ ffi.cdef(_SOCKET_CDEF + _declarations(_TEXT))
 
 
 def _places() -> list[Path]:
-    """Where the library may be: ``$LINGKAR_NATIVE_DIR`` if set; else the virtualenv (built
+    """Where the library may be: ``$LINGKAR_MEDIA_NATIVE_DIR`` if set; else the virtualenv (built
     there by ``make setup``, so a service whose home and /opt are read-only finds it) and
     then the user's cache."""
-    configured = os.environ.get("LINGKAR_NATIVE_DIR")
+    configured = os.environ.get("LINGKAR_MEDIA_NATIVE_DIR")
     if configured:
         return [Path(configured)]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -105,7 +105,7 @@ def build(places: list[Path] | None = None) -> Path | None:
 
 
 def _load() -> Any:
-    if os.environ.get("LINGKAR_NATIVE", "1") == "0":
+    if os.environ.get("LINGKAR_MEDIA_NATIVE", "on").strip() == "off":
         return None
     path = build()
     if path is None:

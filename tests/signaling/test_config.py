@@ -410,6 +410,16 @@ def test_a_bad_collection_interval_stops_the_start_with_one_line(value: str) -> 
     assert "LINGKAR_MEDIA_GC_INTERVAL" in refused({"LINGKAR_MEDIA_GC_INTERVAL": value})
 
 
+def test_the_compiled_fan_out_is_on_unless_turned_off() -> None:
+    assert load_settings({}).media_native is True
+    assert load_settings({"LINGKAR_MEDIA_NATIVE": "off"}).media_native is False
+
+
+@pytest.mark.parametrize("value", ["0", "no", "", "On"])
+def test_a_bad_fan_out_switch_stops_the_start_with_one_line(value: str) -> None:
+    assert refused({"LINGKAR_MEDIA_NATIVE": value}).startswith("LINGKAR_MEDIA_NATIVE must be 'on' or 'off'")
+
+
 def test_a_process_has_its_own_url_behind_a_proxy_and_the_deployment_one_public_url() -> None:
     settings = load_settings({"LINGKAR_PUBLIC_URL": "https://lingkar.example.org",
                               "LINGKAR_PROCESS_URL": "https://lingkar.example.org/p/2/"})
