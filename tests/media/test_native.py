@@ -95,13 +95,13 @@ def test_a_new_source_continues_after_the_real_gap() -> None:
 def test_it_builds_once_into_its_cache_and_the_relay_runs_without_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LINGKAR_NATIVE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LINGKAR_MEDIA_NATIVE_DIR", str(tmp_path / "cache"))
     if subprocess.run(["sh", "-c", "command -v cc"], capture_output=True).returncode == 0:
         built = native.build()
         assert built is not None and built.parent == tmp_path / "cache"
         stamp = built.stat().st_mtime_ns
         assert native.build() == built and built.stat().st_mtime_ns == stamp  # not built again
-    monkeypatch.setenv("LINGKAR_NATIVE_DIR", str(tmp_path / "other"))
+    monkeypatch.setenv("LINGKAR_MEDIA_NATIVE_DIR", str(tmp_path / "other"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert native.build() is None  # a warning, and the Python path
     monkeypatch.setattr(native, "LIB", None)
