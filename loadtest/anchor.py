@@ -12,7 +12,8 @@ store, direct sends: a relay-only Starlette server, no rules, no validation, no 
 by the directory's own `fanout_client.py`, one command per room every 200 ms; its CPU window
 is read by that client, after a warm-up of one second, as `loadtest.fanout`'s is. Both run
 with this interpreter (the anchor needs uvicorn, starlette, msgpack, uvloop and websockets,
-which Lingkar's environment has); the anchor's directory is only read.
+which Lingkar's environment has); the anchor's directory is only read. Before each run it
+waits (at most --gate-wait seconds) for the machine to be quiet, as the anchor's own runs do.
 
 Printed per round: deliveries per second, the server's CPU per delivery (user and system,
 from /proc), deliveries per CPU-second and p99; the ratio of Lingkar's deliveries per
@@ -37,7 +38,7 @@ from typing import Any
 from loadtest import fanout
 from testkit.loop import run as run_loop
 from testkit.ports import free_port
-from testkit.procs import stop
+from testkit.procs import machine_busy_seconds, stop
 
 MEMBERS = 8
 
@@ -65,6 +66,19 @@ try:
 finally:
     print("MARKS", json.dumps(marks), flush=True)
 """
+
+
+def quiet(threshold: float, wait: float) -> float:
+    """Wait (at most `wait` seconds) until the machine is quiet: all cores together busy less
+    than `threshold` % of one core over 2 s, as the anchor's own runs do (`quiet_gate.py`);
+    other work may share this machine. Returns the last reading; it never touches others."""
+    deadline = time.monotonic() + wait
+    while True:
+        before, at = machine_busy_seconds(), time.monotonic()
+        time.sleep(2)
+        busy = 100 * (machine_busy_seconds() - before) / (time.monotonic() - at)
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
 
 
 def lingkar_round(rooms: int, seconds: float) -> dict[str, Any]:
@@ -132,6 +146,7 @@ def _line(r: dict[str, Any]) -> str:
             f"{r['server_percent']} % of a core, user/system {r['user_us']:.1f}/{r['system_us']:.1f} µs "
             f"per delivery = {r['per_cpu_second']:.0f} per CPU-second; p99 {r['p99_ms']:.1f} ms; "
             f"missing {r['missing']}; generator {r['generator_percent']} %, "
+            f"machine busy {r['machine_busy_before_percent']} % before; "
             f"sleeps per command: generator {r['generator_sleeps_per_command']:.2f}, "
             f"server {r['server_sleeps_per_command']:.2f}")
 
@@ -143,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, help="append every run here as a JSON line")
+    parser.add_argument("--gate", type=float, default=15.0,
+                        help="before each run, wait until the machine is busy less than this %% of a core")
+    parser.add_argument("--gate-wait", type=float, default=60.0, help="… but no longer than this (seconds)")
     args = parser.parse_args(argv)
     directory = args.anchor.resolve()
     if not (directory / "app.py").is_file() or not (directory / "fanout_client.py").is_file():
@@ -151,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[int, list[float]] = {}
     for rooms in sizes:
         for k in range(1, args.rounds + 1):
-            pair = [lingkar_round(rooms, args.seconds), anchor_round(directory, rooms, args.seconds)]
+            gates = [quiet(args.gate, args.gate_wait)]
+            lingkar = lingkar_round(rooms, args.seconds)
+            gates.append(quiet(args.gate, args.gate_wait))
+            pair = [lingkar, anchor_round(directory, rooms, args.seconds)]
+            for r, busy in zip(pair, gates, strict=True):
+                r["machine_busy_before_percent"] = round(busy, 1)
             ratio = pair[0]["per_cpu_second"] / pair[1]["per_cpu_second"]
             ratios.setdefault(rooms, []).append(ratio)
             print(f"round {k}, {rooms}×{MEMBERS}: ratio {ratio:.2f}", flush=True)

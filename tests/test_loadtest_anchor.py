@@ -73,7 +73,7 @@ def test_one_round_side_by_side(tmp_path: Path) -> None:
     (anchor / "fanout_client.py").write_text(CLIENT)
     out = tmp_path / "rounds.jsonl"
     assert main(["--anchor", str(anchor), "--sizes", "2", "--rounds", "1", "--seconds", "1",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--gate-wait", "0"]) == 0
     lingkar, stand_in = (json.loads(line) for line in out.read_text().splitlines())
     assert (lingkar["who"], stand_in["who"]) == ("lingkar", "anchor")
     assert lingkar["rooms"] == stand_in["rooms"] == 2 and lingkar["round"] == stand_in["round"] == 1
