@@ -12,7 +12,7 @@ relay-added latency: the listeners' kernel receive timestamps − the speaker's 
 minus the same on the direct pair in the same window, percentile by percentile, as the
 Janus anchor's harness computes it (`testkit/kstamp.py`). Also the end-to-end latency at
 the listeners' handler and, with --relay-delay, the delay inside the relay (tap → datagram
-handed to the listener's socket; a probe patching the relay's send path).
+handed to the kernel for the last listener; a probe patching the relay's fan-out).
 With --janus DIR (a copy of ../shared/anchors/janus) each size runs K interleaved rounds of
 Lingkar then Janus tuned in the same run (`bench_janus.py`), 20 s windows by default.
 Numbers are printed, never asserted.
@@ -51,22 +51,19 @@ QUIET_SETTLE = 16.0  # s: two of the slots' longest report intervals (fastpath.R
 
 def _probe_slot_delay(delays: list[float]) -> None:
     """Record, in this process only, how long each forwarded packet takes from the tap to
-    its datagram being handed to the listener's socket (the relay's fan-out delay)."""
-    forward, send = circle.MediaCircle.forward, fastpath.RtpOut.send
-    tapped = [0.0]
+    the end of its fan-out: every copy written and handed to the kernel (the compiled
+    loop flushes before it returns; the Python path leaves its last chunk to the flush
+    that follows), one sample per packet (the last listener's delay)."""
+    forward = circle.MediaCircle.forward
 
     def timed_forward(self: circle.MediaCircle, *args: Any) -> int:
-        tapped[0] = time.perf_counter()
-        return forward(self, *args)
-
-    def timed_send(self: fastpath.RtpOut, *args: Any) -> bool:
-        sent = send(self, *args)
-        if sent:
-            delays.append(time.perf_counter() - tapped[0])
+        tapped = time.perf_counter()
+        sent = forward(self, *args)
+        if sent > 0:
+            delays.append(time.perf_counter() - tapped)
         return sent
 
     circle.MediaCircle.forward = timed_forward  # type: ignore[method-assign]
-    fastpath.RtpOut.send = timed_send  # type: ignore[method-assign]
 
 
 async def _child(probe: bool) -> None:
@@ -461,7 +458,7 @@ def print_row(row: dict[str, Any], probe: bool) -> None:
         f"loss {row['loss_pct']:.2f} %; UDP datagrams dropped at full receive buffers {row['udp_rcvbuf_drops']})\n"
         f"       e2e at the listeners' handler p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms"
         + (
-            f"; tap → datagram sent p50 {row['relay_p50_ms']:.2f} ms, p99 {row['relay_p99_ms']:.2f} ms"
+            f"; tap → last copy sent p50 {row['relay_p50_ms']:.2f} ms, p99 {row['relay_p99_ms']:.2f} ms"
             if probe
             else ""
         ),
