@@ -38,7 +38,7 @@ from testkit.loop import run as run_loop
 from testkit.opus import PacedTone, unmark
 from testkit.stats import percentiles
 
-from . import bench_janus, circle, fastpath, tap
+from . import bench_janus, circle, tap
 from .relay import MediaRelay
 
 CIRCLE = "bench"
