@@ -74,23 +74,12 @@ class Subscription:
             listener(item)
         self._listener = listener
 
-    def once(self, event: Event, make: Callable[[Event], bytes]) -> bytes:
-        """`make(event)`, made once for all of this process's subscribers of the circle that
-        `event` is handed to in one delivery (a frame encoded once, not once per member), and
-        forgotten when that delivery ends: nothing of it outlives the step. An ephemeral
-        event (a private note) is made for each caller, never kept."""
-        hub = self._hub
-        made = hub._made
-        if made is not None and made[0] is event:
-            return made[1]
-        data = make(event)
-        if hub._delivering and not event.ephemeral:
-            hub._made = (event, data)
-        return data
-
     def encoder(self, make: Callable[[Event], bytes]) -> Callable[[Event], bytes]:
-        """`once` with `make` bound, as one function (called once per member on the fan-out
-        path: one call there instead of two). It holds the hub, not this subscription."""
+        """``make`` as the session encodes with it: ``make(event)`` made once for all of this
+        process's subscribers of the circle that `event` is handed to in one delivery (a
+        frame encoded once, not once per member), and forgotten when that delivery ends:
+        nothing of it outlives the step. An ephemeral event (a private note) is made for
+        each caller, never kept. It holds the hub, not this subscription."""
         hub = self._hub
 
         def once(event: Event) -> bytes:
@@ -153,7 +142,7 @@ class CircleHub:
         # version -> (encoded, events): what this process is saving, so that its own wake-up
         # hands subscribers these very events instead of decoding their bytes again
         self._saving: dict[int, tuple[Sequence[bytes], list[Event]]] = {}
-        self._delivering = False  # handing events to subscribers now (see `Subscription.once`)
+        self._delivering = False  # handing events to subscribers now (see `Subscription.encoder`)
         self._made: tuple[Event, bytes] | None = None  # what `once` made for this delivery
         self._latest = -1
         self._stale = False  # a wake-up without events: fetch instead of trusting `_carried`
