@@ -88,8 +88,16 @@ class Slot:
             last_in = s.last_in
             in_ts = last_in + ((timestamp - last_in + _HALF) & _MASK) - _HALF
         s.last_in = in_ts
-        if s.live:
-            self._emit(in_ts + s.offset, payload, level, now)
+        if not s.live:
+            return
+        pts = in_ts + s.offset
+        marker = bool(s.marker)
+        s.marker = 0
+        self._out(pts, payload, level, marker, now)  # `_emit`, inlined: once per copy
+        if not s.has_out or pts > s.last_out:
+            s.last_out = pts
+            s.has_out = 1
+        s.last_out_time = now
 
     def _left(self, payload: bytes, level: int | None, now: float) -> None:
         """The copy the compiled fan-out left to Python (its pts and marker are in the
