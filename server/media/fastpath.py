@@ -336,32 +336,9 @@ class RtpOut:
     # Slots, not a dict: one compact object per listener's slot, touched once per copy of
     # every packet (with hundreds of listeners the fan-out runs on a cold cache).
     __slots__ = (
-        "ssrc",
-        "payload_type",
-        "c",
-        "_sender",
-        "_mid",
-        "_ext_map",
-        "_ext",
-        "_origin",
-        "_dtls",
-        "_nominated",
-        "_pair",
-        "_addr",
-        "_sendto",
-        "_batch",
-        "_name",
-        "_session",
-        "_srtp",
-        "_cdata",
-        "_buffer",
-        "_room",
-        "_length",
-        "_synced",
-        "_pending",
-        "_clock",
-        "_reported",
-        "__weakref__",
+        "ssrc", "payload_type", "c", "_sender", "_mid", "_ext_map", "_ext", "_origin", "_dtls",
+        "_nominated", "_pair", "_addr", "_sendto", "_batch", "_name", "_session", "_srtp", "_cdata",
+        "_buffer", "_room", "_length", "_synced", "_pending", "_clock", "_reported", "__weakref__",
     )
 
     def __init__(
@@ -578,14 +555,7 @@ class RtpOut:
             base = index * _SLOT
             buffer = batch.buffer
             header.pack_into(
-                buffer,
-                base,
-                first,
-                self.payload_type | (0x80 if marker else 0),
-                seq,
-                timestamp,
-                self.ssrc,
-                ext,
+                buffer, base, first, self.payload_type | (0x80 if marker else 0), seq, timestamp, self.ssrc, ext
             )
             buffer[base + start : base + end] = payload
             if _srtp_protect(self._srtp, batch.slots[index], length):

@@ -299,12 +299,7 @@ def drop_receiver_reports(sock: socket.socket) -> bool:
     import ctypes
 
     class Instruction(ctypes.Structure):
-        _fields_ = (
-            ("code", ctypes.c_uint16),
-            ("jt", ctypes.c_uint8),
-            ("jf", ctypes.c_uint8),
-            ("k", ctypes.c_uint32),
-        )
+        _fields_ = (("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32))
 
     class Program(ctypes.Structure):
         _fields_ = (("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Instruction)))
@@ -344,9 +339,7 @@ class UdpMux:
             if sock is None:
                 return None
             try:
-                sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_RCVBUF, max(turn.UDP_SOCKET_BUFFER_SIZE, 1 << 21)
-                )
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(turn.UDP_SOCKET_BUFFER_SIZE, 1 << 21))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
                 drop_receiver_reports(sock)
                 shared = MuxSocket(sock)

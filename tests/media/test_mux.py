@@ -91,6 +91,7 @@ async def test_forwarded_packets_are_on_the_wire_byte_for_byte_what_aiortc_would
     answer = peer.pc.localDescription.sdp
     extensions = HeaderExtensionsMap()
 
+
     media = next(m for m in sdp.SessionDescription.parse(answer).media if m.rtp.muxId == out._mid)
     extensions.configure(RTCRtpReceiveParameters(headerExtensions=media.rtp.headerExtensions))
     unprotect = _session(Policy.SSRC_ANY_INBOUND)
@@ -136,9 +137,7 @@ class _Client:
         self.sock.bind(("127.0.0.1", 0))
         self.address = self.sock.getsockname()
 
-    def request(
-        self, to: tuple[str, int], connection: ice.Connection, *, password: str | None = None
-    ) -> bytes:
+    def request(self, to: tuple[str, int], connection: ice.Connection, *, password: str | None = None) -> bytes:
         message = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
         message.attributes["USERNAME"] = f"{connection.local_username}:client"
         message.attributes["PRIORITY"] = 1
