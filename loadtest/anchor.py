@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,19 +98,27 @@ def lingkar_round(rooms: int, seconds: float) -> dict[str, Any]:
 
 def anchor_round(directory: Path, rooms: int, seconds: float) -> dict[str, Any]:
     port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="anchor-", suffix=".log", delete=False)  # noqa: SIM115
     env = {**os.environ, "STORE": "memory", "SEND": "direct", "WAKE": "payload"}
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "warning", "--no-access-log", "--backlog", "4096"],
-        cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    output: list[bytes] = []
+    said = threading.Event()  # it printed "app ready", or its output ended
+
+    def read() -> None:  # read all it prints (a full pipe would stop it), and say when it is up
+        assert server.stdout is not None
+        for line in server.stdout:
+            output.append(line)
+            if b"app ready" in line:
+                said.set()
+        said.set()
+
+    threading.Thread(target=read, daemon=True).start()
     out_path = Path(tempfile.gettempdir()) / f"anchor-results-{os.getpid()}.jsonl"
     try:
-        deadline = time.monotonic() + 30
-        while b"app ready" not in Path(log.name).read_bytes():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the anchor did not start: " + Path(log.name).read_text()[-500:])
-            time.sleep(0.1)
+        if not said.wait(30) or not any(b"app ready" in line for line in output):
+            raise RuntimeError("the anchor did not start: " + b"".join(output)[-500:].decode(errors="replace"))
         code = _CLIENT.format(dir=str(directory), server=server.pid,
                               client=str(directory / "fanout_client.py"))
         done = subprocess.run(
@@ -136,8 +145,6 @@ def anchor_round(directory: Path, rooms: int, seconds: float) -> dict[str, Any]:
                 "server_sleeps_per_command": (w1 - w0) / (n / MEMBERS)}
     finally:
         stop(server, 10)
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
         out_path.unlink(missing_ok=True)
 
 
