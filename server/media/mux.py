@@ -39,10 +39,9 @@ import asyncio
 import logging
 import secrets
 import socket
-import struct
 from typing import Any
 
-from aioice import ice, stun, turn
+from aioice import ice, turn
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 
 from . import sendmmsg
@@ -50,11 +49,6 @@ from .stunfast import integrity_ok, parse_request
 
 logger = logging.getLogger(__name__)
 
-_COOKIE_BYTES = struct.pack("!I", stun.COOKIE)
-_ATTR = struct.Struct("!HH")
-_USERNAME = 0x0006
-_INTEGRITY = 0x0008
-_FINGERPRINT = 0x8028
 _BINDING_REQUEST = b"\x00\x01"
 # Copies per sendmmsg: a packet's copies leave in chunks of this many as they are written,
 # the last when the packet is forwarded. One call per packet for every listener would make
