@@ -34,12 +34,11 @@ from . import native as _native
 
 
 def _load() -> tuple[Any, Any] | None:
+    ffi = _native.ffi  # one cffi module for the arena, its headers and the structs
     try:
-        from .native import ffi  # one cffi module for the arena, its headers and the structs
-
         libc = ffi.dlopen(None)  # ABI mode: libc's own sendmmsg, no build step
         libc.sendmmsg  # noqa: B018 (raises AttributeError where libc has none)
-    except (ImportError, OSError, AttributeError):
+    except (OSError, AttributeError):
         return None
     return ffi, libc
 
