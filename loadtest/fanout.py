@@ -45,7 +45,7 @@ from loadtest.procs import ServerProcess
 from testkit.http import call
 from testkit.loop import quiet_gc
 from testkit.loop import run as run_loop
-from testkit.procs import CLK_TCK, cpu_seconds
+from testkit.procs import cpu_seconds, sleeps, user_system_seconds
 from testkit.stats import percentile
 
 PERIOD = 0.2  # one command per circle every 200 ms
@@ -171,16 +171,15 @@ def _cpu(pids: list[int]) -> float:
 
 
 def _user_system(pids: list[int]) -> tuple[float, float]:
-    """User and system CPU seconds of `pids` (utime, stime from /proc/<pid>/stat)."""
+    """User and system CPU seconds of `pids` (a process gone counts nothing)."""
     user = system = 0.0
     for pid in pids:
         try:
-            raw = Path(f"/proc/{pid}/stat").read_text()
+            u, s = user_system_seconds(pid)
         except OSError:
             continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        user += int(fields[11]) / CLK_TCK
-        system += int(fields[12]) / CLK_TCK
+        user += u
+        system += s
     return user, system
 
 
@@ -190,13 +189,9 @@ def _sleeps(pid: int | None = None) -> int:
     the server's own system time (loopback delivers in the writer's context), and the other
     way round."""
     try:
-        text = Path(f"/proc/{pid}/status" if pid else "/proc/thread-self/status").read_text()
+        return sleeps(pid)
     except OSError:
         return 0
-    for line in text.splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def measure(target: Target, rooms_n: int, members_n: int, seconds: float) -> dict[str, Any]:

@@ -10,11 +10,31 @@ from pathlib import Path
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (its threads included) in seconds, from /proc/<pid>/stat."""
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime of `pid` (its threads included) in seconds, from /proc/<pid>/stat."""
     raw = Path(f"/proc/{pid}/stat").read_text()
     fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (its threads included) in seconds, from /proc/<pid>/stat."""
+    user, system = user_system_seconds(pid)
+    return user + system
+
+
+def _status(path: str, field: str) -> int:
+    """The first number of `field` in a /proc status file (0 when it has none)."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def sleeps(pid: int | None = None) -> int:
+    """How often `pid`'s main thread (this thread when None) went to sleep: voluntary
+    context switches, from /proc/<pid>/status."""
+    return _status(f"/proc/{pid}/status" if pid else "/proc/thread-self/status", "voluntary_ctxt_switches")
 
 
 def machine_busy_seconds() -> float:
@@ -26,10 +46,7 @@ def machine_busy_seconds() -> float:
 
 def rss_bytes(pid: int | None = None) -> int:
     """VmRSS of `pid` (this process when None) in bytes, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _status(f"/proc/{pid or 'self'}/status", "VmRSS") * 1024
 
 
 def stop(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
