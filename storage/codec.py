@@ -7,6 +7,7 @@ silently reset a circle because its blob could not be read.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -70,17 +71,19 @@ class Packed:
         hit = self.circle
         if hit is None or hit[0] is not s.circle:
             hit = self.circle = (s.circle, msgspec.Raw(_pack(_circle(s.circle))))
-        circle = hit[1]
-        key = tuple(s.members.values())
-        group = self.members
-        if group is None or not _same(group[0], key):
-            group = self.members = (key, msgspec.Raw(_pack(list(map(_member, key)))))
-        members = group[1]
-        key = tuple(s.lobby.values())
-        group = self.lobby
-        if group is None or not _same(group[0], key):
-            group = self.lobby = (key, msgspec.Raw(_pack(list(map(_member, key)))))
-        return circle, members, group[1]
+        members = self.members = _group(self.members, s.members.values())
+        lobby = self.lobby = _group(self.lobby, s.lobby.values())
+        return hit[1], members[1], lobby[1]
+
+
+def _group(
+    packed: tuple[tuple[Member, ...], msgspec.Raw] | None, members: Iterable[Member]
+) -> tuple[tuple[Member, ...], msgspec.Raw]:
+    """`packed` if it holds these very members in this order, else them packed anew."""
+    key = tuple(members)
+    if packed is None or not _same(packed[0], key):
+        packed = (key, msgspec.Raw(_pack(list(map(_member, key)))))
+    return packed
 
 
 def encode_state(s: RoomState, packed: Packed | None = None) -> bytes:
