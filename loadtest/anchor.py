@@ -48,17 +48,13 @@ MEMBERS = 8
 # calls at its start and end, is wrapped (the anchor's files are not changed).
 _CLIENT = """
 import json, runpy, sys
+from testkit.procs import sleeps, user_system_seconds
 sys.path.insert(0, {dir!r})
 import common
 server, marks, real = {server}, [], common.cpu_seconds
 def wrapped(pid):
     if pid == server:
-        raw = open(f"/proc/{{pid}}/stat").read()
-        f = raw[raw.rindex(")") + 2:].split()
-        sleeps = [next(int(line.split()[1]) for line in open(path)
-                       if line.startswith("voluntary_ctxt_switches:"))
-                  for path in ("/proc/thread-self/status", f"/proc/{{pid}}/status")]
-        marks.append((int(f[11]) / common.CLK_TCK, int(f[12]) / common.CLK_TCK, *sleeps))
+        marks.append((*user_system_seconds(pid), sleeps(), sleeps(pid)))
     return real(pid)
 common.cpu_seconds = wrapped
 sys.argv = ["fanout_client.py"] + sys.argv[1:]
