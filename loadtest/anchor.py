@@ -5,6 +5,7 @@ reported, never asserted.
 
     python -m loadtest.anchor --anchor ../shared/anchors/signaling [--sizes 200,400]
                               [--rounds 4] [--seconds 10] [--out rounds.jsonl]
+                              [--clients own,ours]
 
 Lingkar: `loadtest.fanout` on the memory store (its own `lingkar serve`, N circles × 8, a
 command per circle every 200 ms). The anchor: the directory's `app:app` under uvicorn (memory
@@ -14,6 +15,13 @@ is read by that client, after a warm-up of one second, as `loadtest.fanout`'s is
 with this interpreter (the anchor needs uvicorn, starlette, msgpack, uvloop and websockets,
 which Lingkar's environment has); the anchor's directory is only read. Before each run it
 waits (at most --gate-wait seconds) for the machine to be quiet, as the anchor's own runs do.
+
+`--clients own,ours` runs the anchor twice per round: after its own client, under Lingkar's
+generator (`loadtest.fastclient`, speaking the anchor's protocol on the same schedule and CPU
+window as `loadtest.fanout`). The two servers then face the same client. That matters on
+loopback: a reader asleep when the server writes is woken in the server's system time, and
+the anchor's own client (websockets' asyncio client, heavier per frame) is mostly awake when
+its server writes, where Lingkar's light generator mostly sleeps.
 
 Printed per round: deliveries per second, the server's CPU per delivery (user and system,
 from /proc), deliveries per CPU-second and p99; the ratio of Lingkar's deliveries per
@@ -25,21 +33,29 @@ system time: loopback delivers in the writer's context). Then the medians per si
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from loadtest import fanout
+import msgpack
+
+from loadtest import fanout, fastclient
+from testkit.loop import quiet_gc
 from testkit.loop import run as run_loop
 from testkit.ports import free_port
-from testkit.procs import machine_busy_seconds, stop
+from testkit.procs import machine_busy_seconds, sleeps, stop, user_system_seconds
+from testkit.stats import percentile
 
 MEMBERS = 8
 
@@ -92,7 +108,9 @@ def lingkar_round(rooms: int, seconds: float) -> dict[str, Any]:
             "server_sleeps_per_command": r["server_sleeps"] / (n / MEMBERS)}
 
 
-def anchor_round(directory: Path, rooms: int, seconds: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def anchor_server(directory: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The anchor's `app:app` under uvicorn (memory store, direct sends), up: (process, port)."""
     port = free_port()
     env = {**os.environ, "STORE": "memory", "SEND": "direct", "WAKE": "payload"}
     server = subprocess.Popen(
@@ -111,37 +129,156 @@ def anchor_round(directory: Path, rooms: int, seconds: float) -> dict[str, Any]:
         said.set()
 
     threading.Thread(target=read, daemon=True).start()
-    out_path = Path(tempfile.gettempdir()) / f"anchor-results-{os.getpid()}.jsonl"
     try:
         if not said.wait(30) or not any(b"app ready" in line for line in output):
             raise RuntimeError("the anchor did not start: " + b"".join(output)[-500:].decode(errors="replace"))
-        code = _CLIENT.format(dir=str(directory), server=server.pid,
-                              client=str(directory / "fanout_client.py"))
-        done = subprocess.run(
-            [sys.executable, "-c", code, "--url", f"ws://127.0.0.1:{port}/room", "--rooms", str(rooms),
-             "--members", str(MEMBERS), "--warm", "1", "--duration", str(seconds), "--drain", "2",
-             "--server-pid", str(server.pid), "--out", str(out_path)],
-            cwd=directory, capture_output=True, text=True, timeout=300 + seconds, check=False)
-        res = marks = None
-        for line in done.stdout.splitlines():
-            if line.startswith("JSON "):
-                res = json.loads(line[5:])
-            elif line.startswith("MARKS "):
-                marks = json.loads(line[6:])
-        if res is None or not marks:
-            raise RuntimeError(f"the anchor's client failed: {done.stdout[-500:]} {done.stderr[-500:]}")
-        (u0, s0, c0, w0), (u1, s1, c1, w1) = marks[0], marks[-1]
-        n = max(1, res["received"])
-        return {"who": "anchor", "rooms": rooms, "deliveries": res["received"],
-                "per_second": res["deliveries_per_s"], "user_us": 1e6 * (u1 - u0) / n,
-                "system_us": 1e6 * (s1 - s0) / n, "per_cpu_second": n / max(u1 - u0 + s1 - s0, 1e-9),
-                "p99_ms": res["p99_us"] / 1000, "missing": res["loss"],
-                "server_percent": res["cpu_server_pct"], "generator_percent": res.get("cpu_client_pct"),
-                "generator_sleeps_per_command": (c1 - c0) / (n / MEMBERS),
-                "server_sleeps_per_command": (w1 - w0) / (n / MEMBERS)}
+        deadline = time.monotonic() + 30  # "app ready" is said at startup, before uvicorn binds
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the anchor does not listen") from None
+                time.sleep(0.05)
+        yield server, port
     finally:
         stop(server, 10)
+
+
+def anchor_round(directory: Path, rooms: int, seconds: float) -> dict[str, Any]:
+    """The anchor driven by its own client (`fanout_client.py`)."""
+    out_path = Path(tempfile.gettempdir()) / f"anchor-results-{os.getpid()}.jsonl"
+    try:
+        with anchor_server(directory) as (server, port):
+            code = _CLIENT.format(dir=str(directory), server=server.pid,
+                                  client=str(directory / "fanout_client.py"))
+            done = subprocess.run(
+                [sys.executable, "-c", code, "--url", f"ws://127.0.0.1:{port}/room", "--rooms", str(rooms),
+                 "--members", str(MEMBERS), "--warm", "1", "--duration", str(seconds), "--drain", "2",
+                 "--server-pid", str(server.pid), "--out", str(out_path)],
+                cwd=directory, capture_output=True, text=True, timeout=300 + seconds, check=False)
+    finally:
         out_path.unlink(missing_ok=True)
+    res = marks = None
+    for line in done.stdout.splitlines():
+        if line.startswith("JSON "):
+            res = json.loads(line[5:])
+        elif line.startswith("MARKS "):
+            marks = json.loads(line[6:])
+    if res is None or not marks:
+        raise RuntimeError(f"the anchor's client failed: {done.stdout[-500:]} {done.stderr[-500:]}")
+    (u0, s0, c0, w0), (u1, s1, c1, w1) = marks[0], marks[-1]
+    n = max(1, res["received"])
+    return {"who": "anchor", "rooms": rooms, "deliveries": res["received"],
+            "per_second": res["deliveries_per_s"], "user_us": 1e6 * (u1 - u0) / n,
+            "system_us": 1e6 * (s1 - s0) / n, "per_cpu_second": n / max(u1 - u0 + s1 - s0, 1e-9),
+            "p99_ms": res["p99_us"] / 1000, "missing": res["loss"],
+            "server_percent": res["cpu_server_pct"], "generator_percent": res.get("cpu_client_pct"),
+            "generator_sleeps_per_command": (c1 - c0) / (n / MEMBERS),
+            "server_sleeps_per_command": (w1 - w0) / (n / MEMBERS)}
+
+
+async def _drive_anchor(url: str, server_pid: int, rooms: int, seconds: float) -> dict[str, Any]:
+    """The anchor's protocol (`/room/r{i}?m=m{k}`: a `joined` frame, then `cmd` in and `ev`
+    out) under Lingkar's generator: the same light client (`loadtest.fastclient`), the same
+    schedule (one command per circle every `fanout.PERIOD`, phases spread evenly), the same
+    warm-up and CPU window as `loadtest.fanout`; its m0 sends, as the anchor's client does."""
+    sockets: list[Any] = []
+    try:
+        limit = asyncio.Semaphore(fanout.CONNECT_CONCURRENCY)
+
+        async def connect(r: int, k: int) -> Any:
+            async with limit:
+                ws = await fastclient.connect(f"{url}/r{r}?m=m{k}", open_timeout=30)
+                sockets.append(ws)
+                first = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))
+                if first.get("op") != "joined":
+                    raise RuntimeError(f"expected joined, got {first!r}")
+                return ws
+
+        started = time.perf_counter()
+        room_sockets = await asyncio.gather(*(asyncio.gather(*(connect(r, k) for k in range(MEMBERS)))
+                                              for r in range(rooms)))
+        connect_seconds = time.perf_counter() - started
+        quiet_gc()
+        t0 = time.monotonic_ns()
+        lo = t0 + int(fanout.WARMUP * 1e9)
+        hi = lo + int(seconds * 1e9)
+        samples: list[float] = []
+        sent = [0]
+        progress = fanout.Progress()
+
+        async def reader(ws: Any) -> None:
+            try:
+                async for message in ws:
+                    frame = msgpack.unpackb(message)
+                    if frame.get("op") == "ev" and lo <= frame["t"] < hi:
+                        samples.append((time.monotonic_ns() - frame["t"]) / 1e6)
+                        progress.add()
+            except fastclient.ConnectionClosed:
+                pass
+
+        async def driver(ws: Any, phase: float) -> None:
+            seq = 0
+            await asyncio.sleep(phase)
+            tick = time.monotonic_ns()
+            while tick < hi:
+                seq += 1
+                now = time.monotonic_ns()
+                if lo <= now < hi:
+                    sent[0] += 1
+                await ws.send(msgpack.packb({"op": "cmd", "t": now, "seq": seq,
+                                             "kind": "hand" if seq % 2 else "floor", "m": f"m{seq % MEMBERS}"}))
+                tick += int(fanout.PERIOD * 1e9)
+                await asyncio.sleep(max(0.0, (tick - time.monotonic_ns()) / 1e9))
+
+        readers = [asyncio.create_task(reader(ws)) for group in room_sockets for ws in group]
+        marks: list[tuple[float, float, int, int]] = []
+
+        async def mark(at: int) -> None:
+            await asyncio.sleep(max(0.0, (at - time.monotonic_ns()) / 1e9))
+            marks.append((*user_system_seconds(server_pid), sleeps(), sleeps(server_pid)))
+
+        client_before, client_from = time.process_time(), time.monotonic_ns()
+        window = [asyncio.create_task(mark(lo)), asyncio.create_task(mark(hi))]
+        await asyncio.gather(*(driver(group[0], fanout.PERIOD * i / rooms)
+                               for i, group in enumerate(room_sockets)), *window)
+        client_percent = 100 * (time.process_time() - client_before) / ((time.monotonic_ns() - client_from) / 1e9)
+        expected = progress.target = sent[0] * MEMBERS
+        if progress.count >= expected:
+            progress.done.set()
+        with contextlib.suppress(TimeoutError):  # late answers count; the missing ones are counted
+            await asyncio.wait_for(progress.done.wait(), 5)
+        for task in readers:
+            task.cancel()
+        return {"samples": samples, "expected": expected, "marks": marks,
+                "connect_seconds": connect_seconds, "generator_percent": round(client_percent, 1)}
+    finally:
+        await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+
+def anchor_round_lingkar_client(directory: Path, rooms: int, seconds: float) -> dict[str, Any]:
+    """The anchor driven by Lingkar's own generator, so that both servers face the same
+    client: how often it sleeps decides whom the server's writes have to wake (loopback
+    charges that to the writer), and the anchor's own client is heavier and sleeps less."""
+    with anchor_server(directory) as (server, port):
+        r = run_loop(_drive_anchor(f"ws://127.0.0.1:{port}/room", server.pid, rooms, seconds))
+    (u0, s0, c0, w0), (u1, s1, c1, w1) = r["marks"]
+    n = max(1, len(r["samples"]))
+    return {"who": "anchor+ours", "rooms": rooms, "deliveries": len(r["samples"]),
+            "per_second": len(r["samples"]) / seconds, "user_us": 1e6 * (u1 - u0) / n,
+            "system_us": 1e6 * (s1 - s0) / n, "per_cpu_second": n / max(u1 - u0 + s1 - s0, 1e-9),
+            "p99_ms": percentile(sorted(r["samples"]), 99),
+            "missing": r["expected"] - len(r["samples"]),
+            "server_percent": round(100 * (u1 - u0 + s1 - s0) / seconds, 1),
+            "generator_percent": r["generator_percent"],
+            "generator_sleeps_per_command": (c1 - c0) / (n / MEMBERS),
+            "server_sleeps_per_command": (w1 - w0) / (n / MEMBERS)}
+
+
+_ANCHOR_ROUNDS = {"own": anchor_round, "ours": anchor_round_lingkar_client}
+_DRIVEN_BY = {"own": "its own client", "ours": "Lingkar's generator"}
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -164,32 +301,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate", type=float, default=15.0,
                         help="before each run, wait until the machine is busy less than this %% of a core")
     parser.add_argument("--gate-wait", type=float, default=60.0, help="… but no longer than this (seconds)")
+    parser.add_argument("--clients", default="own",
+                        help="what drives the anchor, in turn after each Lingkar run: 'own' (its "
+                             "fanout_client.py), 'ours' (Lingkar's generator), or both: own,ours")
     args = parser.parse_args(argv)
     directory = args.anchor.resolve()
     if not (directory / "app.py").is_file() or not (directory / "fanout_client.py").is_file():
         parser.error(f"{directory} has no app.py and fanout_client.py")
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
-    ratios: dict[int, list[float]] = {}
+    clients = [x.strip() for x in args.clients.split(",") if x.strip()]
+    if not clients or any(c not in _ANCHOR_ROUNDS for c in clients):
+        parser.error(f"--clients: a comma-separated choice of {', '.join(_ANCHOR_ROUNDS)}")
+    ratios: dict[tuple[int, str], list[float]] = {}
     for rooms in sizes:
         for k in range(1, args.rounds + 1):
             gates = [quiet(args.gate, args.gate_wait)]
-            lingkar = lingkar_round(rooms, args.seconds)
-            gates.append(quiet(args.gate, args.gate_wait))
-            pair = [lingkar, anchor_round(directory, rooms, args.seconds)]
-            for r, busy in zip(pair, gates, strict=True):
+            runs = [lingkar_round(rooms, args.seconds)]
+            for client in clients:
+                gates.append(quiet(args.gate, args.gate_wait))
+                runs.append(_ANCHOR_ROUNDS[client](directory, rooms, args.seconds))
+            for r, busy in zip(runs, gates, strict=True):
                 r["machine_busy_before_percent"] = round(busy, 1)
-            ratio = pair[0]["per_cpu_second"] / pair[1]["per_cpu_second"]
-            ratios.setdefault(rooms, []).append(ratio)
-            print(f"round {k}, {rooms}×{MEMBERS}: ratio {ratio:.2f}", flush=True)
-            for r in pair:
+            lingkar = runs[0]
+            said = []
+            for client, r in zip(clients, runs[1:], strict=True):
+                r["ratio"] = lingkar["per_cpu_second"] / r["per_cpu_second"]
+                lingkar.setdefault("ratio", r["ratio"])  # against the first anchor run
+                ratios.setdefault((rooms, client), []).append(r["ratio"])
+                said.append(f"ratio {r['ratio']:.2f} (anchor driven by {_DRIVEN_BY[client]})")
+            print(f"round {k}, {rooms}×{MEMBERS}: {', '.join(said)}", flush=True)
+            for r in runs:
                 print("  " + _line(r), flush=True)
                 if args.out:
                     with args.out.open("a") as f:
-                        f.write(json.dumps({**r, "round": k, "ratio": ratio}) + "\n")
-    for rooms, rs in ratios.items():
-        print(f"{rooms}×{MEMBERS}: ratios {', '.join(f'{r:.2f}' for r in rs)}; median {statistics.median(rs):.2f}")
+                        f.write(json.dumps({**r, "round": k}) + "\n")
+    for (rooms, client), rs in ratios.items():
+        print(f"{rooms}×{MEMBERS}, anchor driven by {_DRIVEN_BY[client]}: ratios "
+              f"{', '.join(f'{r:.2f}' for r in rs)}; median {statistics.median(rs):.2f}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
