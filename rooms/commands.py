@@ -186,7 +186,7 @@ class LeaveQuietly:
 
 
 Command = (
-    Join | Resume | Disconnect | Tick | CreateInvite | EndByOrganizer
+    Join | Resume | Disconnect | Tick | CreateInvite | RevokeInvite | EndByOrganizer
     | RaiseHand | LowerHand | GiveFloor | Next | ReleaseFloor | Pass | ExtendTurn | SetMode
     | MuteSelf | UnmuteSelf | Mute | MuteAll | AskUnmute | Admit | Decline | Remove
     | Lock | Unlock | End | PrivateNote | Leave | LeaveQuietly
