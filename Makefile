@@ -63,7 +63,11 @@ fuzz: setup system web
 loadtest: setup system web
 	$(VENV)/bin/lingkar loadtest --rooms 20 --members 8 --duration 30 --media-rooms 2 --out loadtest-out
 
+# The signaling path compiled with mypyc for the sources as they are (server/compiled.py): about
+# a minute after a change to rooms/, storage/ or signaling/, nothing otherwise; where it cannot
+# be built the server runs the same sources as Python.
 setup: $(STAMP)
+	@$(PY) -m server.compiled
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from typing import Any
@@ -39,10 +40,13 @@ class _Server:
     def run(settings: Settings) -> None:
         import uvicorn
 
-        from server import logs
+        from server import compiled, logs
+
+        signaling_path = compiled.activate()  # before the app imports the rules and the session
         from server.app import build_app, drain
 
         log_config = logs.setup(settings.log_level)
+        logging.getLogger("lingkar.serve").info("signaling path: %s", signaling_path)
         app = build_app(settings)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=log_config,
                                 access_log=False, ws="websockets-sansio", ws_max_size=64 * 1024,

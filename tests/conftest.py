@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from server import compiled
 
-import pytest
+# First, before any test imports the rules or the session: the suite runs what `lingkar serve`
+# runs (the compiled signaling path where `make setup` built it; LINGKAR_COMPILED=off: Python).
+SIGNALING_PATH = compiled.activate()
 
-from testkit.redis_cluster import LocalRedisCluster
-from testkit.redis_server import RedisServer
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from testkit.redis_cluster import LocalRedisCluster  # noqa: E402
+from testkit.redis_server import RedisServer  # noqa: E402
+
+
+def pytest_report_header() -> str:
+    return f"signaling path: {SIGNALING_PATH}"
 
 
 @pytest.fixture(scope="session")
