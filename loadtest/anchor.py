@@ -18,10 +18,12 @@ waits (at most --gate-wait seconds) for the machine to be quiet, as the anchor's
 
 `--clients own,ours` runs the anchor twice per round: after its own client, under Lingkar's
 generator (`loadtest.fastclient`, speaking the anchor's protocol on the same schedule and CPU
-window as `loadtest.fanout`). The two servers then face the same client. That matters on
-loopback: a reader asleep when the server writes is woken in the server's system time, and
-the anchor's own client (websockets' asyncio client, heavier per frame) is mostly awake when
-its server writes, where Lingkar's light generator mostly sleeps.
+window as `loadtest.fanout`). The two servers then face the same client. On loopback a
+reader asleep when the server writes is woken in the server's system time, and the anchor's
+own client (websockets' asyncio client, heavier per frame) is mostly awake when its server
+writes, where Lingkar's light generator mostly sleeps: under Lingkar's generator the anchor's
+system time per delivery rises, and its user time falls (README, "Signaling against a bare
+relay").
 
 Printed per round: deliveries per second, the server's CPU per delivery (user and system,
 from /proc), deliveries per CPU-second and p99; the ratio of Lingkar's deliveries per
