@@ -4,14 +4,20 @@ first broken promise, with the frame that broke it (kept as a regression test by
 
 from __future__ import annotations
 
-import argparse
-import sys
+from server import compiled
 
-import uvloop
+# First, as `lingkar serve` and the test suite do: the rules and the manager it fuzzes are the
+# compiled ones where `make setup` built them (LINGKAR_COMPILED=off: the sources as Python).
+SIGNALING_PATH = compiled.activate()
 
-from rooms.model import Role
-from tests.fuzz.engine import Broken, Engine
-from tests.fuzz.wire import run_wire
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+import uvloop  # noqa: E402
+
+from rooms.model import Role  # noqa: E402
+from tests.fuzz.engine import Broken, Engine  # noqa: E402
+from tests.fuzz.wire import run_wire  # noqa: E402
 
 
 def main() -> int:
@@ -23,6 +29,7 @@ def main() -> int:
     p.add_argument("--socket", type=int, default=0, metavar="N",
                    help="then N frames over real sockets to uvicorn (tests/fuzz/wire.py)")
     args = p.parse_args()
+    print(f"signaling path: {SIGNALING_PATH}", flush=True)
     if args.socket:
         try:
             wire = uvloop.run(run_wire(frames=args.socket, seconds=args.seconds, seed=args.seed))
