@@ -1,8 +1,8 @@
 """The signaling path compiled with mypyc, where it can be built (issue 15).
 
 The modules every command runs through — the rules and the room model, the manager, the memory
-store, the event hub and the codec, the connection machine and the session — are plain typed
-Python (``mypy --strict``). mypyc, which comes with mypy, compiles the very same sources to C
+store, the event hub and the codec, the connection machine (not the session adapter, which stays
+Python: README, "Architecture") — are plain typed Python (``mypy --strict``). mypyc, which comes with mypy, compiles the very same sources to C
 extensions; on 400 circles × 8 members that cuts the Python each command costs by about a
 third (README, "Signaling against a bare relay"). Nothing changes in what they do: the
 compiled modules are the same source, and the test suite runs on them.
@@ -53,6 +53,11 @@ def _source(root: Path, module: str) -> Path:
     return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
+def disabled() -> bool:
+    """``LINGKAR_COMPILED=off`` (or 0, no, false): the sources run as Python."""
+    return os.environ.get(ENV, "").lower() in ("off", "0", "no", "false")
+
+
 def digest(root: Path = ROOT) -> str:
     """What a build is keyed by: every source mypyc reads, which modules it compiles, this
     Python, this mypy."""
@@ -76,7 +81,11 @@ def place() -> Path:
 
 def built(root: Path = ROOT, where: Path | None = None) -> dict[str, str] | None:
     """The finished build for the sources under `root` as they are now: module -> file."""
-    target = (where or place()) / digest(root)
+    return _finished((where or place()) / digest(root))
+
+
+def _finished(target: Path) -> dict[str, str] | None:
+    """The manifest of the build in `target`, if it is there whole."""
     try:
         files: dict[str, str] = json.loads((target / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -90,10 +99,11 @@ def build(root: Path = ROOT, where: Path | None = None) -> dict[str, str] | None
     """Compile `MODULES` (unless a build for these sources exists): module -> file, or None
     when it cannot be built here (said in the log: the sources run as they are)."""
     where = where or place()
-    files = built(root, where)
+    key = digest(root)
+    final = where / key
+    files = _finished(final)
     if files is not None:
         return files
-    key = digest(root)
     where.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mypyc-", dir=where) as tmp:
         work = Path(tmp) / "src"
@@ -103,7 +113,9 @@ def build(root: Path = ROOT, where: Path | None = None) -> dict[str, str] | None
                 shutil.copy2(path, work / package / path.name)
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "mypyc", *(str(_source(Path(), m)) for m in MODULES)],
+                # The project's mypy settings (the stub-less imports), wherever the build is.
+                [sys.executable, "-m", "mypyc", "--config-file", str(ROOT / "pyproject.toml"),
+                 *(str(_source(Path(), m)) for m in MODULES)],
                 cwd=work, capture_output=True, text=True, timeout=1800, check=False,
                 env={**os.environ, "MYPYC_OPT_LEVEL": os.environ.get("MYPYC_OPT_LEVEL", "3")})
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -130,23 +142,22 @@ def build(root: Path = ROOT, where: Path | None = None) -> dict[str, str] | None
             return None
         for p in shared:  # the modules' common library, imported by its own name
             files[p.name.split(".", 1)[0]] = p.name
+        manifest = {}
         for module, name in files.items():  # laid out as the packages are
             relative = Path(*module.split(".")[:-1], name)
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(work / relative, staging / relative)
-            files[module] = str(relative)
-        final = where / key
-        manifest = {m: str(final / relative) for m, relative in files.items()}
+            manifest[module] = str(final / relative)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         try:
             os.rename(staging, final)  # atomic: a build is whole or absent
         except OSError:
-            if built(root, where) is None:  # not another process's build, finished first
+            if _finished(final) is None:  # not another process's build, finished first
                 raise
     for old in where.iterdir():  # builds for sources as they were: nothing starts on them again
         if old.name != key and len(old.name) == len(key) and not old.name.startswith("mypyc-"):
             shutil.rmtree(old, ignore_errors=True)
-    return built(root, where)
+    return _finished(final)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -166,7 +177,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 def activate() -> str:
     """Run the compiled modules from here on, where a build matches the sources: "compiled",
     or "python" and why not. Call it before anything imports them."""
-    if os.environ.get(ENV, "").lower() in ("off", "0", "no", "false"):
+    if disabled():
         return f"python ({ENV}=off)"
     if any(isinstance(f, _Finder) for f in sys.meta_path):
         return "compiled"
@@ -180,7 +191,7 @@ def activate() -> str:
 
 
 def active() -> bool:
-    """Whether the rules, store and session running here are the compiled ones."""
+    """Whether the rules (and the other `MODULES`) running here are the compiled ones."""
     module = sys.modules.get("rooms.rules")
     return module is not None and not str(getattr(module, "__file__", "")).endswith(".py")
 
@@ -188,7 +199,7 @@ def active() -> bool:
 def main() -> None:
     """``make setup``: build for the sources as they are (a no-op when one exists)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if os.environ.get(ENV, "").lower() in ("off", "0", "no", "false"):
+    if disabled():
         print(f"{ENV}=off: the signaling path is not compiled")
         return
     if built() is None:

@@ -32,7 +32,7 @@ def _probe(**env: str) -> list[str]:
 
 
 def test_the_suite_runs_the_compiled_path() -> None:
-    if os.environ.get(compiled.ENV, "").lower() == "off":
+    if compiled.disabled():
         pytest.skip("LINGKAR_COMPILED=off: this run is the Python one")
     if not _can_build():
         pytest.skip("no C compiler or no Python headers here: the sources run as Python")
@@ -71,3 +71,19 @@ def test_a_build_is_only_loaded_for_the_sources_it_was_made_from(tmp_path: Path)
     edited = compiled.digest(copy)
     (copy / "storage" / "new_module.py").write_text("")  # a module added counts too
     assert compiled.digest(copy) != edited
+
+
+def test_a_build_made_anywhere_loads_and_replaces_the_last(tmp_path: Path) -> None:
+    """`build` as `make setup` runs it, into a place outside the project (mypy's settings are
+    the project's wherever the build is made); a second call finds it and builds nothing."""
+    if not _can_build():
+        pytest.skip("no C compiler or no Python headers here")
+    stale = tmp_path / ("0" * len(compiled.digest()))  # a build for sources as they were
+    stale.mkdir()
+    files = compiled.build(where=tmp_path)
+    assert files is not None and set(compiled.MODULES) <= set(files)
+    assert all(Path(f).is_relative_to(tmp_path / compiled.digest()) for f in files.values())
+    assert compiled.build(where=tmp_path) == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [compiled.digest()]
+    said, rules, _ = _probe(**{compiled.ENV: "on", "LINGKAR_COMPILED_DIR": str(tmp_path)})
+    assert said == "compiled" and Path(rules).is_relative_to(tmp_path)
